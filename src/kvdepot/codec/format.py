@@ -1,0 +1,180 @@
+"""The stored-chunk format: a fixed 64-byte header followed by the codec's payload.
+
+Pure functions, used in every process. Header (little-endian):
+
+    magic "KVDC" | version u16 | codec id u16 | dtype u8 | ndim u8 | flags u16 |
+    shape 6 x u32 | payload length u64 | checksum u64 | 12 reserved bytes
+
+The checksum is xxh3-64 over the header's first 44 bytes and the payload, so a flipped bit
+anywhere is caught. It is *sealed* (computed) when a chunk crosses a trust boundary: written
+to disk or a remote tier, or handed to another process. A chunk that stays in this process's
+RAM tier is not sealed, because hashing costs about half a memory copy on the hot path.
+
+Invariants: `open_blob` never returns a payload whose sizes disagree with the header, never
+trusts a size larger than `MAX_CHUNK_BYTES`, and with `verify=True` returns only sealed
+chunks whose checksum matches. Every violation raises `CorruptChunk`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, replace
+
+import numpy as np
+import xxhash
+
+from kvdepot.errors import CorruptChunk
+from kvdepot.layout import DType
+
+MAGIC = b"KVDC"
+FORMAT_VERSION = 1
+HEADER_NBYTES = 64
+MAX_NDIM = 6
+MAX_CHUNK_BYTES = 1 << 30
+"""Upper bound on a chunk's logical and payload size: decoders never allocate more."""
+
+FLAG_SEALED = 0x1
+_HEADER = struct.Struct("<4sHHBBH6IQQ12x")
+_CHECKED_PREFIX = 44  # header bytes covered by the checksum: all up to the checksum field
+assert _HEADER.size == HEADER_NBYTES
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    """Decoded header of a stored chunk.
+
+    Attributes:
+        codec_id: registry id of the codec that wrote the payload.
+        dtype: element type of the decoded tensor.
+        shape: shape of the decoded tensor.
+        payload_nbytes: length of the payload after the header.
+        checksum: xxh3-64 of header prefix + payload, or None while unsealed.
+    """
+
+    codec_id: int
+    dtype: DType
+    shape: tuple[int, ...]
+    payload_nbytes: int
+    checksum: int | None = None
+
+    @property
+    def logical_nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def blob_nbytes(self) -> int:
+        return HEADER_NBYTES + self.payload_nbytes
+
+    def pack(self) -> bytes:
+        dims = list(self.shape) + [0] * (MAX_NDIM - len(self.shape))
+        flags = FLAG_SEALED if self.checksum is not None else 0
+        return _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            self.codec_id,
+            int(self.dtype),
+            len(self.shape),
+            flags,
+            *dims,
+            self.payload_nbytes,
+            self.checksum or 0,
+        )
+
+
+def _checksum(header: ChunkHeader, payload: memoryview | bytes) -> int:
+    prefix = replace(header, checksum=0).pack()[:_CHECKED_PREFIX]
+    h = xxhash.xxh3_64(prefix)
+    h.update(payload)
+    return int(h.intdigest())
+
+
+def seal(header: ChunkHeader, payload: memoryview | bytes) -> ChunkHeader:
+    """The header with its checksum computed over `payload` (which must be contiguous)."""
+    if len(memoryview(payload).cast("B")) != header.payload_nbytes:
+        raise ValueError("payload length does not match the header")
+    return replace(header, checksum=_checksum(header, payload))
+
+
+def parse_header(blob: memoryview | bytes) -> ChunkHeader:
+    """Structurally validate and decode a header; raises CorruptChunk."""
+    if len(blob) < HEADER_NBYTES:
+        raise CorruptChunk(f"chunk is {len(blob)} bytes, shorter than its {HEADER_NBYTES}-byte header")
+    magic, version, codec_id, dtype_code, ndim, flags, *rest = _HEADER.unpack_from(blob)
+    dims, payload_nbytes, checksum = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
+    if magic != MAGIC:
+        raise CorruptChunk(f"bad magic {magic!r}: not a kvdepot chunk")
+    if version != FORMAT_VERSION:
+        raise CorruptChunk(f"chunk format version {version}, this build reads {FORMAT_VERSION}")
+    try:
+        dtype = DType(dtype_code)
+    except ValueError:
+        raise CorruptChunk(f"unknown dtype code {dtype_code}") from None
+    if not 1 <= ndim <= MAX_NDIM or any(dims[ndim:]) or not all(dims[:ndim]):
+        raise CorruptChunk(f"bad shape {dims} with ndim {ndim}")
+    if flags & ~FLAG_SEALED:
+        raise CorruptChunk(f"unknown header flags {flags:#x}")
+    header = ChunkHeader(
+        codec_id,
+        dtype,
+        tuple(dims[:ndim]),
+        payload_nbytes,
+        checksum if flags & FLAG_SEALED else None,
+    )
+    if header.logical_nbytes > MAX_CHUNK_BYTES or payload_nbytes > MAX_CHUNK_BYTES:
+        raise CorruptChunk(f"chunk claims {header.logical_nbytes} bytes, above the limit")
+    if len(blob) != header.blob_nbytes:
+        raise CorruptChunk(
+            f"chunk is {len(blob)} bytes but its header says {header.blob_nbytes} (torn write?)"
+        )
+    return header
+
+
+def open_blob(blob: memoryview | bytes, *, verify: bool) -> tuple[ChunkHeader, memoryview]:
+    """Validate a stored chunk and return its header and payload view.
+
+    Args:
+        blob: header + payload.
+        verify: require a sealed chunk and check its checksum (for data from disk, remote
+            tiers or other processes). Without it only the structure is checked.
+    """
+    view = memoryview(blob).cast("B")
+    header = parse_header(view)
+    payload = view[HEADER_NBYTES:]
+    if verify:
+        if header.checksum is None:
+            raise CorruptChunk("chunk carries no checksum")
+        if _checksum(header, payload) != header.checksum:
+            raise CorruptChunk("checksum mismatch: the chunk was corrupted")
+    return header, payload
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedChunk:
+    """A chunk ready to store: header plus payload array (possibly strided, not yet copied)."""
+
+    header: ChunkHeader
+    payload: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.blob_nbytes
+
+    def contiguous_payload(self) -> memoryview:
+        return memoryview(np.ascontiguousarray(self.payload)).cast("B")
+
+    def sealed(self) -> EncodedChunk:
+        if self.header.checksum is not None:
+            return self
+        payload = np.ascontiguousarray(self.payload)
+        return EncodedChunk(seal(self.header, memoryview(payload).cast("B")), payload)
+
+    def write_into(self, buf: memoryview) -> None:
+        """Copy header and payload into `buf`, which must be exactly `nbytes` long."""
+        if len(buf) != self.nbytes:
+            raise ValueError(f"buffer is {len(buf)} bytes, chunk needs {self.nbytes}")
+        buf[:HEADER_NBYTES] = self.header.pack()
+        dst = np.frombuffer(
+            buf, dtype=self.payload.dtype, count=self.payload.size, offset=HEADER_NBYTES
+        )
+        np.copyto(dst.reshape(self.payload.shape), self.payload)

@@ -1,0 +1,110 @@
+"""Prometheus metrics for one kvdepot deployment (an embedded engine or a daemon).
+
+Every `Metrics` owns its own `CollectorRegistry`: no process-global state, so several engines
+in one process (or tests) never collide. Label values are bounded (`tier`, `op`, `outcome`,
+`reason`); never a key, a hash or a tenant. Hit rate = hit tokens / looked-up tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS_S = (
+    1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """All kvdepot metric families, registered in `self.registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.lookup_tokens = Counter(
+            "kvdepot_engine_lookup_tokens", "Prompt tokens looked up in the cache", registry=r
+        )
+        self.hit_tokens = Counter(
+            "kvdepot_engine_hit_tokens", "Looked-up tokens found in the cache", registry=r
+        )
+        self.stored_tokens = Counter(
+            "kvdepot_engine_stored_tokens", "Tokens whose KV was newly stored", registry=r
+        )
+        self.retrieved_tokens = Counter(
+            "kvdepot_engine_retrieved_tokens", "Tokens whose KV was loaded", registry=r
+        )
+        self.tier_ops = Counter(
+            "kvdepot_tier_ops", "Tier operations by outcome", ["tier", "op", "outcome"], registry=r
+        )
+        self.tier_bytes = Counter(
+            "kvdepot_tier_bytes", "Bytes read from or written to a tier", ["tier", "op"],
+            registry=r,
+        )
+        self.tier_latency = Histogram(
+            "kvdepot_tier_op_seconds", "Latency of batch tier operations", ["tier", "op"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.tier_used_bytes = Gauge(
+            "kvdepot_tier_used_bytes", "Bytes held by a tier", ["tier"], registry=r
+        )
+        self.tier_capacity_bytes = Gauge(
+            "kvdepot_tier_capacity_bytes", "Byte budget of a tier", ["tier"], registry=r
+        )
+        self.tier_objects = Gauge(
+            "kvdepot_tier_objects", "Chunks held by a tier", ["tier"], registry=r
+        )
+        self.tier_evictions = Counter(
+            "kvdepot_tier_evictions", "Chunks evicted to make room", ["tier"], registry=r
+        )
+        self.corrupt_chunks = Counter(
+            "kvdepot_tier_corrupt_chunks", "Chunks that failed validation, deleted",
+            ["tier"], registry=r,
+        )
+        self.dropped_writes = Counter(
+            "kvdepot_store_dropped_writes", "Chunk writes dropped instead of blocking",
+            ["reason"], registry=r,
+        )
+
+    def tier(self, name: str) -> TierMetrics:
+        """Metric children bound to one tier's label."""
+        return TierMetrics(self, name)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+    def hit_rate(self) -> float:
+        """Hit tokens / looked-up tokens since start (0.0 before any lookup)."""
+        looked = self.lookup_tokens._value.get()  # noqa: SLF001 (prometheus has no getter)
+        return self.hit_tokens._value.get() / looked if looked else 0.0  # noqa: SLF001
+
+
+@dataclass(slots=True)
+class TierMetrics:
+    """The metric families above, for one tier; tiers call these, nothing else."""
+
+    metrics: Metrics
+    name: str
+
+    def op(self, op: str, outcome: str, count: int = 1) -> None:
+        if count:
+            self.metrics.tier_ops.labels(self.name, op, outcome).inc(count)
+
+    def bytes(self, op: str, nbytes: int) -> None:
+        if nbytes:
+            self.metrics.tier_bytes.labels(self.name, op).inc(nbytes)
+
+    def latency(self, op: str, seconds: float) -> None:
+        self.metrics.tier_latency.labels(self.name, op).observe(seconds)
+
+    def usage(self, used_bytes: int, capacity_bytes: int, num_objects: int) -> None:
+        self.metrics.tier_used_bytes.labels(self.name).set(used_bytes)
+        self.metrics.tier_capacity_bytes.labels(self.name).set(capacity_bytes)
+        self.metrics.tier_objects.labels(self.name).set(num_objects)
+
+    def evicted(self, count: int = 1) -> None:
+        self.metrics.tier_evictions.labels(self.name).inc(count)
+
+    def corrupt(self, count: int = 1) -> None:
+        self.metrics.corrupt_chunks.labels(self.name).inc(count)

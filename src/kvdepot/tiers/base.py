@@ -1,0 +1,64 @@
+"""The tier seam: one small, batch-first protocol every storage tier implements.
+
+Tiers run in whichever process owns the `TieredStore` (the engine process when embedded, the
+daemon otherwise). Contract, for implementers:
+- Every method takes a batch. Keys of one batch that form a prefix chain come head first;
+  eviction policies use that order.
+- `get` returns only blobs that passed validation at this tier's trust boundary: a tier that
+  stores outside this process (disk, remote) verifies the checksum, deletes a corrupt chunk,
+  counts it and returns None for it. A tier never raises for a miss or a storage failure
+  during `contains`/`get`/`put`; it logs (rate-limited), counts, and answers miss / not stored.
+- `put` of a key already present is a no-op that counts as stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvdepot.codec.format import EncodedChunk
+from kvdepot.keys import ChunkKey
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    """Occupancy of a tier."""
+
+    used_bytes: int
+    capacity_bytes: int
+    num_objects: int
+
+
+class Tier(Protocol):
+    """A storage tier for encoded chunks."""
+
+    name: str
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is stored (a hint: it may be evicted right after)."""
+        ...
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        """Validated blobs (header + payload) for each key, None for a miss."""
+        ...
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        """Store chunks; returns how many are stored afterwards (new or already present)."""
+        ...
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        """Remove keys if present."""
+        ...
+
+    def clear(self) -> None:
+        """Remove every chunk."""
+        ...
+
+    def usage(self) -> TierUsage:
+        """Current occupancy."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; the tier is unusable afterwards."""
+        ...
