@@ -1,0 +1,53 @@
+"""kvdepot: a durable, tiered, content-addressed KV-cache layer for LLM inference engines.
+
+The public API, for embedding in an engine process:
+
+    from kvdepot import CacheEngine, KVLayout, DType, load_config, open_store
+
+    store = open_store(load_config())
+    engine = CacheEngine(store, KVLayout(30, 3, 64, DType.FLOAT32), "my-model@rev")
+    num_cached = engine.lookup(tokens)
+"""
+
+from kvdepot.config import KVDepotConfig, load_config
+from kvdepot.engine import CacheEngine
+from kvdepot.errors import (
+    ConfigError,
+    CorruptChunk,
+    KVDepotError,
+    LayoutMismatch,
+    StorageError,
+    TierUnavailable,
+    UnknownCodec,
+)
+from kvdepot.keys import CacheNamespace, ChunkKey, HashAlgorithm, chunk_hashes, chunk_keys
+from kvdepot.layout import DType, KVLayout
+from kvdepot.metrics import Metrics
+from kvdepot.store import ChunkStore, TieredStore, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheEngine",
+    "CacheNamespace",
+    "ChunkKey",
+    "ChunkStore",
+    "ConfigError",
+    "CorruptChunk",
+    "DType",
+    "HashAlgorithm",
+    "KVDepotConfig",
+    "KVDepotError",
+    "KVLayout",
+    "LayoutMismatch",
+    "Metrics",
+    "StorageError",
+    "TierUnavailable",
+    "TieredStore",
+    "UnknownCodec",
+    "__version__",
+    "chunk_hashes",
+    "chunk_keys",
+    "load_config",
+    "open_store",
+]

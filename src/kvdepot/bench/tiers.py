@@ -1,0 +1,195 @@
+"""`kvdepot bench tiers`: RAM and disk tier throughput and lookup latency vs plain limits.
+
+Every figure is a ratio to a limit measured in the same run on the same bytes:
+- RAM store / retrieve (through `CacheEngine`, from and into a torch tensor) vs
+  `numpy.copyto` of the same bytes into already-touched memory;
+- disk write (with fsync) and cold read (page cache dropped) vs plain files of the same sizes
+  written and read the same way;
+- `lookup` latency per chunk for a 32-chunk prompt, all chunks cached in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvdepot.bench.timing import format_table, gbps, median_seconds
+from kvdepot.codec import RawCodec, encode_chunk
+from kvdepot.engine import CacheEngine, as_numpy_bits
+from kvdepot.keys import CacheNamespace, ChunkKey, HashAlgorithm, chunk_keys
+from kvdepot.layout import DType, KVLayout
+from kvdepot.metrics import Metrics
+from kvdepot.store import TieredStore
+from kvdepot.tiers.arena import HostBuffer
+from kvdepot.tiers.disk import DiskTier
+from kvdepot.tiers.memory import MemoryTier
+
+CHUNK_TOKENS = 256
+LAYOUTS = {
+    "small": KVLayout(30, 3, 64, DType.BFLOAT16),  # SmolLM2-135M-like: 5.6 MiB a chunk
+    "7b": KVLayout(32, 8, 128, DType.BFLOAT16),  # Llama-7B-like (GQA 8): 32 MiB a chunk
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    layout: str
+    metric: str
+    ours: float
+    limit: float
+    unit: str
+    ratio: float
+    goal: str
+
+    @property
+    def is_met(self) -> bool:
+        op, value = self.goal.split(" ")
+        return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
+
+
+def _engine(layout: KVLayout, capacity_bytes: int, algorithm: HashAlgorithm) -> CacheEngine:
+    memory = MemoryTier(HostBuffer.allocate(capacity_bytes, prefault=True))
+    return CacheEngine(
+        TieredStore(memory, metrics=Metrics()), layout, "bench-model",
+        chunk_size_tokens=CHUNK_TOKENS, hash_algorithm=algorithm,
+    )  # fmt: skip
+
+
+def bench_ram(name: str, layout: KVLayout, total_bytes: int, repeats: int) -> list[Result]:
+    num_chunks = max(2, total_bytes // (layout.bytes_per_token * CHUNK_TOKENS))
+    num_tokens = num_chunks * CHUNK_TOKENS
+    kv = torch.randn(layout.chunk_shape(num_tokens)).to(torch.bfloat16)
+    tokens = list(range(num_tokens))
+    nbytes = kv.numel() * kv.element_size()
+    engine = _engine(layout, int(nbytes * 1.1) + (1 << 20), HashAlgorithm.BLAKE2B_128)
+    out = torch.empty_like(kv)
+    out.fill_(0)
+    src, dst = as_numpy_bits(kv), as_numpy_bits(out)
+    copy_s = median_seconds(lambda: np.copyto(dst, src), repeats)
+    store_s = median_seconds(lambda: engine.store(tokens, kv), repeats, setup=engine.backend.clear)
+    engine.store(tokens, kv)
+    retrieve_s = median_seconds(lambda: engine.retrieve(tokens, out=out), repeats)
+    assert torch.equal(out, kv), "retrieve returned different KV"
+    engine.backend.close()
+    limit = gbps(nbytes, copy_s)
+    return [
+        Result(name, "RAM store", gbps(nbytes, store_s), limit, "GB/s", copy_s / store_s, ">= 0.8"),
+        Result(name, "RAM retrieve", gbps(nbytes, retrieve_s), limit, "GB/s",
+               copy_s / retrieve_s, ">= 0.8"),
+    ]  # fmt: skip
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _plain_write(paths: list[Path], blobs: list[bytes]) -> None:
+    for path, blob in zip(paths, blobs, strict=True):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _plain_read(paths: list[Path]) -> None:
+    for path in paths:
+        path.read_bytes()
+
+
+def bench_disk(name: str, layout: KVLayout, total_bytes: int, root: Path, repeats: int) -> list[Result]:
+    shape = layout.chunk_shape(CHUNK_TOKENS)
+    num_chunks = max(2, total_bytes // (layout.bytes_per_token * CHUNK_TOKENS))
+    ns = CacheNamespace("bench-model", layout.layout_id)
+    keys: list[ChunkKey] = chunk_keys(list(range(num_chunks * CHUNK_TOKENS)), CHUNK_TOKENS, ns)
+    rng = np.random.default_rng(0)
+    chunks = [
+        encode_chunk(rng.integers(0, 2**16, size=shape, dtype=np.uint16), layout.dtype, RawCodec())
+        for _ in keys
+    ]
+    items = list(zip(keys, chunks, strict=True))
+    blobs = [c.header.pack() + bytes(c.contiguous_payload()) for c in chunks]
+    nbytes = sum(len(b) for b in blobs)
+    plain_dir, tier_dir = root / "plain", root / "tier"
+    plain_dir.mkdir(parents=True, exist_ok=True)
+    paths = [plain_dir / f"{i}.bin" for i in range(len(blobs))]
+
+    def fresh_tier() -> DiskTier:
+        shutil.rmtree(tier_dir, ignore_errors=True)
+        return DiskTier.open(tier_dir, nbytes * 2, fsync=True)
+
+    holder: list[DiskTier] = []
+
+    def setup_write() -> None:
+        for tier in holder:
+            tier.close()
+        holder[:] = [fresh_tier()]
+
+    plain_w = median_seconds(lambda: _plain_write(paths, blobs), repeats)
+    tier_w = median_seconds(lambda: holder[0].put(items), repeats, setup=setup_write)
+    tier = holder[0]
+    tier_files = [p for p in tier_dir.rglob("*.kvc")]
+    plain_r = median_seconds(lambda: _plain_read(paths), repeats, setup=lambda: _drop_cache(paths))
+    tier_r = median_seconds(lambda: tier.get(keys), repeats, setup=lambda: _drop_cache(tier_files))
+    assert all(b is not None for b in tier.get(keys)), "disk tier lost chunks"
+    tier.close()
+    return [
+        Result(name, "disk write+fsync", gbps(nbytes, tier_w), gbps(nbytes, plain_w), "GB/s",
+               plain_w / tier_w, ">= 0.8"),
+        Result(name, "disk cold read", gbps(nbytes, tier_r), gbps(nbytes, plain_r), "GB/s",
+               plain_r / tier_r, ">= 0.8"),
+    ]  # fmt: skip
+
+
+def bench_lookup(layout: KVLayout, repeats: int) -> list[Result]:
+    results = []
+    num_chunks = 32
+    tokens = list(range(1000, 1000 + num_chunks * CHUNK_TOKENS))
+    for algorithm, goal_us in ((HashAlgorithm.XXH3_128, 5.0), (HashAlgorithm.BLAKE2B_128, 15.0)):
+        engine = _engine(KVLayout(2, 1, 8, DType.BFLOAT16), 64 << 20, algorithm)
+        engine.store(tokens, torch.zeros(engine.layout.chunk_shape(len(tokens)), dtype=torch.bfloat16))
+        assert engine.lookup(tokens) == len(tokens)
+        seconds = median_seconds(lambda e=engine: e.lookup(tokens), max(repeats * 50, 200))
+        per_chunk_us = seconds / num_chunks * 1e6
+        results.append(Result("any", f"lookup/chunk {algorithm.value}", per_chunk_us, goal_us,
+                              "us", per_chunk_us / goal_us, "<= 1.0"))  # fmt: skip
+        engine.backend.close()
+    return results
+
+
+def run(layouts: list[str], total_mib: int, repeats: int, disk_dir: Path | None) -> list[Result]:
+    """Run every tier benchmark; returns the results (also printed by the CLI)."""
+    results: list[Result] = []
+    root = Path(tempfile.mkdtemp(prefix="kvdepot-bench-", dir=disk_dir))
+    try:
+        for name in layouts:
+            layout = LAYOUTS[name]
+            results += bench_ram(name, layout, total_mib << 20, repeats)
+            results += bench_disk(name, layout, total_mib << 20, root / name, repeats)
+        results += bench_lookup(LAYOUTS[layouts[0]], repeats)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def report(results: list[Result]) -> str:
+    rows = [
+        (r.layout, r.metric, r.ours, r.limit, r.unit, r.ratio, r.goal, "met" if r.is_met else "MISSED")
+        for r in results
+    ]
+    head = f"kvdepot bench tiers | {platform.machine()} | {os.cpu_count()} cores | torch {torch.__version__}"
+    table = format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
+    return f"{head}\n{table}"

@@ -1,0 +1,103 @@
+"""The `kvdepot` command: arguments → config → library calls. Nothing else lives here.
+
+Runs in the user's shell process. Config precedence is resolved here, once: YAML file
+(`--config`) < `KVDEPOT_*` environment variables < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from kvdepot import __version__
+from kvdepot.config import FIELDS, KVDepotConfig, load_config
+from kvdepot.errors import KVDepotError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (flags override KVDEPOT_* and --config)")
+    group.add_argument("--config", type=Path, help="YAML config file")
+    for spec in FIELDS.values():
+        group.add_argument(
+            spec.flag, dest=f"cfg:{spec.path}", metavar=spec.path.split(".")[-1].upper(),
+            help=f"{spec.doc} (default: {spec.default}; env {spec.env_name})",
+        )  # fmt: skip
+
+
+def _config(args: argparse.Namespace) -> KVDepotConfig:
+    overrides = {
+        key.removeprefix("cfg:"): value
+        for key, value in vars(args).items()
+        if key.startswith("cfg:") and value is not None
+    }
+    return load_config(args.config, os.environ, overrides)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(asdict(_config(args)), indent=2))
+    return 0
+
+
+def _cmd_bench_tiers(args: argparse.Namespace) -> int:
+    from kvdepot.bench import tiers
+
+    layouts = [name.strip() for name in args.layouts.split(",")]
+    unknown = set(layouts) - set(tiers.LAYOUTS)
+    if unknown:
+        raise KVDepotError(f"unknown layouts {sorted(unknown)}; choose from {sorted(tiers.LAYOUTS)}")
+    results = tiers.run(layouts, args.total_mib, args.repeats, args.disk_dir)
+    print(tiers.report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if all(r.is_met for r in results) or not args.strict else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvdepot",
+        description="A durable, tiered KV-cache layer for LLM inference engines.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvdepot {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="print the effective configuration as JSON")
+    _add_config_flags(config)
+    config.set_defaults(func=_cmd_config)
+
+    bench = commands.add_parser("bench", help="run a benchmark")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    tiers = benches.add_parser(
+        "tiers", help="RAM/disk tier GB/s and lookup latency vs plain copies and files"
+    )
+    tiers.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
+    tiers.add_argument("--total-mib", type=int, default=512, help="KV bytes per measurement")
+    tiers.add_argument("--repeats", type=int, default=5, help="runs per measurement (median)")
+    tiers.add_argument("--disk-dir", type=Path, default=None, help="where the disk test writes")
+    tiers.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    tiers.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+    tiers.set_defaults(func=_cmd_bench_tiers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KVDepotError as exc:
+        print(f"kvdepot: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The one typed configuration tree, and its loading: YAML file < KVDEPOT_* env < CLI flags.
+
+Pure code; precedence is resolved once, at the edge (`load_config`), and nothing else in
+kvdepot reads the environment. Every field has a type, a default and a one-line doc
+(`metadata["doc"]`), which the CLI turns into `--section-field` flags and `KVDEPOT_SECTION_FIELD`
+variables. Sizes accept suffixes: `512MiB`, `2GiB`, `1.5GB`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvdepot.errors import ConfigError
+from kvdepot.keys import HashAlgorithm
+
+GiB = 1 << 30
+MiB = 1 << 20
+ENV_PREFIX = "KVDEPOT_"
+EVICTION_POLICIES = ("prefix-aware", "lru")
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(slots=True)
+class MemoryConfig:
+    """Host-RAM tier."""
+
+    capacity_bytes: int = _doc("byte budget of the RAM tier, mapped once at start", 2 * GiB)
+    eviction_policy: str = _doc("eviction order: prefix-aware or lru", "prefix-aware")
+    prefault: bool = _doc("touch the whole budget at start (faster first writes)", True)
+
+
+@dataclass(slots=True)
+class DiskConfig:
+    """Local-disk tier (off unless `path` is set)."""
+
+    path: str | None = _doc("directory of the disk tier; unset disables it", None)
+    capacity_bytes: int = _doc("byte budget of the disk tier", 16 * GiB)
+    fsync: bool = _doc("fsync each chunk file before it becomes visible", True)
+    eviction_policy: str = _doc("eviction order: prefix-aware or lru", "prefix-aware")
+
+
+@dataclass(slots=True)
+class KVDepotConfig:
+    """Everything kvdepot can be told."""
+
+    chunk_size_tokens: int = _doc("tokens per chunk (unit of storage and reuse)", 256)
+    hash_algorithm: str = _doc(
+        "chunk hash: blake2b-128 (multi-tenant safe) or xxh3-128 (trusted, faster)", "blake2b-128"
+    )
+    write_back_queue_chunks: int = _doc("chunks waiting for write-back before drops", 64)
+    memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
+    disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
+
+    def validate(self) -> KVDepotConfig:
+        """Raise ConfigError naming the first invalid field; return self when valid."""
+        if self.chunk_size_tokens <= 0:
+            raise ConfigError(f"chunk_size_tokens must be positive, got {self.chunk_size_tokens}")
+        algorithms = [a.value for a in HashAlgorithm]
+        if self.hash_algorithm not in algorithms:
+            raise ConfigError(
+                f"hash_algorithm {self.hash_algorithm!r}: choose one of {algorithms}"
+            )
+        if self.write_back_queue_chunks < 0:
+            raise ConfigError("write_back_queue_chunks must be >= 0")
+        for section in ("memory", "disk"):
+            sub = getattr(self, section)
+            if sub.capacity_bytes < 0:
+                raise ConfigError(f"{section}.capacity_bytes must be >= 0")
+            if sub.eviction_policy not in EVICTION_POLICIES:
+                raise ConfigError(
+                    f"{section}.eviction_policy {sub.eviction_policy!r}: "
+                    f"choose one of {list(EVICTION_POLICIES)}"
+                )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One leaf of the config tree, as the CLI and env loader see it."""
+
+    path: str  # dotted, e.g. "memory.capacity_bytes"
+    type: Any
+    default: Any
+    doc: str
+
+    @property
+    def env_name(self) -> str:
+        return ENV_PREFIX + self.path.replace(".", "_").upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.path.replace(".", "-").replace("_", "-")
+
+
+def iter_fields(cls: type = KVDepotConfig, prefix: str = "") -> Iterator[FieldSpec]:
+    """Every leaf field of the tree, depth first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from iter_fields(typing.cast(type, kind), f"{prefix}{f.name}.")
+        else:
+            yield FieldSpec(f"{prefix}{f.name}", kind, f.default, f.metadata.get("doc", ""))
+
+
+FIELDS = {spec.path: spec for spec in iter_fields()}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '4096', '512MiB', '1.5GB'."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 4096, 512MiB or 2GiB")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "b").lower()])
+
+
+def _coerce(spec: FieldSpec, value: Any) -> Any:
+    """Convert a YAML/env/CLI value to the field's type, with an actionable error."""
+    optional = spec.type == str | None
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{spec.path} cannot be empty")
+    try:
+        if spec.type is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if spec.type is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, int):
+                return value
+            return parse_size(str(value)) if spec.path.endswith("_bytes") else int(str(value))
+        return str(value)
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"{spec.path}={value!r}: {exc}") from None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}".replace("-", "_")
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _spec(path: str, source: str) -> FieldSpec:
+    if path in FIELDS:
+        return FIELDS[path]
+    hint = difflib.get_close_matches(path, FIELDS, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigError(f"unknown setting {path!r} in {source}{suggestion}")
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> KVDepotConfig:
+    """Build the config: defaults < YAML file < `KVDEPOT_*` variables in `env` < `overrides`.
+
+    Args:
+        path: YAML file with the same nesting as `KVDepotConfig`.
+        env: environment mapping (pass `os.environ` at the edge); unknown KVDEPOT_* names fail.
+        overrides: dotted paths to values, e.g. {"disk.path": "/var/cache/kvdepot"}.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        if not isinstance(tree, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        for key, value in _flatten(tree).items():
+            values[_spec(key, str(path)).path] = value
+    by_env = {spec.env_name: spec for spec in FIELDS.values()}
+    for name, value in (env or {}).items():
+        if name.startswith(ENV_PREFIX):
+            if name not in by_env:
+                raise ConfigError(f"unknown environment variable {name}")
+            values[by_env[name].path] = value
+    for key, value in (overrides or {}).items():
+        values[_spec(key, "overrides").path] = value
+    config = KVDepotConfig()
+    for dotted, value in values.items():
+        spec = FIELDS[dotted]
+        *parents, leaf = dotted.split(".")
+        target: Any = config
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, _coerce(spec, value))
+    return config.validate()

@@ -1,0 +1,265 @@
+"""TieredStore: one cache over a RAM tier and slower tiers below it (disk, later remote).
+
+Runs in the process that owns the cache: the engine process when embedded, the daemon
+otherwise. Data flow:
+- `put` copies chunks into the RAM tier at once, then queues their keys for write-back; a
+  background thread copies them from RAM to every lower tier. The queue is bounded: when it
+  is full the write-back is dropped and counted, never waited for.
+- `read` serves a prefix chain: RAM first, then each lower tier for what is still missing;
+  lower-tier hits are promoted into RAM. It yields the leading run of hits only.
+- `lookup` counts the leading run of keys present in any tier.
+
+Failure policy: a lower tier that raises is logged (rate-limited) and treated as a miss or a
+dropped write; nothing from a lower tier's failure reaches the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from kvdepot.codec.format import EncodedChunk, open_blob
+from kvdepot.config import KVDepotConfig
+from kvdepot.keys import ChunkKey
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.metrics import Metrics
+from kvdepot.tiers.arena import HostBuffer
+from kvdepot.tiers.base import Tier, TierUsage
+from kvdepot.tiers.disk import DiskTier
+from kvdepot.tiers.memory import MemoryTier
+from kvdepot.tiers.policy import make_policy
+
+_log = RateLimitedLog(logging.getLogger(__name__))
+_STOP = None
+
+
+class ChunkStore(Protocol):
+    """What a cache engine needs from a store: the embedded `TieredStore` or a daemon client."""
+
+    metrics: Metrics
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
+
+    def lookup(self, keys: Sequence[ChunkKey]) -> int: ...
+
+    def read(self, keys: Sequence[ChunkKey]) -> AbstractContextManager[list[memoryview | bytes]]: ...
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int: ...
+
+    def flush(self, timeout_s: float = 30.0) -> bool: ...
+
+    def clear(self) -> None: ...
+
+    def usage(self) -> dict[str, TierUsage]: ...
+
+    def close(self) -> None: ...
+
+
+class TieredStore:
+    """RAM tier + lower tiers with write-back and promotion."""
+
+    def __init__(
+        self,
+        memory: MemoryTier,
+        lower: Sequence[Tier] = (),
+        *,
+        metrics: Metrics | None = None,
+        write_back_queue_chunks: int = 64,
+    ) -> None:
+        self.memory = memory
+        self.lower = list(lower)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._queue: queue.Queue[list[ChunkKey] | None] = queue.Queue(
+            maxsize=max(write_back_queue_chunks, 1)
+        )
+        self._idle = threading.Condition()
+        self._num_queued = 0
+        self._writer: threading.Thread | None = None
+
+    def start(self) -> TieredStore:
+        """Start the write-back thread (only needed with lower tiers); returns self."""
+        if self.lower and self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_back_loop, name="kvdepot-write-back", daemon=True
+            )
+            self._writer.start()
+        return self
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is in any tier."""
+        found = self.memory.contains(keys)
+        for tier in self.lower:
+            missing = [i for i, hit in enumerate(found) if not hit]
+            if not missing:
+                break
+            for i, hit in zip(missing, self._safe_contains(tier, [keys[i] for i in missing])):
+                found[i] = hit
+        return found
+
+    def lookup(self, keys: Sequence[ChunkKey]) -> int:
+        """Length of the leading run of `keys` (one chain, head first) present in any tier."""
+        return _leading(self.contains(keys))
+
+    @contextlib.contextmanager
+    def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
+        """Blobs of the leading run of hits of `keys` (one chain, head first).
+
+        The blobs are validated; RAM-tier blobs are views pinned until the block exits.
+        """
+        with self.memory.read(keys) as views:
+            num_ram = _leading([v is not None for v in views])
+            blobs: list[memoryview | bytes] = [v for v in views[:num_ram] if v is not None]
+            if num_ram < len(keys) and self.lower:
+                blobs.extend(self._read_lower(keys[num_ram:]))
+            yield blobs
+
+    def _read_lower(self, keys: Sequence[ChunkKey]) -> list[bytes]:
+        found: list[bytes | None] = [None] * len(keys)
+        source = [-1] * len(keys)
+        for level, tier in enumerate(self.lower):
+            upto = _leading([b is not None for b in found])
+            missing = [i for i in range(upto, len(keys)) if found[i] is None]
+            if not missing:
+                break
+            for i, blob in zip(missing, self._safe_get(tier, [keys[i] for i in missing])):
+                if blob is not None:
+                    found[i], source[i] = blob, level
+        num_hits = _leading([b is not None for b in found])
+        hits = [b for b in found[:num_hits] if b is not None]
+        self._promote(keys[:num_hits], hits)
+        return hits
+
+    def _promote(self, keys: Sequence[ChunkKey], blobs: Sequence[bytes]) -> None:
+        items = []
+        for key, blob in zip(keys, blobs, strict=True):
+            header, payload = open_blob(blob, verify=False)
+            items.append((key, EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))))
+        if items:
+            self.memory.put(items)
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        """Store chunks (one chain, head first) in RAM and queue their write-back."""
+        num_stored = self.memory.put(items)
+        if self.lower and items:
+            keys = [key for key, _ in items]
+            with self._idle:
+                self._num_queued += 1
+            try:
+                self._queue.put_nowait(keys)
+            except queue.Full:
+                self._done_one()
+                self.metrics.dropped_writes.labels("queue_full").inc(len(keys))
+                _log.warning("queue_full", "write-back queue full, dropped %d chunks", len(keys))
+        return num_stored
+
+    def _write_back_loop(self) -> None:
+        while (keys := self._queue.get()) is not _STOP:
+            try:
+                self._write_back(keys)
+            except Exception:
+                logging.getLogger(__name__).exception("write-back failed")
+            finally:
+                self._done_one()
+
+    def _write_back(self, keys: list[ChunkKey]) -> None:
+        with self.memory.read(keys, record=False) as views:
+            items = []
+            for key, view in zip(keys, views, strict=True):
+                if view is None:
+                    self.metrics.dropped_writes.labels("evicted_before_write_back").inc()
+                    continue
+                header, payload = open_blob(view, verify=False)
+                items.append((key, EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))))
+            for tier in self.lower:
+                try:
+                    tier.put(items)
+                except Exception as exc:
+                    _log.warning(f"put-{tier.name}", "tier %s put failed: %s", tier.name, exc)
+
+    def _done_one(self) -> None:
+        with self._idle:
+            self._num_queued -= 1
+            self._idle.notify_all()
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until queued write-backs are done; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._num_queued == 0, timeout=timeout_s)
+
+    def _safe_contains(self, tier: Tier, keys: list[ChunkKey]) -> list[bool]:
+        try:
+            return tier.contains(keys)
+        except Exception as exc:
+            _log.warning(f"contains-{tier.name}", "tier %s contains failed: %s", tier.name, exc)
+            return [False] * len(keys)
+
+    def _safe_get(self, tier: Tier, keys: list[ChunkKey]) -> list[bytes | None]:
+        try:
+            return tier.get(keys)
+        except Exception as exc:
+            _log.warning(f"get-{tier.name}", "tier %s get failed: %s", tier.name, exc)
+            return [None] * len(keys)
+
+    def clear(self) -> None:
+        """Drop every chunk from every tier (after pending write-backs)."""
+        self.flush()
+        self.memory.clear()
+        for tier in self.lower:
+            tier.clear()
+
+    def usage(self) -> dict[str, TierUsage]:
+        return {t.name: t.usage() for t in [self.memory, *self.lower]}
+
+    def close(self) -> None:
+        """Finish queued write-backs, stop the writer and close every tier."""
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        for tier in [self.memory, *self.lower]:
+            tier.close()
+
+    def __enter__(self) -> TieredStore:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _leading(flags: Sequence[bool]) -> int:
+    for i, flag in enumerate(flags):
+        if not flag:
+            return i
+    return len(flags)
+
+
+def open_store(config: KVDepotConfig, metrics: Metrics | None = None) -> TieredStore:
+    """Build and start the store a config describes (maps and touches the RAM budget)."""
+    metrics = metrics if metrics is not None else Metrics()
+    buffer = HostBuffer.allocate(config.memory.capacity_bytes, prefault=config.memory.prefault)
+    memory = MemoryTier(
+        buffer, policy=make_policy(config.memory.eviction_policy), metrics=metrics.tier("memory")
+    )
+    lower: list[Tier] = []
+    if config.disk.path:
+        lower.append(
+            DiskTier.open(
+                Path(config.disk.path),
+                config.disk.capacity_bytes,
+                fsync=config.disk.fsync,
+                policy=make_policy(config.disk.eviction_policy),
+                metrics=metrics.tier("disk"),
+            )
+        )
+    store = TieredStore(
+        memory, lower, metrics=metrics, write_back_queue_chunks=config.write_back_queue_chunks
+    )
+    return store.start()

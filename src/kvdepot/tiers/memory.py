@@ -1,0 +1,201 @@
+"""The host-RAM tier: chunks in one pre-touched buffer, with pins, leases and eviction.
+
+Runs in the process that owns the `TieredStore`. The buffer is the tier's whole byte budget,
+mapped once (`HostBuffer`). A put copies the chunk into the buffer once (from a possibly
+strided tensor view, no staging copy); a `read` lends views into the buffer, pinned for the
+duration of the `with` block, so a reader never sees its chunk evicted or overwritten.
+
+Invariants (all under `self._lock`):
+- A chunk is visible (`contains`/`get`/`read`) only after its bytes are fully copied.
+- A pinned chunk is never evicted or reused; a chunk deleted while pinned stays readable by
+  its pinners and its memory is freed at the last unpin.
+- Blobs here are trusted (this process wrote or verified them), so reads skip the checksum.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from kvdepot.codec.format import EncodedChunk
+from kvdepot.keys import ChunkKey
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.metrics import Metrics, TierMetrics
+from kvdepot.tiers.arena import ArenaAllocator, HostBuffer
+from kvdepot.tiers.base import TierUsage
+from kvdepot.tiers.policy import EvictionPolicy, PrefixAwarePolicy
+
+_log = RateLimitedLog(logging.getLogger(__name__))
+
+
+@dataclass(slots=True)
+class _Entry:
+    offset: int
+    nbytes: int
+    pins: int = 0
+    is_deleted: bool = False
+
+
+class MemoryTier:
+    """Chunks in host RAM, LRU/prefix-aware eviction, pins for readers."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        buffer: HostBuffer,
+        *,
+        policy: EvictionPolicy | None = None,
+        metrics: TierMetrics | None = None,
+    ) -> None:
+        self._buffer = buffer
+        self._arena = ArenaAllocator(buffer.nbytes)
+        self._policy = policy if policy is not None else PrefixAwarePolicy()
+        self._metrics = metrics if metrics is not None else Metrics().tier(self.name)
+        self._lock = threading.Lock()
+        self._entries: dict[ChunkKey, _Entry] = {}
+        self._pending: set[ChunkKey] = set()
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [key in self._entries for key in keys]
+
+    @contextmanager
+    def read(
+        self, keys: Sequence[ChunkKey], *, record: bool = True
+    ) -> Iterator[list[memoryview | None]]:
+        """Pinned views of each key's blob (None for a miss), valid inside the block.
+
+        Args:
+            keys: one batch, chain order.
+            record: count this as an access (eviction order and metrics); internal readers
+                such as write-back pass False.
+        """
+        start = time.perf_counter()
+        pinned: list[_Entry] = []
+        views: list[memoryview | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    views.append(None)
+                    continue
+                entry.pins += 1
+                pinned.append(entry)
+                views.append(self._buffer.view[entry.offset : entry.offset + entry.nbytes])
+            if record:
+                self._policy.touch([k for k, v in zip(keys, views, strict=True) if v is not None])
+        if record:
+            self._record_read(views, time.perf_counter() - start)
+        try:
+            yield views
+        finally:
+            with self._lock:
+                for entry in pinned:
+                    entry.pins -= 1
+                    if entry.is_deleted and entry.pins == 0:
+                        self._arena.free(entry.offset, entry.nbytes)
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        with self.read(keys) as views:
+            return [None if v is None else bytes(v) for v in views]
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        start = time.perf_counter()
+        num_stored = 0
+        for key, chunk in items:
+            offset, is_present = self._reserve(key, chunk.nbytes)
+            if offset is None:
+                num_stored += is_present
+                continue
+            try:
+                chunk.write_into(self._buffer.view[offset : offset + chunk.nbytes])
+            except BaseException:
+                with self._lock:
+                    self._pending.discard(key)
+                    self._arena.free(offset, chunk.nbytes)
+                raise
+            with self._lock:
+                self._pending.discard(key)
+                self._entries[key] = _Entry(offset, chunk.nbytes)
+            self._metrics.bytes("write", chunk.nbytes)
+            num_stored += 1
+        with self._lock:
+            self._policy.touch([key for key, _ in items if key in self._entries])
+            self._publish_usage()
+        self._metrics.op("put", "ok", num_stored)
+        self._metrics.latency("put", time.perf_counter() - start)
+        return num_stored
+
+    def _reserve(self, key: ChunkKey, nbytes: int) -> tuple[int | None, bool]:
+        """(offset for a new chunk or None, whether the key is already stored or pending).
+
+        Evicts unpinned chunks in policy order until the chunk fits.
+        """
+        with self._lock:
+            if key in self._entries or key in self._pending:
+                return None, True
+            offset = self._arena.alloc(nbytes)
+            num_evicted = 0
+            while offset is None:
+                victim = self._policy.pop_victim(self._is_pinned)
+                if victim is None:
+                    break
+                self._drop(victim)
+                num_evicted += 1
+                offset = self._arena.alloc(nbytes)
+            if num_evicted:
+                self._metrics.evicted(num_evicted)
+            if offset is None:
+                self._metrics.op("put", "no_room")
+                _log.warning("full", "RAM tier has no room for a %d-byte chunk", nbytes)
+                return None, False
+            self._pending.add(key)
+            return offset, False
+
+    def _is_pinned(self, key: ChunkKey) -> bool:
+        return self._entries[key].pins > 0
+
+    def _drop(self, key: ChunkKey) -> None:
+        entry = self._entries.pop(key)
+        if entry.pins:
+            entry.is_deleted = True
+        else:
+            self._arena.free(entry.offset, entry.nbytes)
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._entries:
+                    self._policy.remove(key)
+                    self._drop(key)
+            self._publish_usage()
+
+    def clear(self) -> None:
+        with self._lock:
+            keys = list(self._entries)
+        self.delete(keys)
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            return TierUsage(self._arena.used_bytes, self._arena.capacity_bytes, len(self._entries))
+
+    def close(self) -> None:
+        """Forget every chunk and unmap the buffer (views still held keep it mapped)."""
+        with self._lock:
+            self._entries.clear()
+        self._buffer.close()
+
+    def _publish_usage(self) -> None:
+        self._metrics.usage(self._arena.used_bytes, self._arena.capacity_bytes, len(self._entries))
+
+    def _record_read(self, views: Sequence[memoryview | None], seconds: float) -> None:
+        num_hits = sum(v is not None for v in views)
+        self._metrics.op("get", "hit", num_hits)
+        self._metrics.op("get", "miss", len(views) - num_hits)
+        self._metrics.bytes("read", sum(len(v) for v in views if v is not None))
+        self._metrics.latency("get", seconds)
