@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 
@@ -167,7 +168,7 @@ def test_arena_never_overlaps_and_coalesces(ops: list[tuple[bool, int]]) -> None
             offset, size = live.pop(nbytes % len(live))
             arena.free(offset, size)
         spans = sorted(live)
-        for (a, sa), (b, _) in zip(spans, spans[1:], strict=False):
+        for (a, sa), (b, _) in itertools.pairwise(spans):
             assert a + sa <= b
         assert all(o + s <= arena.capacity_bytes for o, s in spans)
         assert arena.used_bytes == sum(s for _, s in live)

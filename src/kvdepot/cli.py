@@ -50,7 +50,9 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     layouts = [name.strip() for name in args.layouts.split(",")]
     unknown = set(layouts) - set(tiers.LAYOUTS)
     if unknown:
-        raise KVDepotError(f"unknown layouts {sorted(unknown)}; choose from {sorted(tiers.LAYOUTS)}")
+        raise KVDepotError(
+            f"unknown layouts {sorted(unknown)}; choose from {sorted(tiers.LAYOUTS)}"
+        )
     results = tiers.run(layouts, args.total_mib, args.repeats, args.disk_dir)
     print(tiers.report(results))
     if args.json:

@@ -69,9 +69,7 @@ class KVDepotConfig:
             raise ConfigError(f"chunk_size_tokens must be positive, got {self.chunk_size_tokens}")
         algorithms = [a.value for a in HashAlgorithm]
         if self.hash_algorithm not in algorithms:
-            raise ConfigError(
-                f"hash_algorithm {self.hash_algorithm!r}: choose one of {algorithms}"
-            )
+            raise ConfigError(f"hash_algorithm {self.hash_algorithm!r}: choose one of {algorithms}")
         if self.write_back_queue_chunks < 0:
             raise ConfigError("write_back_queue_chunks must be >= 0")
         for section in ("memory", "disk"):

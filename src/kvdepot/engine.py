@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+
 import numpy as np
 import torch
 
@@ -27,6 +28,8 @@ from kvdepot.metrics import Metrics
 from kvdepot.store import ChunkStore
 
 _log = RateLimitedLog(logging.getLogger(__name__))
+Tokens = TokenIds | torch.Tensor
+"""Token ids: a list, a 1-D integer numpy array or a 1-D integer tensor."""
 _TORCH_DTYPES = {
     torch.float32: DType.FLOAT32,
     torch.float16: DType.FLOAT16,
@@ -102,19 +105,21 @@ class CacheEngine:
                 self._namespaces[tenant_salt] = ns
             return ns
 
-    def chunk_keys(self, tokens: TokenIds, tenant_salt: bytes = b"") -> list[ChunkKey]:
+    def chunk_keys(self, tokens: Tokens, tenant_salt: bytes = b"") -> list[ChunkKey]:
         """Keys of every full chunk of `tokens`, head first."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
         ns = self.namespace(tenant_salt)
         return [ChunkKey(ns.digest, h) for h in chunk_hashes(tokens, self.chunk_size_tokens, ns)]
 
-    def lookup(self, tokens: TokenIds, *, tenant_salt: bytes = b"") -> int:
+    def lookup(self, tokens: Tokens, *, tenant_salt: bytes = b"") -> int:
         """Number of leading tokens of `tokens` whose KV is cached (a multiple of the chunk)."""
         num_hit = self.backend.lookup(self.chunk_keys(tokens, tenant_salt)) * self.chunk_size_tokens
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
         return num_hit
 
-    def store(self, tokens: TokenIds, kv: torch.Tensor, *, tenant_salt: bytes = b"") -> int:
+    def store(self, tokens: Tokens, kv: torch.Tensor, *, tenant_salt: bytes = b"") -> int:
         """Store the KV of every full chunk of `tokens` not yet cached; returns tokens written.
 
         Args:
@@ -139,7 +144,11 @@ class CacheEngine:
         return num_written
 
     def retrieve(
-        self, tokens: TokenIds, *, tenant_salt: bytes = b"", out: torch.Tensor | None = None
+        self,
+        tokens: Tokens,
+        *,
+        tenant_salt: bytes = b"",
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """KV of the leading cached chunks of `tokens`: `[L, 2, num_hit_tokens, H, D]`.
 
@@ -166,7 +175,9 @@ class CacheEngine:
                         blob, bits[:, :, i * c : (i + 1) * c], self.registry, verify=False
                     )
                 except CorruptChunk as exc:
-                    _log.warning("decode", "chunk %d of a prefix unusable, served as miss: %s", i, exc)
+                    _log.warning(
+                        "decode", "chunk %d of a prefix unusable, served as miss: %s", i, exc
+                    )
                     num_hit = i * c
                     break
         self.metrics.retrieved_tokens.inc(num_hit)

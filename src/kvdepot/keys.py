@@ -134,7 +134,9 @@ def token_bytes(tokens: TokenIds) -> bytes:
     """Token ids as little-endian int32 bytes; raises ValueError for ids outside int32."""
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype}{tokens.shape}")
+            raise ValueError(
+                f"tokens must be a 1-D integer array, got {tokens.dtype}{tokens.shape}"
+            )
         if tokens.size and (int(tokens.min()) < -(2**31) or int(tokens.max()) >= 2**31):
             raise ValueError("token ids must fit in int32")
         return tokens.astype("<i4", copy=False).tobytes()

@@ -117,6 +117,5 @@ class KVLayout:
     def layout_id(self) -> str:
         """Stable text identity of this layout; part of every chunk key."""
         return (
-            f"L{self.num_layers}-2-H{self.num_kv_heads}-D{self.head_dim}-"
-            f"{self.dtype.name.lower()}"
+            f"L{self.num_layers}-2-H{self.num_kv_heads}-D{self.head_dim}-{self.dtype.name.lower()}"
         )

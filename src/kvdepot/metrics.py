@@ -38,12 +38,17 @@ class Metrics:
             "kvdepot_tier_ops", "Tier operations by outcome", ["tier", "op", "outcome"], registry=r
         )
         self.tier_bytes = Counter(
-            "kvdepot_tier_bytes", "Bytes read from or written to a tier", ["tier", "op"],
+            "kvdepot_tier_bytes",
+            "Bytes read from or written to a tier",
+            ["tier", "op"],
             registry=r,
         )
         self.tier_latency = Histogram(
-            "kvdepot_tier_op_seconds", "Latency of batch tier operations", ["tier", "op"],
-            buckets=_LATENCY_BUCKETS_S, registry=r,
+            "kvdepot_tier_op_seconds",
+            "Latency of batch tier operations",
+            ["tier", "op"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.tier_used_bytes = Gauge(
             "kvdepot_tier_used_bytes", "Bytes held by a tier", ["tier"], registry=r
@@ -58,12 +63,16 @@ class Metrics:
             "kvdepot_tier_evictions", "Chunks evicted to make room", ["tier"], registry=r
         )
         self.corrupt_chunks = Counter(
-            "kvdepot_tier_corrupt_chunks", "Chunks that failed validation, deleted",
-            ["tier"], registry=r,
+            "kvdepot_tier_corrupt_chunks",
+            "Chunks that failed validation, deleted",
+            ["tier"],
+            registry=r,
         )
         self.dropped_writes = Counter(
-            "kvdepot_store_dropped_writes", "Chunk writes dropped instead of blocking",
-            ["reason"], registry=r,
+            "kvdepot_store_dropped_writes",
+            "Chunk writes dropped instead of blocking",
+            ["reason"],
+            registry=r,
         )
 
     def tier(self, name: str) -> TierMetrics:

@@ -50,7 +50,9 @@ class ChunkStore(Protocol):
 
     def lookup(self, keys: Sequence[ChunkKey]) -> int: ...
 
-    def read(self, keys: Sequence[ChunkKey]) -> AbstractContextManager[list[memoryview | bytes]]: ...
+    def read(
+        self, keys: Sequence[ChunkKey]
+    ) -> AbstractContextManager[list[memoryview | bytes]]: ...
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int: ...
 
@@ -100,7 +102,9 @@ class TieredStore:
             missing = [i for i, hit in enumerate(found) if not hit]
             if not missing:
                 break
-            for i, hit in zip(missing, self._safe_contains(tier, [keys[i] for i in missing])):
+            for i, hit in zip(
+                missing, self._safe_contains(tier, [keys[i] for i in missing]), strict=True
+            ):
                 found[i] = hit
         return found
 
@@ -129,7 +133,9 @@ class TieredStore:
             missing = [i for i in range(upto, len(keys)) if found[i] is None]
             if not missing:
                 break
-            for i, blob in zip(missing, self._safe_get(tier, [keys[i] for i in missing])):
+            for i, blob in zip(
+                missing, self._safe_get(tier, [keys[i] for i in missing]), strict=True
+            ):
                 if blob is not None:
                     found[i], source[i] = blob, level
         num_hits = _leading([b is not None for b in found])

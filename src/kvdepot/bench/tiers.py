@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import tempfile
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def _plain_read(paths: list[Path]) -> None:
         path.read_bytes()
 
 
-def bench_disk(name: str, layout: KVLayout, total_bytes: int, root: Path, repeats: int) -> list[Result]:
+def bench_disk(
+    name: str, layout: KVLayout, total_bytes: int, root: Path, repeats: int
+) -> list[Result]:
     shape = layout.chunk_shape(CHUNK_TOKENS)
     num_chunks = max(2, total_bytes // (layout.bytes_per_token * CHUNK_TOKENS))
     ns = CacheNamespace("bench-model", layout.layout_id)
@@ -141,7 +144,7 @@ def bench_disk(name: str, layout: KVLayout, total_bytes: int, root: Path, repeat
     plain_w = median_seconds(lambda: _plain_write(paths, blobs), repeats)
     tier_w = median_seconds(lambda: holder[0].put(items), repeats, setup=setup_write)
     tier = holder[0]
-    tier_files = [p for p in tier_dir.rglob("*.kvc")]
+    tier_files = list(tier_dir.rglob("*.kvc"))
     plain_r = median_seconds(lambda: _plain_read(paths), repeats, setup=lambda: _drop_cache(paths))
     tier_r = median_seconds(lambda: tier.get(keys), repeats, setup=lambda: _drop_cache(tier_files))
     assert all(b is not None for b in tier.get(keys)), "disk tier lost chunks"
@@ -160,9 +163,11 @@ def bench_lookup(layout: KVLayout, repeats: int) -> list[Result]:
     tokens = list(range(1000, 1000 + num_chunks * CHUNK_TOKENS))
     for algorithm, goal_us in ((HashAlgorithm.XXH3_128, 5.0), (HashAlgorithm.BLAKE2B_128, 15.0)):
         engine = _engine(KVLayout(2, 1, 8, DType.BFLOAT16), 64 << 20, algorithm)
-        engine.store(tokens, torch.zeros(engine.layout.chunk_shape(len(tokens)), dtype=torch.bfloat16))
+        engine.store(
+            tokens, torch.zeros(engine.layout.chunk_shape(len(tokens)), dtype=torch.bfloat16)
+        )
         assert engine.lookup(tokens) == len(tokens)
-        seconds = median_seconds(lambda e=engine: e.lookup(tokens), max(repeats * 50, 200))
+        seconds = median_seconds(partial(engine.lookup, tokens), max(repeats * 50, 200))
         per_chunk_us = seconds / num_chunks * 1e6
         results.append(Result("any", f"lookup/chunk {algorithm.value}", per_chunk_us, goal_us,
                               "us", per_chunk_us / goal_us, "<= 1.0"))  # fmt: skip
@@ -187,9 +192,21 @@ def run(layouts: list[str], total_mib: int, repeats: int, disk_dir: Path | None)
 
 def report(results: list[Result]) -> str:
     rows = [
-        (r.layout, r.metric, r.ours, r.limit, r.unit, r.ratio, r.goal, "met" if r.is_met else "MISSED")
+        (
+            r.layout,
+            r.metric,
+            r.ours,
+            r.limit,
+            r.unit,
+            r.ratio,
+            r.goal,
+            "met" if r.is_met else "MISSED",
+        )
         for r in results
     ]
-    head = f"kvdepot bench tiers | {platform.machine()} | {os.cpu_count()} cores | torch {torch.__version__}"
+    head = (
+        f"kvdepot bench tiers | {platform.machine()} | {os.cpu_count()} cores"
+        f" | torch {torch.__version__}"
+    )
     table = format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
     return f"{head}\n{table}"

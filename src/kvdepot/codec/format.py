@@ -99,7 +99,9 @@ def seal(header: ChunkHeader, payload: memoryview | bytes) -> ChunkHeader:
 def parse_header(blob: memoryview | bytes) -> ChunkHeader:
     """Structurally validate and decode a header; raises CorruptChunk."""
     if len(blob) < HEADER_NBYTES:
-        raise CorruptChunk(f"chunk is {len(blob)} bytes, shorter than its {HEADER_NBYTES}-byte header")
+        raise CorruptChunk(
+            f"chunk is {len(blob)} bytes, shorter than its {HEADER_NBYTES}-byte header"
+        )
     magic, version, codec_id, dtype_code, ndim, flags, *rest = _HEADER.unpack_from(blob)
     dims, payload_nbytes, checksum = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
     if magic != MAGIC:
@@ -161,13 +163,13 @@ class EncodedChunk:
         return self.header.blob_nbytes
 
     def contiguous_payload(self) -> memoryview:
-        return memoryview(np.ascontiguousarray(self.payload)).cast("B")
+        return np.ascontiguousarray(self.payload).data.cast("B")
 
     def sealed(self) -> EncodedChunk:
         if self.header.checksum is not None:
             return self
         payload = np.ascontiguousarray(self.payload)
-        return EncodedChunk(seal(self.header, memoryview(payload).cast("B")), payload)
+        return EncodedChunk(seal(self.header, payload.data.cast("B")), payload)
 
     def write_into(self, buf: memoryview) -> None:
         """Copy header and payload into `buf`, which must be exactly `nbytes` long."""

@@ -29,7 +29,7 @@ class LosslessCodec:
         width = dtype.itemsize
         flat = np.ascontiguousarray(array).view(np.uint8).reshape(-1, width)
         planes = np.ascontiguousarray(flat.T) if width > 1 else flat
-        compressed = zstandard.ZstdCompressor(level=self.level).compress(planes)
+        compressed = zstandard.ZstdCompressor(level=self.level).compress(planes.data)
         return np.frombuffer(compressed, dtype=np.uint8)
 
     def decode_into(self, header: ChunkHeader, payload: memoryview, out: np.ndarray) -> None:

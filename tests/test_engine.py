@@ -1,0 +1,179 @@
+"""CacheEngine: token-level lookup / store / retrieve on the embedded RAM tier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from kvdepot import CacheEngine, DType, KVLayout, LayoutMismatch, Metrics, TieredStore
+from kvdepot.errors import CorruptChunk
+from kvdepot.keys import HashAlgorithm
+from kvdepot.tiers.arena import HostBuffer
+from kvdepot.tiers.memory import MemoryTier
+
+CHUNK = 16
+LAYOUTS = {
+    torch.float32: KVLayout(3, 2, 8, DType.FLOAT32),
+    torch.float16: KVLayout(3, 2, 8, DType.FLOAT16),
+    torch.bfloat16: KVLayout(3, 2, 8, DType.BFLOAT16),
+}
+
+
+@pytest.fixture
+def store() -> Iterator[TieredStore]:
+    s = TieredStore(MemoryTier(HostBuffer.allocate(8 << 20, prefault=False)), metrics=Metrics())
+    yield s
+    s.close()
+
+
+def make_engine(
+    store: TieredStore, dtype: torch.dtype = torch.float32, **kw: object
+) -> CacheEngine:
+    return CacheEngine(store, LAYOUTS[dtype], "test-model", chunk_size_tokens=CHUNK, **kw)  # type: ignore[arg-type]
+
+
+def kv_for(engine: CacheEngine, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = engine.layout.chunk_shape(num_tokens)
+    return (
+        torch.randn(shape, generator=g)
+        .to(torch.float32)
+        .to(
+            {
+                DType.FLOAT32: torch.float32,
+                DType.FLOAT16: torch.float16,
+                DType.BFLOAT16: torch.bfloat16,
+            }[engine.layout.dtype]
+        )
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_is_bit_exact(store: TieredStore, dtype: torch.dtype) -> None:
+    engine = make_engine(store, dtype)
+    tokens = list(range(100, 100 + 3 * CHUNK + 5))
+    kv = kv_for(engine, len(tokens))
+    assert engine.lookup(tokens) == 0
+    assert engine.store(tokens, kv) == 3 * CHUNK  # the partial chunk is not stored
+    assert engine.lookup(tokens) == 3 * CHUNK
+    out = engine.retrieve(tokens)
+    assert out.dtype == dtype and out.shape == engine.layout.chunk_shape(3 * CHUNK)
+    assert torch.equal(out, kv[:, :, : 3 * CHUNK])
+
+
+def test_prefix_semantics(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(4 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens[: 2 * CHUNK], kv[:, :, : 2 * CHUNK])
+    assert engine.lookup(tokens) == 2 * CHUNK
+    other = tokens[:CHUNK] + [7] * CHUNK + tokens[2 * CHUNK :]
+    assert engine.lookup(other) == CHUNK  # diverges in chunk 1
+    assert torch.equal(engine.retrieve(other), kv[:, :, :CHUNK])
+
+
+def test_only_missing_chunks_are_written(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(4 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    assert engine.store(tokens[: 2 * CHUNK], kv) == 2 * CHUNK
+    assert engine.store(tokens, kv) == 2 * CHUNK
+    assert engine.store(tokens, kv) == 0
+    assert store.usage()["memory"].num_objects == 4
+
+
+def test_kv_shorter_than_tokens_stores_what_it_covers(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(4 * CHUNK))
+    kv = kv_for(engine, 2 * CHUNK + 3)
+    assert engine.store(tokens, kv) == 2 * CHUNK
+
+
+def test_tenant_salt_isolates(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(2 * CHUNK))
+    engine.store(tokens, kv_for(engine, len(tokens)), tenant_salt=b"alice")
+    assert engine.lookup(tokens, tenant_salt=b"alice") == 2 * CHUNK
+    assert engine.lookup(tokens, tenant_salt=b"bob") == 0
+    assert engine.lookup(tokens) == 0
+    assert engine.retrieve(tokens, tenant_salt=b"bob").shape[2] == 0
+
+
+def test_other_model_or_layout_never_hits(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(2 * CHUNK))
+    engine.store(tokens, kv_for(engine, len(tokens)))
+    other_model = CacheEngine(store, engine.layout, "other-model", chunk_size_tokens=CHUNK)
+    other_layout = make_engine(store, torch.float16)
+    other_hash = make_engine(store, hash_algorithm=HashAlgorithm.XXH3_128)
+    for other in (other_model, other_layout, other_hash):
+        assert other.lookup(tokens) == 0
+
+
+def test_layout_mismatch_is_a_clear_error(store: TieredStore) -> None:
+    engine = make_engine(store)
+    with pytest.raises(LayoutMismatch, match="does not match"):
+        engine.store(list(range(CHUNK)), torch.zeros(3, 2, CHUNK, 4, 8))
+    with pytest.raises(LayoutMismatch):
+        engine.store(list(range(CHUNK)), torch.zeros(3, 2, CHUNK, 2, 8, dtype=torch.float16))
+
+
+def test_retrieve_into_preallocated_out(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(3 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    out = torch.full(engine.layout.chunk_shape(4 * CHUNK), 5.0)
+    view = engine.retrieve(tokens, out=out)
+    assert view.data_ptr() == out.data_ptr()
+    assert torch.equal(out[:, :, : 3 * CHUNK], kv)
+    assert torch.all(out[:, :, 3 * CHUNK :] == 5.0)
+    with pytest.raises(LayoutMismatch, match="room"):
+        engine.retrieve(tokens, out=torch.empty(engine.layout.chunk_shape(CHUNK)))
+
+
+def test_token_inputs_list_numpy_tensor_agree(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(2 * CHUNK))
+    engine.store(tokens, kv_for(engine, len(tokens)))
+    assert engine.lookup(np.array(tokens, dtype=np.int64)) == 2 * CHUNK
+    assert engine.lookup(torch.tensor(tokens)) == 2 * CHUNK
+
+
+def test_hit_rate_counts_tokens(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(2 * CHUNK + 8))
+    engine.lookup(tokens)
+    engine.store(tokens, kv_for(engine, len(tokens)))
+    engine.lookup(tokens)
+    looked_up = 2 * len(tokens)
+    assert engine.metrics.hit_rate() == pytest.approx(2 * CHUNK / looked_up)
+    text = engine.metrics.render().decode()
+    assert f"kvdepot_engine_lookup_tokens_total {float(looked_up)}" in text
+
+
+def test_undecodable_chunk_is_served_as_a_shorter_prefix(
+    store: TieredStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(store)
+    tokens = list(range(3 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    import kvdepot.engine as engine_module
+
+    real = engine_module.decode_chunk_into
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise CorruptChunk("injected")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "decode_chunk_into", flaky)
+    out = engine.retrieve(tokens)
+    assert out.shape[2] == CHUNK
+    assert torch.equal(out, kv[:, :, :CHUNK])

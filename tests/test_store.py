@@ -1,0 +1,219 @@
+"""TieredStore: write-back to disk, promotion, restart, bounded queue, failing tiers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvdepot import CacheEngine, DType, KVLayout, Metrics, TieredStore, load_config, open_store
+from kvdepot.codec import HEADER_NBYTES, EncodedChunk
+from kvdepot.keys import ChunkKey
+from kvdepot.tiers.arena import ArenaAllocator, HostBuffer
+from kvdepot.tiers.base import TierUsage
+from kvdepot.tiers.disk import DiskTier
+from kvdepot.tiers.memory import MemoryTier
+
+from .conftest import chunk_bytes, make_chunk, random_key
+
+SLOT = ArenaAllocator.footprint(make_chunk(0).nbytes)
+CHUNK = 16
+LAYOUT = KVLayout(2, 2, 8, DType.FLOAT16)
+
+
+def make_store(tmp_path: Path, ram_slots: int = 16, queue: int = 64) -> TieredStore:
+    metrics = Metrics()
+    memory = MemoryTier(
+        HostBuffer.allocate(ram_slots * SLOT, prefault=False), metrics=metrics.tier("memory")
+    )
+    disk = DiskTier.open(tmp_path / "disk", 1 << 30, fsync=False, metrics=metrics.tier("disk"))
+    return TieredStore(memory, [disk], metrics=metrics, write_back_queue_chunks=queue).start()
+
+
+def payload(blob: bytes | memoryview) -> bytes:
+    """A blob's payload: disk copies differ from RAM ones only by the sealed header."""
+    return bytes(blob[HEADER_NBYTES:])
+
+
+def dropped(store: TieredStore, reason: str) -> float:
+    value = store.metrics.registry.get_sample_value(
+        "kvdepot_store_dropped_writes_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def test_put_writes_back_to_disk(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(3)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    assert store.flush(5)
+    assert store.lower[0].contains(keys) == [True, True, True]
+    assert store.lower[0].get(keys[:1])[0] is not None
+    store.close()
+
+
+def test_disk_hit_is_promoted_to_ram(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(3)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    store.flush(5)
+    store.memory.clear()
+    assert store.memory.contains(keys) == [False] * 3
+    assert store.lookup(keys) == 3
+    with store.read(keys) as blobs:
+        assert [payload(b) for b in blobs] == [
+            payload(chunk_bytes(make_chunk(i))) for i in range(3)
+        ]
+    assert store.memory.contains(keys) == [True] * 3
+    store.close()
+
+
+def test_read_joins_ram_head_and_disk_tail(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(4)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    store.flush(5)
+    store.memory.delete(keys[2:])
+    store.lower[0].delete(keys[:1])
+    with store.read(keys) as blobs:
+        assert len(blobs) == 4
+        assert payload(blobs[3]) == payload(chunk_bytes(make_chunk(3)))
+
+
+def test_read_stops_at_first_gap(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(4)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    store.flush(5)
+    store.memory.delete(keys[1:2])
+    store.lower[0].delete(keys[1:2])
+    assert store.lookup(keys) == 1
+    with store.read(keys) as blobs:
+        assert len(blobs) == 1
+    store.close()
+
+
+def test_restart_serves_from_disk(tmp_path: Path) -> None:
+    config = load_config(
+        overrides={"memory.capacity_bytes": "16MiB", "disk.path": str(tmp_path / "d"),
+                   "memory.prefault": False, "chunk_size_tokens": CHUNK}
+    )  # fmt: skip
+    tokens = list(range(5 * CHUNK))
+    kv = torch.randn(LAYOUT.chunk_shape(len(tokens))).to(torch.float16)
+    with open_store(config) as store:
+        CacheEngine(store, LAYOUT, "m", chunk_size_tokens=CHUNK).store(tokens, kv)
+    with open_store(config) as store:
+        engine = CacheEngine(store, LAYOUT, "m", chunk_size_tokens=CHUNK)
+        assert store.memory.usage().num_objects == 0
+        assert engine.lookup(tokens) == 5 * CHUNK
+        assert torch.equal(engine.retrieve(tokens), kv)
+
+
+class _BlockingTier:
+    """A lower tier whose puts wait for an event: a slow disk, injected."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.stored: list[ChunkKey] = []
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [k in self.stored for k in keys]
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        return [None] * len(keys)
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        self.release.wait(10)
+        self.stored += [k for k, _ in items]
+        return len(items)
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def usage(self) -> TierUsage:
+        return TierUsage(0, 0, len(self.stored))
+
+    def close(self) -> None: ...
+
+
+def test_full_write_back_queue_drops_instead_of_blocking() -> None:
+    slow = _BlockingTier()
+    memory = MemoryTier(HostBuffer.allocate(64 * SLOT, prefault=False))
+    store = TieredStore(memory, [slow], metrics=Metrics(), write_back_queue_chunks=2).start()
+    start = time.perf_counter()
+    for i in range(10):
+        store.put([(random_key(), make_chunk(i))])
+    assert time.perf_counter() - start < 5.0  # never waited for the 10 s blocked tier
+    assert dropped(store, "queue_full") >= 7  # one in flight, two queued
+    assert store.memory.usage().num_objects == 10  # RAM got everything
+    slow.release.set()
+    assert store.flush(10)
+    assert 1 <= len(slow.stored) <= 3
+    store.close()
+
+
+class _BrokenTier(_BlockingTier):
+    """A lower tier that raises on every call: a dead server, injected."""
+
+    name = "broken"
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        raise OSError("tier down")
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        raise OSError("tier down")
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        raise OSError("tier down")
+
+
+def test_failing_lower_tier_is_a_miss_not_an_error() -> None:
+    memory = MemoryTier(HostBuffer.allocate(8 * SLOT, prefault=False))
+    store = TieredStore(memory, [_BrokenTier()], metrics=Metrics()).start()
+    keys = [random_key() for _ in range(2)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    assert store.flush(5)
+    other = [random_key()]
+    assert store.lookup(keys + other) == 2
+    assert store.contains(other) == [False]
+    with store.read(other) as blobs:
+        assert blobs == []
+    store.close()
+
+
+def test_corrupt_disk_chunk_is_a_miss_through_the_store(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(2)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    store.flush(5)
+    store.memory.clear()
+    victim = next((tmp_path / "disk").rglob(keys[1].chunk_hash.hex() + "*"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with store.read(keys) as blobs:
+        assert len(blobs) == 1
+    assert store.lookup(keys) == 1
+    value = store.metrics.registry.get_sample_value(
+        "kvdepot_tier_corrupt_chunks_total", {"tier": "disk"}
+    )
+    assert value == 1.0
+    store.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "prefix-aware"])
+def test_open_store_honours_config(tmp_path: Path, policy: str) -> None:
+    config = load_config(
+        overrides={"memory.capacity_bytes": "1MiB", "memory.eviction_policy": policy,
+                   "memory.prefault": False}
+    )  # fmt: skip
+    with open_store(config) as store:
+        assert store.usage()["memory"].capacity_bytes == 1 << 20
+        assert store.lower == []
