@@ -217,3 +217,17 @@ def test_open_store_honours_config(tmp_path: Path, policy: str) -> None:
     with open_store(config) as store:
         assert store.usage()["memory"].capacity_bytes == 1 << 20
         assert store.lower == []
+
+
+def test_unusable_disk_path_runs_without_disk_tier(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = load_config(
+        overrides={"memory.capacity_bytes": "1MiB", "memory.prefault": False,
+                   "disk.path": str(blocker / "sub")}
+    )  # fmt: skip
+    with open_store(config) as store:
+        assert store.lower == []
+        key = random_key()
+        assert store.put([(key, make_chunk(1))]) == 1
+        assert store.lookup([key]) == 1

@@ -27,7 +27,7 @@ from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.store import ChunkStore
 
-_log = RateLimitedLog(logging.getLogger(__name__))
+logger = logging.getLogger(__name__)
 Tokens = TokenIds | torch.Tensor
 """Token ids: a list, a 1-D integer numpy array or a 1-D integer tensor."""
 _TORCH_DTYPES = {
@@ -89,6 +89,7 @@ class CacheEngine:
         self.metrics = metrics if metrics is not None else backend.metrics
         self._namespaces: dict[bytes, CacheNamespace] = {}
         self._lock = threading.Lock()
+        self._log = RateLimitedLog(logger)
 
     def namespace(self, tenant_salt: bytes = b"") -> CacheNamespace:
         """The key namespace of this model shard for one tenant."""
@@ -175,7 +176,7 @@ class CacheEngine:
                         blob, bits[:, :, i * c : (i + 1) * c], self.registry, verify=False
                     )
                 except CorruptChunk as exc:
-                    _log.warning(
+                    self._log.warning(
                         "decode", "chunk %d of a prefix unusable, served as miss: %s", i, exc
                     )
                     num_hit = i * c

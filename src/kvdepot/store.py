@@ -28,6 +28,7 @@ import numpy as np
 
 from kvdepot.codec.format import EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
+from kvdepot.errors import TierUnavailable
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
@@ -37,7 +38,7 @@ from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.memory import MemoryTier
 from kvdepot.tiers.policy import make_policy
 
-_log = RateLimitedLog(logging.getLogger(__name__))
+logger = logging.getLogger(__name__)
 _STOP = None
 
 
@@ -85,6 +86,7 @@ class TieredStore:
         self._idle = threading.Condition()
         self._num_queued = 0
         self._writer: threading.Thread | None = None
+        self._log = RateLimitedLog(logger)
 
     def start(self) -> TieredStore:
         """Start the write-back thread (only needed with lower tiers); returns self."""
@@ -163,7 +165,9 @@ class TieredStore:
             except queue.Full:
                 self._done_one()
                 self.metrics.dropped_writes.labels("queue_full").inc(len(keys))
-                _log.warning("queue_full", "write-back queue full, dropped %d chunks", len(keys))
+                self._log.warning(
+                    "queue_full", "write-back queue full, dropped %d chunks", len(keys)
+                )
         return num_stored
 
     def _write_back_loop(self) -> None:
@@ -171,7 +175,7 @@ class TieredStore:
             try:
                 self._write_back(keys)
             except Exception:
-                logging.getLogger(__name__).exception("write-back failed")
+                logger.exception("write-back failed")
             finally:
                 self._done_one()
 
@@ -188,7 +192,7 @@ class TieredStore:
                 try:
                     tier.put(items)
                 except Exception as exc:
-                    _log.warning(f"put-{tier.name}", "tier %s put failed: %s", tier.name, exc)
+                    self._log.warning(f"put-{tier.name}", "tier %s put failed: %s", tier.name, exc)
 
     def _done_one(self) -> None:
         with self._idle:
@@ -204,14 +208,16 @@ class TieredStore:
         try:
             return tier.contains(keys)
         except Exception as exc:
-            _log.warning(f"contains-{tier.name}", "tier %s contains failed: %s", tier.name, exc)
+            self._log.warning(
+                f"contains-{tier.name}", "tier %s contains failed: %s", tier.name, exc
+            )
             return [False] * len(keys)
 
     def _safe_get(self, tier: Tier, keys: list[ChunkKey]) -> list[bytes | None]:
         try:
             return tier.get(keys)
         except Exception as exc:
-            _log.warning(f"get-{tier.name}", "tier %s get failed: %s", tier.name, exc)
+            self._log.warning(f"get-{tier.name}", "tier %s get failed: %s", tier.name, exc)
             return [None] * len(keys)
 
     def clear(self) -> None:
@@ -256,15 +262,19 @@ def open_store(config: KVDepotConfig, metrics: Metrics | None = None) -> TieredS
     )
     lower: list[Tier] = []
     if config.disk.path:
-        lower.append(
-            DiskTier.open(
-                Path(config.disk.path),
-                config.disk.capacity_bytes,
-                fsync=config.disk.fsync,
-                policy=make_policy(config.disk.eviction_policy),
-                metrics=metrics.tier("disk"),
+        try:
+            lower.append(
+                DiskTier.open(
+                    Path(config.disk.path),
+                    config.disk.capacity_bytes,
+                    fsync=config.disk.fsync,
+                    policy=make_policy(config.disk.eviction_policy),
+                    metrics=metrics.tier("disk"),
+                )
             )
-        )
+        except TierUnavailable as exc:
+            # Fail open: a cache without its disk tier still serves from RAM.
+            logger.error("running without the disk tier: %s", exc)
     store = TieredStore(
         memory, lower, metrics=metrics, write_back_queue_chunks=config.write_back_queue_chunks
     )

@@ -14,8 +14,8 @@ import os
 import platform
 import shutil
 import tempfile
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np

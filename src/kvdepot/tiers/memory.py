@@ -29,7 +29,7 @@ from kvdepot.tiers.arena import ArenaAllocator, HostBuffer
 from kvdepot.tiers.base import TierUsage
 from kvdepot.tiers.policy import EvictionPolicy, PrefixAwarePolicy
 
-_log = RateLimitedLog(logging.getLogger(__name__))
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -59,6 +59,7 @@ class MemoryTier:
         self._lock = threading.Lock()
         self._entries: dict[ChunkKey, _Entry] = {}
         self._pending: set[ChunkKey] = set()
+        self._log = RateLimitedLog(logger)
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
@@ -152,7 +153,7 @@ class MemoryTier:
                 self._metrics.evicted(num_evicted)
             if offset is None:
                 self._metrics.op("put", "no_room")
-                _log.warning("full", "RAM tier has no room for a %d-byte chunk", nbytes)
+                self._log.warning("full", "RAM tier has no room for a %d-byte chunk", nbytes)
                 return None, False
             self._pending.add(key)
             return offset, False
