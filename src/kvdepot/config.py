@@ -114,6 +114,7 @@ def iter_fields(cls: type = KVDepotConfig, prefix: str = "") -> Iterator[FieldSp
 
 
 FIELDS = {spec.path: spec for spec in iter_fields()}
+_SECTIONS = {path.rsplit(".", 1)[0] for path in FIELDS if "." in path}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
@@ -150,6 +151,10 @@ def _coerce(spec: FieldSpec, value: Any) -> Any:
                 raise ValueError("expected an integer")
             if isinstance(value, int):
                 return value
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError("expected a whole number")
+                return int(value)
             return parse_size(str(value)) if spec.path.endswith("_bytes") else int(str(value))
         return str(value)
     except (ValueError, ConfigError) as exc:
@@ -162,6 +167,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         path = f"{prefix}{key}".replace("-", "_")
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{path}."))
+        elif value is None and path in _SECTIONS:
+            continue  # a section whose keys are all commented out
         else:
             flat[path] = value
     return flat
@@ -201,10 +208,12 @@ def load_config(
     for name, value in (env or {}).items():
         if name.startswith(ENV_PREFIX):
             if name not in by_env:
-                raise ConfigError(f"unknown environment variable {name}")
+                hint = difflib.get_close_matches(name, by_env, n=1)
+                suggestion = f"; did you mean {hint[0]}?" if hint else ""
+                raise ConfigError(f"unknown environment variable {name}{suggestion}")
             values[by_env[name].path] = value
     for key, value in (overrides or {}).items():
-        values[_spec(key, "overrides").path] = value
+        values[_spec(key.replace("-", "_"), "overrides").path] = value
     config = KVDepotConfig()
     for dotted, value in values.items():
         spec = FIELDS[dotted]

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from kvdepot.codec.format import ChunkHeader, EncodedChunk, open_blob
+from kvdepot.codec.format import MAX_NDIM, ChunkHeader, EncodedChunk, open_blob
 from kvdepot.errors import ConfigError, CorruptChunk, UnknownCodec
 from kvdepot.layout import DType
 
@@ -82,6 +82,8 @@ def encode_chunk(array: np.ndarray, dtype: DType, codec: Codec) -> EncodedChunk:
     """Encode `array` (the storage dtype of `dtype`) into an unsealed chunk."""
     if array.dtype != dtype.storage_dtype:
         raise ValueError(f"array dtype {array.dtype} does not hold {dtype.name}")
+    if not 1 <= array.ndim <= MAX_NDIM or array.size == 0 or max(array.shape) >= 1 << 32:
+        raise ValueError(f"a chunk must have 1-{MAX_NDIM} non-empty dims, got {array.shape}")
     payload = codec.encode(array, dtype)
     header = ChunkHeader(codec.codec_id, dtype, tuple(array.shape), payload.nbytes)
     return EncodedChunk(header, payload)

@@ -5,10 +5,11 @@ Pure functions, used in every process. Header (little-endian):
     magic "KVDC" | version u16 | codec id u16 | dtype u8 | ndim u8 | flags u16 |
     shape 6 x u32 | payload length u64 | checksum u64 | 12 reserved bytes
 
-The checksum is xxh3-64 over the header's first 44 bytes and the payload, so a flipped bit
-anywhere is caught. It is *sealed* (computed) when a chunk crosses a trust boundary: written
-to disk or a remote tier, or handed to another process. A chunk that stays in this process's
-RAM tier is not sealed, because hashing costs about half a memory copy on the hot path.
+The checksum is xxh3-64 over the header's first 44 bytes and the payload, and the reserved
+bytes must be zero, so a flipped bit anywhere is caught. It is *sealed* (computed) when a
+chunk crosses a trust boundary: written to disk or a remote tier, or handed to another
+process. A chunk that stays in this process's RAM tier is not sealed, because hashing costs
+about half a memory copy on the hot path.
 
 Invariants: `open_blob` never returns a payload whose sizes disagree with the header, never
 trusts a size larger than `MAX_CHUNK_BYTES`, and with `verify=True` returns only sealed
@@ -37,6 +38,7 @@ MAX_CHUNK_BYTES = 1 << 30
 FLAG_SEALED = 0x1
 _HEADER = struct.Struct("<4sHHBBH6IQQ12x")
 _CHECKED_PREFIX = 44  # header bytes covered by the checksum: all up to the checksum field
+_RESERVED_START = 52  # the 12 reserved bytes must be zero
 assert _HEADER.size == HEADER_NBYTES
 
 
@@ -116,6 +118,8 @@ def parse_header(blob: memoryview | bytes) -> ChunkHeader:
         raise CorruptChunk(f"bad shape {dims} with ndim {ndim}")
     if flags & ~FLAG_SEALED:
         raise CorruptChunk(f"unknown header flags {flags:#x}")
+    if any(blob[_RESERVED_START:HEADER_NBYTES]):
+        raise CorruptChunk("reserved header bytes are not zero")
     header = ChunkHeader(
         codec_id,
         dtype,

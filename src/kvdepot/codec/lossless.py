@@ -35,7 +35,13 @@ class LosslessCodec:
     def decode_into(self, header: ChunkHeader, payload: memoryview, out: np.ndarray) -> None:
         width = header.dtype.itemsize
         try:
-            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=out.nbytes)
+            # The frame states its size; check it before zstd allocates that much.
+            claimed = zstandard.frame_content_size(payload)
+            if claimed != out.nbytes:
+                raise CorruptChunk(f"lossless frame claims {claimed} bytes, expected {out.nbytes}")
+            raw = zstandard.ZstdDecompressor().decompress(
+                payload, max_output_size=out.nbytes, allow_extra_data=False
+            )
         except zstandard.ZstdError as exc:
             raise CorruptChunk(f"lossless payload does not decompress: {exc}") from None
         if len(raw) != out.nbytes:
