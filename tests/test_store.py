@@ -231,3 +231,48 @@ def test_unusable_disk_path_runs_without_disk_tier(tmp_path: Path) -> None:
         key = random_key()
         assert store.put([(key, make_chunk(1))]) == 1
         assert store.lookup([key]) == 1
+
+
+def test_promotion_falls_back_to_bytes_when_ram_is_too_small(tmp_path: Path) -> None:
+    store = make_store(tmp_path, ram_slots=1)
+    keys = [random_key() for _ in range(3)]
+    for i, key in enumerate(keys):  # one at a time: RAM holds only the last
+        store.put([(key, make_chunk(i))])
+        store.flush(5)
+    store.memory.clear()
+    with store.read(keys) as blobs:
+        assert [payload(b) for b in blobs] == [
+            payload(chunk_bytes(make_chunk(i))) for i in range(3)
+        ]
+    assert store.memory.usage().num_objects == 1
+    store.close()
+
+
+def test_disk_reads_count_as_disk_hits(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(2)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    store.flush(5)
+    store.memory.clear()
+    with store.read(keys):
+        pass
+    sample = store.metrics.registry.get_sample_value
+    assert sample("kvdepot_tier_ops_total", {"tier": "disk", "op": "get", "outcome": "hit"}) == 2
+    read = sample("kvdepot_tier_bytes_total", {"tier": "disk", "op": "read"})
+    assert read == 2 * make_chunk(0).nbytes
+    store.close()
+
+
+def test_chunks_queued_for_write_back_are_not_evicted_first() -> None:
+    slow = _BlockingTier()
+    memory = MemoryTier(HostBuffer.allocate(2 * SLOT, prefault=False))
+    store = TieredStore(memory, [slow], metrics=Metrics()).start()
+    first, second, third = random_key(), random_key(), random_key()
+    store.put([(first, make_chunk(1))])
+    store.put([(second, make_chunk(2))])
+    assert store.put([(third, make_chunk(3))]) == 0  # RAM is all pinned by write-back
+    slow.release.set()
+    assert store.flush(10)
+    assert slow.stored == [first, second]
+    assert store.put([(third, make_chunk(3))]) == 1  # written down: evictable again
+    store.close()

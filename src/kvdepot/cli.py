@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiers.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
     tiers.add_argument("--total-mib", type=int, default=512, help="KV bytes per measurement")
-    tiers.add_argument("--repeats", type=int, default=5, help="runs per measurement (median)")
+    tiers.add_argument("--repeats", type=int, default=7, help="runs per measurement (median)")
     tiers.add_argument("--disk-dir", type=Path, default=None, help="where the disk test writes")
     tiers.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     tiers.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")

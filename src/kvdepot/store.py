@@ -33,9 +33,9 @@ from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.tiers.arena import HostBuffer
-from kvdepot.tiers.base import Tier, TierUsage
+from kvdepot.tiers.base import ReadsInto, Tier, TierUsage
 from kvdepot.tiers.disk import DiskTier
-from kvdepot.tiers.memory import MemoryTier
+from kvdepot.tiers.memory import Lease, MemoryTier, WriteSlot
 from kvdepot.tiers.policy import make_policy
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class TieredStore:
         self.memory = memory
         self.lower = list(lower)
         self.metrics = metrics if metrics is not None else Metrics()
-        self._queue: queue.Queue[list[ChunkKey] | None] = queue.Queue(
+        self._queue: queue.Queue[Lease | None] = queue.Queue(
             maxsize=max(write_back_queue_chunks, 1)
         )
         self._idle = threading.Condition()
@@ -99,16 +99,11 @@ class TieredStore:
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Whether each key is in any tier."""
-        found = self.memory.contains(keys)
-        for tier in self.lower:
-            missing = [i for i, hit in enumerate(found) if not hit]
-            if not missing:
-                break
-            for i, hit in zip(
-                missing, self._safe_contains(tier, [keys[i] for i in missing]), strict=True
-            ):
-                found[i] = hit
-        return found
+        in_ram = self.memory.contains(keys)
+        if all(in_ram) or not self.lower:
+            return in_ram
+        below = self._contains_lower(keys)
+        return [a or b for a, b in zip(in_ram, below, strict=True)]
 
     def lookup(self, keys: Sequence[ChunkKey]) -> int:
         """Length of the leading run of `keys` (one chain, head first) present in any tier."""
@@ -118,76 +113,124 @@ class TieredStore:
     def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
         """Blobs of the leading run of hits of `keys` (one chain, head first).
 
-        The blobs are validated; RAM-tier blobs are views pinned until the block exits.
+        The blobs are validated. Chunks found below RAM are promoted into it first; blobs
+        that live in RAM are views pinned until the block exits.
         """
-        with self.memory.read(keys) as views:
+        with contextlib.ExitStack() as stack:
+            views = stack.enter_context(self.memory.read(keys))
             num_ram = _leading([v is not None for v in views])
             blobs: list[memoryview | bytes] = [v for v in views[:num_ram] if v is not None]
-            if num_ram < len(keys) and self.lower:
-                blobs.extend(self._read_lower(keys[num_ram:]))
+            rest = keys[num_ram:]
+            if rest and self.lower:
+                fetched = self._fetch_lower(rest[: _leading(self._contains_lower(rest))])
+                promoted = [key for key, blob in zip(rest, fetched, strict=False) if blob is None]
+                pinned = iter(stack.enter_context(self.memory.read(promoted, record=False)))
+                for blob in fetched:
+                    view = next(pinned) if blob is None else blob
+                    if view is None:
+                        break  # evicted between promotion and pinning: the run ends here
+                    blobs.append(view)
             yield blobs
 
-    def _read_lower(self, keys: Sequence[ChunkKey]) -> list[bytes]:
-        found: list[bytes | None] = [None] * len(keys)
-        source = [-1] * len(keys)
-        for level, tier in enumerate(self.lower):
-            upto = _leading([b is not None for b in found])
-            missing = [i for i in range(upto, len(keys)) if found[i] is None]
+    def _contains_lower(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = [False] * len(keys)
+        for tier in self.lower:
+            missing = [i for i, hit in enumerate(found) if not hit]
             if not missing:
                 break
-            for i, blob in zip(
-                missing, self._safe_get(tier, [keys[i] for i in missing]), strict=True
-            ):
-                if blob is not None:
-                    found[i], source[i] = blob, level
-        num_hits = _leading([b is not None for b in found])
-        hits = [b for b in found[:num_hits] if b is not None]
-        self._promote(keys[:num_hits], hits)
-        return hits
+            hits = self._safe_contains(tier, [keys[i] for i in missing])
+            for i, hit in zip(missing, hits, strict=True):
+                found[i] = hit
+        return found
 
-    def _promote(self, keys: Sequence[ChunkKey], blobs: Sequence[bytes]) -> None:
-        items = []
-        for key, blob in zip(keys, blobs, strict=True):
-            header, payload = open_blob(blob, verify=False)
-            items.append((key, EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))))
-        if items:
-            self.memory.put(items)
+    def _fetch_lower(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        """Fetch `keys` (believed present below RAM) and promote them into RAM.
+
+        Returns, for the leading run fetched: None for a chunk now in RAM, the blob itself
+        for one RAM had no room for. Stops at the first chunk no tier could deliver.
+        """
+        out: list[bytes | None] = []
+        slots: list[WriteSlot] = []
+        for key in keys:
+            for tier in self.lower:
+                got = self._promote_one(tier, key)
+                if got is not None:
+                    break
+            else:
+                break
+            if isinstance(got, WriteSlot):
+                slots.append(got)
+                out.append(None)
+            else:
+                out.append(got)
+        self.memory.commit(slots)
+        return out
+
+    def _promote_one(self, tier: Tier, key: ChunkKey) -> WriteSlot | bytes | None:
+        """One chunk from `tier` in a RAM slot (or its bytes if RAM has no room); None: miss."""
+        try:
+            if isinstance(tier, ReadsInto):
+                (size,) = tier.blob_sizes([key])
+                slot = None if size is None else self.memory.reserve(key, size)
+                if slot is not None:
+                    if tier.read_into(key, slot.buffer):
+                        return slot
+                    self.memory.abort(slot)
+                    return None
+            (blob,) = tier.get([key])
+        except Exception as exc:
+            self._log.warning(f"get-{tier.name}", "tier %s read failed: %s", tier.name, exc)
+            return None
+        if blob is None:
+            return None
+        header, payload = open_blob(blob, verify=False)
+        chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
+        slot = self.memory.reserve(key, chunk.nbytes)
+        if slot is None:
+            return blob
+        chunk.write_into(slot.buffer)
+        return slot
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
-        """Store chunks (one chain, head first) in RAM and queue their write-back."""
+        """Store chunks (one chain, head first) in RAM and queue their write-back.
+
+        Queued chunks stay pinned in RAM until written down, so a busy RAM tier cannot
+        evict them first; the queue bound caps what is pinned that way.
+        """
         num_stored = self.memory.put(items)
         if self.lower and items:
-            keys = [key for key, _ in items]
+            lease = self.memory.pin([key for key, _ in items])
             with self._idle:
                 self._num_queued += 1
             try:
-                self._queue.put_nowait(keys)
+                self._queue.put_nowait(lease)
             except queue.Full:
+                self.memory.release(lease)
                 self._done_one()
-                self.metrics.dropped_writes.labels("queue_full").inc(len(keys))
+                self.metrics.dropped_writes.labels("queue_full").inc(len(lease.keys))
                 self._log.warning(
-                    "queue_full", "write-back queue full, dropped %d chunks", len(keys)
+                    "queue_full", "write-back queue full, dropped %d chunks", len(lease.keys)
                 )
         return num_stored
 
     def _write_back_loop(self) -> None:
-        while (keys := self._queue.get()) is not _STOP:
+        while (lease := self._queue.get()) is not _STOP:
             try:
-                self._write_back(keys)
+                self._write_back(lease.keys)
             except Exception:
                 logger.exception("write-back failed")
             finally:
+                self.memory.release(lease)
                 self._done_one()
 
     def _write_back(self, keys: list[ChunkKey]) -> None:
         with self.memory.read(keys, record=False) as views:
             items = []
             for key, view in zip(keys, views, strict=True):
-                if view is None:
-                    self.metrics.dropped_writes.labels("evicted_before_write_back").inc()
-                    continue
-                header, payload = open_blob(view, verify=False)
-                items.append((key, EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))))
+                if view is not None:  # pinned since put: only a delete/clear removes it
+                    header, payload = open_blob(view, verify=False)
+                    chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
+                    items.append((key, chunk))
             for tier in self.lower:
                 try:
                     tier.put(items)
@@ -212,13 +255,6 @@ class TieredStore:
                 f"contains-{tier.name}", "tier %s contains failed: %s", tier.name, exc
             )
             return [False] * len(keys)
-
-    def _safe_get(self, tier: Tier, keys: list[ChunkKey]) -> list[bytes | None]:
-        try:
-            return tier.get(keys)
-        except Exception as exc:
-            self._log.warning(f"get-{tier.name}", "tier %s get failed: %s", tier.name, exc)
-            return [None] * len(keys)
 
     def clear(self) -> None:
         """Drop every chunk from every tier (after pending write-backs)."""

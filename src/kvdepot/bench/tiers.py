@@ -3,8 +3,9 @@
 Every figure is a ratio to a limit measured in the same run on the same bytes:
 - RAM store / retrieve (through `CacheEngine`, from and into a torch tensor) vs
   `numpy.copyto` of the same bytes into already-touched memory;
-- disk write (with fsync) and cold read (page cache dropped) vs plain files of the same sizes
-  written and read the same way;
+- disk write (with fsync) vs plain files of the same sizes written and fsynced the same way;
+- disk cold read (page cache dropped) through the store, which verifies each chunk and
+  promotes it into the RAM tier, vs plain reads of the same files into touched memory;
 - `lookup` latency per chunk for a 32-chunk prompt, all chunks cached in RAM.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvdepot.bench.timing import format_table, gbps, median_seconds
+from kvdepot.bench.timing import format_table, gbps, median_seconds, paired_seconds
 from kvdepot.codec import RawCodec, encode_chunk
 from kvdepot.engine import CacheEngine, as_numpy_bits
 from kvdepot.keys import CacheNamespace, ChunkKey, HashAlgorithm, chunk_keys
@@ -73,17 +74,24 @@ def bench_ram(name: str, layout: KVLayout, total_bytes: int, repeats: int) -> li
     out = torch.empty_like(kv)
     out.fill_(0)
     src, dst = as_numpy_bits(kv), as_numpy_bits(out)
-    copy_s = median_seconds(lambda: np.copyto(dst, src), repeats)
-    store_s = median_seconds(lambda: engine.store(tokens, kv), repeats, setup=engine.backend.clear)
+
+    def copy() -> None:
+        np.copyto(dst, src)
+
+    copy_s, store_s, store_ratio = paired_seconds(
+        copy, lambda: engine.store(tokens, kv), repeats, ours_setup=engine.backend.clear
+    )
     engine.store(tokens, kv)
-    retrieve_s = median_seconds(lambda: engine.retrieve(tokens, out=out), repeats)
+    copy2_s, retrieve_s, retrieve_ratio = paired_seconds(
+        copy, lambda: engine.retrieve(tokens, out=out), repeats
+    )
     assert torch.equal(out, kv), "retrieve returned different KV"
     engine.backend.close()
-    limit = gbps(nbytes, copy_s)
     return [
-        Result(name, "RAM store", gbps(nbytes, store_s), limit, "GB/s", copy_s / store_s, ">= 0.8"),
-        Result(name, "RAM retrieve", gbps(nbytes, retrieve_s), limit, "GB/s",
-               copy_s / retrieve_s, ">= 0.8"),
+        Result(name, "RAM store", gbps(nbytes, store_s), gbps(nbytes, copy_s), "GB/s",
+               store_ratio, ">= 0.8"),
+        Result(name, "RAM retrieve", gbps(nbytes, retrieve_s), gbps(nbytes, copy2_s), "GB/s",
+               retrieve_ratio, ">= 0.8"),
     ]  # fmt: skip
 
 
@@ -106,9 +114,14 @@ def _plain_write(paths: list[Path], blobs: list[bytes]) -> None:
             os.close(fd)
 
 
-def _plain_read(paths: list[Path]) -> None:
+def _plain_read(paths: list[Path], into: memoryview) -> None:
+    """Read each file into consecutive parts of `into` (memory already touched)."""
+    offset = 0
     for path in paths:
-        path.read_bytes()
+        with open(path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            file.readinto(into[offset : offset + size])
+            offset += size
 
 
 def bench_disk(
@@ -141,19 +154,37 @@ def bench_disk(
             tier.close()
         holder[:] = [fresh_tier()]
 
-    plain_w = median_seconds(lambda: _plain_write(paths, blobs), repeats)
-    tier_w = median_seconds(lambda: holder[0].put(items), repeats, setup=setup_write)
+    plain_w, tier_w, write_ratio = paired_seconds(
+        lambda: _plain_write(paths, blobs), lambda: holder[0].put(items), repeats,
+        ours_setup=setup_write,
+    )  # fmt: skip
     tier = holder[0]
     tier_files = list(tier_dir.rglob("*.kvc"))
-    plain_r = median_seconds(lambda: _plain_read(paths), repeats, setup=lambda: _drop_cache(paths))
-    tier_r = median_seconds(lambda: tier.get(keys), repeats, setup=lambda: _drop_cache(tier_files))
-    assert all(b is not None for b in tier.get(keys)), "disk tier lost chunks"
-    tier.close()
+    # Cold read = the store's real path: disk file -> verified -> RAM-tier slot (promotion),
+    # against plain reads of the same files into already-touched memory.
+    memory = MemoryTier(HostBuffer.allocate(nbytes + (len(keys) + 1) * 64, prefault=True))
+    store = TieredStore(memory, [tier])
+    plain_buffer = HostBuffer.allocate(nbytes, prefault=True)
+
+    def cold() -> None:
+        memory.clear()
+        _drop_cache(tier_files)
+
+    def read_all() -> None:
+        with store.read(keys) as blobs:
+            assert len(blobs) == len(keys), "disk tier lost chunks"
+
+    plain_r, tier_r, read_ratio = paired_seconds(
+        lambda: _plain_read(paths, plain_buffer.view), read_all, repeats,
+        limit_setup=lambda: _drop_cache(paths), ours_setup=cold,
+    )  # fmt: skip
+    store.close()
+    plain_buffer.close()
     return [
         Result(name, "disk write+fsync", gbps(nbytes, tier_w), gbps(nbytes, plain_w), "GB/s",
-               plain_w / tier_w, ">= 0.8"),
-        Result(name, "disk cold read", gbps(nbytes, tier_r), gbps(nbytes, plain_r), "GB/s",
-               plain_r / tier_r, ">= 0.8"),
+               write_ratio, ">= 0.8"),
+        Result(name, "disk cold read->RAM", gbps(nbytes, tier_r), gbps(nbytes, plain_r), "GB/s",
+               read_ratio, ">= 0.8"),
     ]  # fmt: skip
 
 

@@ -21,6 +21,27 @@ def median_seconds(
     return statistics.median(samples)
 
 
+def paired_seconds(
+    limit: Callable[[], object],
+    ours: Callable[[], object],
+    repeats: int,
+    *,
+    limit_setup: Callable[[], object] | None = None,
+    ours_setup: Callable[[], object] | None = None,
+) -> tuple[float, float, float]:
+    """Median seconds of `limit` and `ours`, and the median of their per-pair ratios.
+
+    The two alternate (limit, ours, limit, ours, ...), so slow drifts of a shared machine
+    (other tenants, the host's disk cache) hit both sides alike.
+    """
+    limit_s, ours_s, ratios = [], [], []
+    for _ in range(repeats):
+        limit_s.append(median_seconds(limit, 1, limit_setup))
+        ours_s.append(median_seconds(ours, 1, ours_setup))
+        ratios.append(limit_s[-1] / ours_s[-1])
+    return statistics.median(limit_s), statistics.median(ours_s), statistics.median(ratios)
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 

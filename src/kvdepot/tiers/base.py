@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kvdepot.codec.format import EncodedChunk
 from kvdepot.keys import ChunkKey
@@ -61,4 +61,22 @@ class Tier(Protocol):
 
     def close(self) -> None:
         """Release resources; the tier is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class ReadsInto(Protocol):
+    """Optional tier capability: read a blob straight into caller-owned memory.
+
+    The store uses it to promote a chunk into a RAM-tier slot with no intermediate buffer
+    (fresh allocations are slow to fill, and a staging copy costs a pass over the bytes).
+    """
+
+    def blob_sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Stored blob length of each key, None for a miss."""
+        ...
+
+    def read_into(self, key: ChunkKey, buffer: memoryview) -> bool:
+        """Fill `buffer` (exactly the blob's length) with the validated blob; False on a miss
+        or a corrupt chunk (deleted and counted, as in `get`)."""
         ...

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import threading
@@ -142,7 +143,7 @@ class DiskTier:
         with self._lock:
             entries = [self._index.get(key) for key in keys]
         blobs = [
-            None if entry is None else self._read(key, entry)
+            None if entry is None else _as_bytes(self._read(key, entry))
             for key, entry in zip(keys, entries, strict=True)
         ]
         hits = [key for key, blob in zip(keys, blobs, strict=True) if blob is not None]
@@ -153,6 +154,25 @@ class DiskTier:
         self._metrics.bytes("read", sum(len(blob) for blob in blobs if blob is not None))
         self._metrics.latency("get", time.perf_counter() - start)
         return blobs
+
+    def blob_sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        with self._lock:
+            entries = [self._index.get(key) for key in keys]
+        return [None if entry is None else entry.nbytes for entry in entries]
+
+    def read_into(self, key: ChunkKey, buffer: memoryview) -> bool:
+        start = time.perf_counter()
+        with self._lock:
+            entry = self._index.get(key)
+        is_hit = entry is not None and self._read(key, entry, buffer) is not None
+        if is_hit:
+            with self._lock:
+                if key in self._index:
+                    self._policy.touch([key])
+        self._metrics.op("get", "hit" if is_hit else "miss")
+        self._metrics.bytes("read", len(buffer) if is_hit else 0)
+        self._metrics.latency("get", time.perf_counter() - start)
+        return is_hit
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
         start = time.perf_counter()
@@ -225,11 +245,14 @@ class DiskTier:
                     continue
                 yield stat.st_mtime_ns, ChunkKey(namespace, ChunkHash(chunk_hash)), stat.st_size
 
-    def _read(self, key: ChunkKey, entry: _Entry) -> bytes | None:
+    def _read(
+        self, key: ChunkKey, entry: _Entry, into: memoryview | None = None
+    ) -> bytes | memoryview | None:
+        """The validated blob, read into `into` when given (it must be the blob's length)."""
         path = self._path(key)
         try:
-            with open(path, "rb") as file:
-                data = file.read()
+            with open(path, "rb", buffering=0) as file:
+                data = file.read() if into is None else _read_exactly(file, into)
             open_blob(data, verify=True)
         except FileNotFoundError:
             self._forget(key, entry)
@@ -386,6 +409,24 @@ def _parse_hex(text: str) -> bytes | None:
     if len(text) != _KEY_PART_HEX_CHARS or text.strip("0123456789abcdef"):
         return None
     return bytes.fromhex(text)
+
+
+def _as_bytes(blob: bytes | memoryview | None) -> bytes | None:
+    return blob if blob is None or isinstance(blob, bytes) else bytes(blob)
+
+
+def _read_exactly(file: io.FileIO, buffer: memoryview) -> memoryview:
+    """Fill `buffer` from `file`; CorruptChunk if the file is shorter or longer."""
+    view = buffer.cast("B")
+    filled = 0
+    while filled < len(view):
+        num_read = file.readinto(view[filled:])
+        if not num_read:
+            raise CorruptChunk(f"file ended after {filled} of {len(view)} bytes (torn write?)")
+        filled += num_read
+    if file.read(1):
+        raise CorruptChunk(f"file is longer than its indexed {len(view)} bytes")
+    return view
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

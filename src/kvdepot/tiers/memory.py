@@ -32,12 +32,29 @@ from kvdepot.tiers.policy import EvictionPolicy, PrefixAwarePolicy
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class WriteSlot:
+    """Reserved, not yet visible room for one chunk: write the blob into `buffer`."""
+
+    key: ChunkKey
+    offset: int
+    buffer: memoryview
+
+
 @dataclass(slots=True)
 class _Entry:
     offset: int
     nbytes: int
     pins: int = 0
     is_deleted: bool = False
+
+
+@dataclass(slots=True)
+class Lease:
+    """Pins on chunks, taken by `MemoryTier.pin` and given back by `MemoryTier.release`."""
+
+    keys: list[ChunkKey]
+    entries: list[_Entry]
 
 
 class MemoryTier:
@@ -77,29 +94,37 @@ class MemoryTier:
                 such as write-back pass False.
         """
         start = time.perf_counter()
-        pinned: list[_Entry] = []
-        views: list[memoryview | None] = []
-        with self._lock:
-            for key in keys:
-                entry = self._entries.get(key)
-                if entry is None:
-                    views.append(None)
-                    continue
-                entry.pins += 1
-                pinned.append(entry)
-                views.append(self._buffer.view[entry.offset : entry.offset + entry.nbytes])
-            if record:
-                self._policy.touch([k for k, v in zip(keys, views, strict=True) if v is not None])
+        lease = self.pin(keys)
+        found = dict(zip(lease.keys, lease.entries, strict=True))
+        views = [
+            None if (e := found.get(key)) is None else self._slice(e.offset, e.nbytes)
+            for key in keys
+        ]
         if record:
+            with self._lock:
+                self._policy.touch([key for key in lease.keys if key in self._entries])
             self._record_read(views, time.perf_counter() - start)
         try:
             yield views
         finally:
-            with self._lock:
-                for entry in pinned:
-                    entry.pins -= 1
-                    if entry.is_deleted and entry.pins == 0:
-                        self._arena.free(entry.offset, entry.nbytes)
+            self.release(lease)
+
+    def pin(self, keys: Sequence[ChunkKey]) -> Lease:
+        """Pin the present `keys` until `release`; the lease names the keys pinned."""
+        with self._lock:
+            pinned = [(key, self._entries[key]) for key in keys if key in self._entries]
+            for _, entry in pinned:
+                entry.pins += 1
+        return Lease([key for key, _ in pinned], [entry for _, entry in pinned])
+
+    def release(self, lease: Lease) -> None:
+        """Drop a lease's pins; a chunk deleted while pinned is freed at its last pin."""
+        with self._lock:
+            for entry in lease.entries:
+                entry.pins -= 1
+                if entry.is_deleted and entry.pins == 0:
+                    self._arena.free(entry.offset, entry.nbytes)
+            lease.entries.clear()
 
     def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
         with self.read(keys) as views:
@@ -107,30 +132,49 @@ class MemoryTier:
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
         start = time.perf_counter()
-        num_stored = 0
-        for key, chunk in items:
-            offset, is_present = self._reserve(key, chunk.nbytes)
-            if offset is None:
-                num_stored += is_present
-                continue
-            try:
-                chunk.write_into(self._buffer.view[offset : offset + chunk.nbytes])
-            except BaseException:
-                with self._lock:
-                    self._pending.discard(key)
-                    self._arena.free(offset, chunk.nbytes)
-                raise
-            with self._lock:
-                self._pending.discard(key)
-                self._entries[key] = _Entry(offset, chunk.nbytes)
-            self._metrics.bytes("write", chunk.nbytes)
-            num_stored += 1
-        with self._lock:
-            self._policy.touch([key for key, _ in items if key in self._entries])
-            self._publish_usage()
-        self._metrics.op("put", "ok", num_stored)
+        slots: list[WriteSlot] = []
+        num_present = 0
+        try:
+            for key, chunk in items:
+                offset, is_present = self._reserve(key, chunk.nbytes)
+                num_present += is_present
+                if offset is not None:
+                    slots.append(WriteSlot(key, offset, self._slice(offset, chunk.nbytes)))
+                    chunk.write_into(slots[-1].buffer)
+        except BaseException:
+            for slot in slots:
+                self.abort(slot)
+            raise
+        self.commit(slots, touch=[key for key, _ in items])
         self._metrics.latency("put", time.perf_counter() - start)
-        return num_stored
+        return num_present + len(slots)
+
+    def reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | None:
+        """Room for a new chunk, invisible until `commit`; None if `key` is stored or being
+        written, or if no room can be made. Write exactly `nbytes` into `slot.buffer`."""
+        offset, _ = self._reserve(key, nbytes)
+        return None if offset is None else WriteSlot(key, offset, self._slice(offset, nbytes))
+
+    def commit(self, slots: Sequence[WriteSlot], touch: Sequence[ChunkKey] = ()) -> None:
+        """Make reserved chunks visible; `touch` (default: their keys) sets eviction order."""
+        with self._lock:
+            for slot in slots:
+                self._pending.discard(slot.key)
+                self._entries[slot.key] = _Entry(slot.offset, len(slot.buffer))
+            order = touch or [slot.key for slot in slots]
+            self._policy.touch([key for key in order if key in self._entries])
+            self._publish_usage()
+        self._metrics.op("put", "ok", len(slots))
+        self._metrics.bytes("write", sum(len(slot.buffer) for slot in slots))
+
+    def abort(self, slot: WriteSlot) -> None:
+        """Give back a reserved slot that will not be committed."""
+        with self._lock:
+            self._pending.discard(slot.key)
+            self._arena.free(slot.offset, len(slot.buffer))
+
+    def _slice(self, offset: int, nbytes: int) -> memoryview:
+        return self._buffer.view[offset : offset + nbytes]
 
     def _reserve(self, key: ChunkKey, nbytes: int) -> tuple[int | None, bool]:
         """(offset for a new chunk or None, whether the key is already stored or pending).
