@@ -177,3 +177,14 @@ def test_undecodable_chunk_is_served_as_a_shorter_prefix(
     out = engine.retrieve(tokens)
     assert out.shape[2] == CHUNK
     assert torch.equal(out, kv[:, :, :CHUNK])
+
+
+def test_store_with_kv_start_offset(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(4 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv[:, :, : 2 * CHUNK])
+    assert engine.store(tokens, kv[:, :, 2 * CHUNK :], kv_start_token=2 * CHUNK) == 2 * CHUNK
+    assert torch.equal(engine.retrieve(tokens), kv)
+    with pytest.raises(ValueError, match="multiple"):
+        engine.store(tokens, kv[:, :, CHUNK:], kv_start_token=CHUNK // 2)

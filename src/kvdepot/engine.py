@@ -120,20 +120,32 @@ class CacheEngine:
         self.metrics.hit_tokens.inc(num_hit)
         return num_hit
 
-    def store(self, tokens: Tokens, kv: torch.Tensor, *, tenant_salt: bytes = b"") -> int:
+    def store(
+        self,
+        tokens: Tokens,
+        kv: torch.Tensor,
+        *,
+        tenant_salt: bytes = b"",
+        kv_start_token: int = 0,
+    ) -> int:
         """Store the KV of every full chunk of `tokens` not yet cached; returns tokens written.
 
         Args:
             tokens: the prompt (or prompt + output) token ids, from the start.
             kv: `[num_layers, 2, num_kv_tokens, num_kv_heads, head_dim]`, the KV of
-                tokens[:num_kv_tokens]; chunks beyond `num_kv_tokens` are not stored.
+                `tokens[kv_start_token : kv_start_token + num_kv_tokens]`; chunks not wholly
+                inside that range are not stored.
+            kv_start_token: first token `kv` covers; a multiple of the chunk size, so a caller
+                that loaded a cached prefix can pass only the KV it computed.
         """
         self._check_kv(kv)
-        num_tokens = min(len(tokens), kv.shape[2])
-        keys = self.chunk_keys(tokens[:num_tokens], tenant_salt)
+        c = self.chunk_size_tokens
+        if kv_start_token % c or kv_start_token < 0:
+            raise ValueError(f"kv_start_token {kv_start_token} is not a multiple of {c}")
+        num_tokens = min(len(tokens), kv_start_token + kv.shape[2])
+        keys = self.chunk_keys(tokens[:num_tokens], tenant_salt)[kv_start_token // c :]
         present = self.backend.contains(keys)
         bits = as_numpy_bits(kv.detach().cpu())
-        c = self.chunk_size_tokens
         items = [
             (key, encode_chunk(bits[:, :, i * c : (i + 1) * c], self.layout.dtype, self.codec))
             for i, (key, is_present) in enumerate(zip(keys, present, strict=True))

@@ -1,0 +1,291 @@
+"""Hugging Face transformers integration: generation that reuses cached prompt prefixes.
+
+Runs in the process that holds the model. For each request `KVDepotGenerator.generate`:
+1. looks up the longest cached prefix of the prompt (whole chunks, always leaving at least
+   the last prompt token to compute, so the model produces the first token's logits);
+2. builds the model's cache object (`DynamicCache`) from the stored chunks;
+3. lets `model.generate` prefill only the uncached suffix and decode as usual;
+4. stores the chunks the request completed (prompt, and generated tokens by default) that
+   the cache did not hold yet.
+
+Invariants: greedy outputs equal plain `model.generate` (the KV is bit-exact and the model's
+own code computes the suffix); a cache failure of any kind (lookup, retrieve, cache build,
+store) is logged and the request runs as a full prefill, never fails because of kvdepot.
+Supports decoder-only models whose layers all use full attention and one KV tensor pair per
+layer (Llama, Mistral, Qwen2, SmolLM2, ...); batch size 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from kvdepot.engine import CacheEngine, as_numpy_bits, dtype_from_torch
+from kvdepot.errors import ConfigError, KVDepotError
+from kvdepot.keys import HashAlgorithm
+from kvdepot.layout import KVLayout
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.store import ChunkStore
+
+try:
+    from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "kvdepot.connectors.transformers needs transformers: pip install 'kvdepot[transformers]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "dtype")
+_SAMPLE_ELEMENTS = 4096
+
+
+def model_layout(model: PreTrainedModel) -> KVLayout:
+    """The KV layout of `model`'s cache; ConfigError for architectures not supported."""
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise ConfigError(f"{config.model_type}: only full-attention layers are supported")
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return KVLayout(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        dtype=dtype_from_torch(model.dtype),
+    )
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Identity of the weights: config (minus paths and versions) + samples of every tensor.
+
+    Two loads of the same weights agree, wherever they were loaded from; a fine-tune, another
+    model or another dtype differs.
+    """
+    config = model.config.to_dict()
+    for key in _VOLATILE_CONFIG_KEYS:
+        config.pop(key, None)
+    digest = hashlib.blake2b(
+        json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16
+    )
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
+        for part in (flat[:_SAMPLE_ELEMENTS], flat[-_SAMPLE_ELEMENTS:]):
+            digest.update(as_numpy_bits(part.cpu().contiguous()).tobytes())
+    return f"{model.config.model_type}:{digest.hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """One request's outcome.
+
+    Attributes:
+        token_ids: the generated tokens (prompt excluded).
+        num_prompt_tokens: prompt length.
+        num_cached_tokens: prompt tokens whose KV came from kvdepot.
+        num_stored_tokens: tokens whose KV this request added to the cache.
+        ttft_s: from the call to the first token's logits (lookup and load included).
+        total_s: the whole call, storing included.
+        fallback_reason: why the cache was bypassed, None if it was used.
+    """
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_stored_tokens: int
+    ttft_s: float
+    total_s: float
+    fallback_reason: str | None = None
+
+
+class _FirstTokenClock(LogitsProcessor):
+    """Records when the first token's logits exist (called once per generated token)."""
+
+    def __init__(self) -> None:
+        self.first_s: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first_s is None:
+            self.first_s = time.perf_counter()
+        return scores
+
+
+class KVDepotGenerator:
+    """Wraps a causal LM so that `generate` reuses and fills a kvdepot cache."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        engine: CacheEngine,
+        *,
+        store_generated: bool = True,
+    ) -> None:
+        self.model = model
+        self.engine = engine
+        self.store_generated = store_generated
+        self._log = RateLimitedLog(logger)
+        self._kv_buffer: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(
+        cls,
+        model: PreTrainedModel,
+        store: ChunkStore,
+        *,
+        chunk_size_tokens: int = 256,
+        hash_algorithm: HashAlgorithm = HashAlgorithm.BLAKE2B_128,
+        store_generated: bool = True,
+    ) -> KVDepotGenerator:
+        """A generator with a cache engine keyed by `model`'s fingerprint and layout."""
+        engine = CacheEngine(
+            store,
+            model_layout(model),
+            model_fingerprint(model),
+            chunk_size_tokens=chunk_size_tokens,
+            hash_algorithm=hash_algorithm,
+        )
+        return cls(model, engine, store_generated=store_generated)
+
+    def generate(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        *,
+        max_new_tokens: int = 32,
+        generation_config: GenerationConfig | None = None,
+        tenant_salt: bytes = b"",
+        use_cache: bool = True,
+    ) -> GenerationResult:
+        """Generate from one prompt, reusing and then extending the cache.
+
+        Args:
+            input_ids: the prompt's token ids (a list or a `[T]`/`[1, T]` tensor).
+            max_new_tokens: tokens to generate at most.
+            generation_config: passed to `model.generate` (greedy when None).
+            tenant_salt: cache isolation between tenants.
+            use_cache: False skips the lookup (a cold, full prefill) but still stores.
+        """
+        start = time.perf_counter()
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        num_prompt = ids.shape[1]
+        reason: str | None = None if use_cache else "lookup disabled"
+        num_cached, cache = 0, None
+        if use_cache:
+            try:
+                num_cached, cache = self._load_prefix(ids[0], tenant_salt)
+            except Exception as exc:
+                reason = f"cache load failed: {exc}"
+                self._log.warning("load", "kvdepot: %s; running a full prefill", reason)
+                num_cached, cache = 0, None
+        clock = _FirstTokenClock()
+        try:
+            output, cache = self._generate(ids, cache, clock, max_new_tokens, generation_config)
+        except Exception as exc:
+            if num_cached == 0:
+                raise
+            reason = f"generation on cached KV failed: {exc}"
+            self._log.warning("generate", "kvdepot: %s; retrying with a full prefill", reason)
+            num_cached, clock = 0, _FirstTokenClock()
+            output, cache = self._generate(ids, None, clock, max_new_tokens, generation_config)
+        ttft_s = (clock.first_s or time.perf_counter()) - start
+        num_stored = self._store(output, cache, num_prompt, num_cached, tenant_salt)
+        return GenerationResult(
+            token_ids=output[num_prompt:].tolist(),
+            num_prompt_tokens=num_prompt,
+            num_cached_tokens=num_cached,
+            num_stored_tokens=num_stored,
+            ttft_s=ttft_s,
+            total_s=time.perf_counter() - start,
+            fallback_reason=reason,
+        )
+
+    def _load_prefix(
+        self, ids: torch.Tensor, tenant_salt: bytes
+    ) -> tuple[int, DynamicCache | None]:
+        """(tokens loaded, cache holding them); at least the last prompt token stays uncached."""
+        c = self.engine.chunk_size_tokens
+        num_hit = self.engine.lookup(ids, tenant_salt=tenant_salt)  # counts the whole prompt
+        usable = min(num_hit, (ids.shape[0] - 1) // c * c)
+        if usable == 0:
+            return 0, None
+        kv = self.engine.retrieve(ids[:usable], tenant_salt=tenant_salt, out=self._buffer(usable))
+        num_cached = kv.shape[2]
+        if num_cached == 0:
+            return 0, None
+        layers = [
+            (kv[i, 0].permute(1, 0, 2).unsqueeze(0), kv[i, 1].permute(1, 0, 2).unsqueeze(0))
+            for i in range(kv.shape[0])
+        ]
+        return num_cached, DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _buffer(self, num_tokens: int) -> torch.Tensor:
+        """A reused CPU tensor with room for `num_tokens` (fresh memory is slow to fill)."""
+        layout = self.engine.layout
+        if self._kv_buffer is None or self._kv_buffer.shape[2] < num_tokens:
+            self._kv_buffer = torch.empty(
+                layout.chunk_shape(num_tokens), dtype=self.model.dtype, device="cpu"
+            )
+        return self._kv_buffer
+
+    def _generate(
+        self,
+        ids: torch.Tensor,
+        cache: DynamicCache | None,
+        clock: _FirstTokenClock,
+        max_new_tokens: int,
+        generation_config: GenerationConfig | None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        device = self.model.device
+        with torch.inference_mode():
+            generate = cast(Any, self.model).generate  # nn.Module typing hides it
+            output = generate(
+                ids.to(device),
+                attention_mask=torch.ones_like(ids, device=device),
+                past_key_values=cache,
+                max_new_tokens=max_new_tokens,
+                generation_config=generation_config,
+                do_sample=False if generation_config is None else None,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+        return output[0].cpu(), cache
+
+    def _store(
+        self,
+        output: torch.Tensor,
+        cache: DynamicCache,
+        num_prompt: int,
+        num_cached: int,
+        tenant_salt: bytes,
+    ) -> int:
+        """Store the chunks this request computed; failures are logged, never raised."""
+        num_kv = cache.get_seq_length() if self.store_generated else num_prompt
+        c = self.engine.chunk_size_tokens
+        end = num_kv // c * c
+        if end <= num_cached:
+            return 0
+        try:
+            kv = torch.stack([torch.stack(_layer_kv(layer)) for layer in cache.layers])
+            kv = kv[:, :, :, num_cached:end].permute(0, 1, 3, 2, 4)
+            return self.engine.store(
+                output[:end], kv.cpu(), tenant_salt=tenant_salt, kv_start_token=num_cached
+            )
+        except (KVDepotError, RuntimeError, ValueError) as exc:
+            self._log.warning("store", "kvdepot: storing KV failed, request unaffected: %s", exc)
+            return 0
+
+
+def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of batch item 0 of one cache layer, each `[H, T, D]`."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise KVDepotError(f"cache layer {type(layer).__name__} holds no key/value tensors")
+    return keys[0], values[0]

