@@ -57,11 +57,29 @@ def test_round_trip_is_bit_exact(store: TieredStore, dtype: torch.dtype) -> None
     tokens = list(range(100, 100 + 3 * CHUNK + 5))
     kv = kv_for(engine, len(tokens))
     assert engine.lookup(tokens) == 0
-    assert engine.store(tokens, kv) == 3 * CHUNK  # the partial chunk is not stored
-    assert engine.lookup(tokens) == 3 * CHUNK
+    assert engine.store(tokens, kv) == len(tokens)  # 3 chunks and the 5-token tail
+    assert engine.lookup(tokens) == len(tokens)
     out = engine.retrieve(tokens)
-    assert out.dtype == dtype and out.shape == engine.layout.chunk_shape(3 * CHUNK)
-    assert torch.equal(out, kv[:, :, : 3 * CHUNK])
+    assert out.dtype == dtype and out.shape == engine.layout.chunk_shape(len(tokens))
+    assert torch.equal(out, kv)
+
+
+def test_partial_tail_serves_only_the_exact_same_tokens(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(2 * CHUNK + 5))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    assert engine.lookup(tokens) == len(tokens)
+    assert engine.lookup([*tokens, 99]) == 2 * CHUNK  # longer prompt: the tail differs
+    assert engine.lookup(tokens[:-1]) == 2 * CHUNK  # shorter tail: no match either
+    assert torch.equal(engine.retrieve([*tokens, 99]), kv[:, :, : 2 * CHUNK])
+
+
+def test_store_partial_false_keeps_only_whole_chunks(store: TieredStore) -> None:
+    engine = make_engine(store)
+    tokens = list(range(2 * CHUNK + 5))
+    assert engine.store(tokens, kv_for(engine, len(tokens)), store_partial=False) == 2 * CHUNK
+    assert engine.lookup(tokens) == 2 * CHUNK
 
 
 def test_prefix_semantics(store: TieredStore) -> None:
@@ -89,7 +107,8 @@ def test_kv_shorter_than_tokens_stores_what_it_covers(store: TieredStore) -> Non
     engine = make_engine(store)
     tokens = list(range(4 * CHUNK))
     kv = kv_for(engine, 2 * CHUNK + 3)
-    assert engine.store(tokens, kv) == 2 * CHUNK
+    assert engine.store(tokens, kv, store_partial=False) == 2 * CHUNK
+    assert engine.lookup(tokens) == 2 * CHUNK
 
 
 def test_tenant_salt_isolates(store: TieredStore) -> None:
@@ -150,7 +169,7 @@ def test_hit_rate_counts_tokens(store: TieredStore) -> None:
     engine.store(tokens, kv_for(engine, len(tokens)))
     engine.lookup(tokens)
     looked_up = 2 * len(tokens)
-    assert engine.metrics.hit_rate() == pytest.approx(2 * CHUNK / looked_up)
+    assert engine.metrics.hit_rate() == pytest.approx(len(tokens) / looked_up)
     text = engine.metrics.render().decode()
     assert f"kvdepot_engine_lookup_tokens_total {float(looked_up)}" in text
 

@@ -83,9 +83,9 @@ def test_real_model_greedy_outputs_identical(
     aligned = prompt_ids[:768]  # a whole number of chunks: the last chunk must be recomputed
     partial = prompt_ids[:300] + prompt_ids[300:][::-1]  # shares one chunk with `full`
     cases = [  # prompt, tokens cached on its first and on its second request
-        (full, 0, len(full) // 256 * 256),  # miss, then a full hit
-        (aligned, 512, 512),  # prefix of `full`: hit at once
-        (partial, 256, 768),  # one chunk shared with `full`, then its own
+        (full, 0, len(full) - 1),  # miss, then all but the last token
+        (aligned, 767, 767),  # whole chunks of `full`: hit at once
+        (partial, 256, len(partial) - 1),  # one chunk shared with `full`, then its own
     ]
     for ids, first_cached, second_cached in cases:
         reference = plain_generate(model, ids, 12)
@@ -162,7 +162,9 @@ def test_generated_tokens_are_stored_for_the_next_turn(store: TieredStore) -> No
     generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
     prompt = list(range(10, 50))  # 40 tokens: 2 full chunks
     first = generator.generate(prompt, max_new_tokens=30)
-    assert first.num_stored_tokens == 64  # 40 + 30 - 1 = 69 KV tokens: 4 chunks
+    # The prompt (2 chunks + an 8-token tail), then the whole chunks of prompt + output:
+    # 40 + 30 - 1 = 69 KV tokens hold 4 whole chunks, 2 of them new.
+    assert first.num_stored_tokens == 40 + 32
     next_turn = prompt + first.token_ids + [7, 8, 9]
     second = generator.generate(next_turn, max_new_tokens=5)
     assert second.num_cached_tokens == 64
@@ -175,7 +177,7 @@ def test_tenant_salt_isolates_generations(store: TieredStore) -> None:
     generator.generate(prompt, max_new_tokens=2, tenant_salt=b"alice")
     assert generator.generate(prompt, max_new_tokens=2, tenant_salt=b"bob").num_cached_tokens == 0
     hit = generator.generate(prompt, max_new_tokens=2, tenant_salt=b"alice")
-    assert hit.num_cached_tokens == 48
+    assert hit.num_cached_tokens == len(prompt) - 1
 
 
 def test_store_failure_leaves_generation_intact(
@@ -200,4 +202,4 @@ def test_use_cache_false_is_a_cold_prefill_that_still_stores(store: TieredStore)
     generator.generate(prompt, max_new_tokens=1)
     cold = generator.generate(prompt, max_new_tokens=1, use_cache=False)
     assert cold.num_cached_tokens == 0 and cold.fallback_reason == "lookup disabled"
-    assert generator.generate(prompt, max_new_tokens=1).num_cached_tokens == 32
+    assert generator.generate(prompt, max_new_tokens=1).num_cached_tokens == len(prompt) - 1

@@ -106,16 +106,24 @@ class CacheEngine:
                 self._namespaces[tenant_salt] = ns
             return ns
 
-    def chunk_keys(self, tokens: Tokens, tenant_salt: bytes = b"") -> list[ChunkKey]:
-        """Keys of every full chunk of `tokens`, head first."""
+    def chunk_keys(
+        self, tokens: Tokens, tenant_salt: bytes = b"", *, include_partial: bool = False
+    ) -> list[ChunkKey]:
+        """Keys of every full chunk of `tokens` (and of its partial tail, if asked), head first."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
         ns = self.namespace(tenant_salt)
-        return [ChunkKey(ns.digest, h) for h in chunk_hashes(tokens, self.chunk_size_tokens, ns)]
+        hashes = chunk_hashes(tokens, self.chunk_size_tokens, ns, include_partial=include_partial)
+        return [ChunkKey(ns.digest, h) for h in hashes]
 
     def lookup(self, tokens: Tokens, *, tenant_salt: bytes = b"") -> int:
-        """Number of leading tokens of `tokens` whose KV is cached (a multiple of the chunk)."""
-        num_hit = self.backend.lookup(self.chunk_keys(tokens, tenant_salt)) * self.chunk_size_tokens
+        """Number of leading tokens of `tokens` whose KV is cached.
+
+        Whole chunks, plus the partial tail when exactly this tail was stored before (the
+        same prompt again); so the answer is a multiple of the chunk size or `len(tokens)`.
+        """
+        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True)
+        num_hit = min(self.backend.lookup(keys) * self.chunk_size_tokens, len(tokens))
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
         return num_hit
@@ -127,8 +135,9 @@ class CacheEngine:
         *,
         tenant_salt: bytes = b"",
         kv_start_token: int = 0,
+        store_partial: bool = True,
     ) -> int:
-        """Store the KV of every full chunk of `tokens` not yet cached; returns tokens written.
+        """Store the KV of every chunk of `tokens` not yet cached; returns tokens written.
 
         Args:
             tokens: the prompt (or prompt + output) token ids, from the start.
@@ -137,22 +146,27 @@ class CacheEngine:
                 inside that range are not stored.
             kv_start_token: first token `kv` covers; a multiple of the chunk size, so a caller
                 that loaded a cached prefix can pass only the KV it computed.
+            store_partial: also store the trailing partial chunk of `tokens` (reused only by
+                a request with exactly these tokens, e.g. the same prompt again).
         """
         self._check_kv(kv)
         c = self.chunk_size_tokens
         if kv_start_token % c or kv_start_token < 0:
             raise ValueError(f"kv_start_token {kv_start_token} is not a multiple of {c}")
         num_tokens = min(len(tokens), kv_start_token + kv.shape[2])
-        keys = self.chunk_keys(tokens[:num_tokens], tenant_salt)[kv_start_token // c :]
+        keys = self.chunk_keys(tokens[:num_tokens], tenant_salt, include_partial=store_partial)
+        first = kv_start_token // c
+        keys = keys[first:]
         present = self.backend.contains(keys)
         bits = as_numpy_bits(kv.detach().cpu())
-        items = [
-            (key, encode_chunk(bits[:, :, i * c : (i + 1) * c], self.layout.dtype, self.codec))
-            for i, (key, is_present) in enumerate(zip(keys, present, strict=True))
-            if not is_present
-        ]
+        items = []
+        num_written = 0
+        for i, (key, is_present) in enumerate(zip(keys, present, strict=True)):
+            if not is_present:
+                chunk = bits[:, :, i * c : min((i + 1) * c, num_tokens - kv_start_token)]
+                items.append((key, encode_chunk(chunk, self.layout.dtype, self.codec)))
+                num_written += chunk.shape[2]
         self.backend.put(items)
-        num_written = len(items) * c
         self.metrics.stored_tokens.inc(num_written)
         return num_written
 
@@ -163,16 +177,18 @@ class CacheEngine:
         tenant_salt: bytes = b"",
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """KV of the leading cached chunks of `tokens`: `[L, 2, num_hit_tokens, H, D]`.
+        """KV of the leading cached tokens of `tokens` (as `lookup` counts them).
+
+        Returns `[L, 2, num_hit_tokens, H, D]`.
 
         Args:
-            out: optional CPU tensor with room for all of `tokens`' chunks (reused memory is
-                much faster to fill than fresh memory); the result is a view of it.
+            out: optional CPU tensor with room for all of `tokens` (reused memory is much
+                faster to fill than fresh memory); the result is a view of it.
         """
-        keys = self.chunk_keys(tokens, tenant_salt)
+        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True)
         c = self.chunk_size_tokens
         with self.backend.read(keys) as blobs:
-            num_hit = len(blobs) * c
+            num_hit = min(len(blobs) * c, len(tokens))
             if out is None:
                 out = torch.empty(
                     self.layout.chunk_shape(num_hit), dtype=torch_dtype(self.layout.dtype)
@@ -183,14 +199,11 @@ class CacheEngine:
                     raise LayoutMismatch("out must be a CPU tensor; copy to the device after")
             bits = as_numpy_bits(out)
             for i, blob in enumerate(blobs):
+                span = bits[:, :, i * c : min((i + 1) * c, num_hit)]
                 try:
-                    decode_chunk_into(
-                        blob, bits[:, :, i * c : (i + 1) * c], self.registry, verify=False
-                    )
+                    decode_chunk_into(blob, span, self.registry, verify=False)
                 except CorruptChunk as exc:
-                    self._log.warning(
-                        "decode", "chunk %d of a prefix unusable, served as miss: %s", i, exc
-                    )
+                    self._log.warning("decode", "chunk %d unusable, served as a miss: %s", i, exc)
                     num_hit = i * c
                     break
         self.metrics.retrieved_tokens.inc(num_hit)

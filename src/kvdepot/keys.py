@@ -6,6 +6,8 @@ Pure functions and value types, used in every process. Invariants:
   the installed engine version.
 - Prefix chunks chain: `h_0 = H(version, salt, fingerprint)` and `h_i = H(h_{i-1}, tokens of
   chunk i as little-endian int32)`, so chunk i's key stands for the whole prefix up to it.
+  A prompt's trailing partial chunk may get `H(h_prev, PARTIAL_TAG, its tokens)`: an exact
+  match only, the end of a chain.
 - Everything that makes KV incompatible (model, layout, shard rank, salt, algorithm, version)
   goes into the key's namespace digest, so two namespaces never share a key.
 """
@@ -26,6 +28,9 @@ from kvdepot.errors import ConfigError
 
 HASH_VERSION = 1
 """Bump when the hashing scheme changes; old keys then simply stop matching."""
+
+PARTIAL_TAG = b"\x00kvdepot-partial-chunk"
+"""Domain separator of partial-chunk hashes (a full chunk's input never starts with it)."""
 
 ChunkHash = NewType("ChunkHash", bytes)
 """16-byte chained hash of a token prefix (or of a segment's own tokens)."""
@@ -153,14 +158,18 @@ def chunk_hashes(
     namespace: CacheNamespace,
     *,
     parent: ChunkHash | None = None,
+    include_partial: bool = False,
 ) -> list[ChunkHash]:
-    """Chained hashes of every full chunk of `tokens`; a trailing partial chunk gets none.
+    """Chained hashes of every full chunk of `tokens`, and optionally of the partial tail.
 
     Args:
         tokens: the token ids, from the start of the prompt (or of a segment).
         chunk_size_tokens: tokens per chunk.
         namespace: decides h_0 and the hash function.
         parent: chain from this hash instead of the namespace root (segments, resumptions).
+        include_partial: when `tokens` does not end on a chunk boundary, append the hash of
+            the trailing partial chunk, `H(h_prev, PARTIAL_TAG, tail tokens)`: it matches only
+            the exact same tail, and no chunk ever chains from it.
     """
     if chunk_size_tokens <= 0:
         raise ConfigError(f"chunk_size_tokens must be positive, got {chunk_size_tokens}")
@@ -169,9 +178,12 @@ def chunk_hashes(
     digest = namespace.algorithm.digest
     prev = namespace.root_hash() if parent is None else parent
     out: list[ChunkHash] = []
-    for start in range(0, len(raw) - step + 1, step):
+    num_full_bytes = len(raw) - len(raw) % step
+    for start in range(0, num_full_bytes, step):
         prev = ChunkHash(digest(prev, raw[start : start + step]))
         out.append(prev)
+    if include_partial and num_full_bytes < len(raw):
+        out.append(ChunkHash(digest(prev, PARTIAL_TAG, raw[num_full_bytes:])))
     return out
 
 

@@ -1,8 +1,9 @@
 """Hugging Face transformers integration: generation that reuses cached prompt prefixes.
 
 Runs in the process that holds the model. For each request `KVDepotGenerator.generate`:
-1. looks up the longest cached prefix of the prompt (whole chunks, always leaving at least
-   the last prompt token to compute, so the model produces the first token's logits);
+1. looks up the longest cached prefix of the prompt (whole chunks, or the whole prompt when
+   the same prompt was seen before), and always leaves the last prompt token to compute, so
+   the model produces the first token's logits;
 2. builds the model's cache object (`DynamicCache`) from the stored chunks;
 3. lets `model.generate` prefill only the uncached suffix and decode as usual;
 4. stores the chunks the request completed (prompt, and generated tokens by default) that
@@ -210,16 +211,19 @@ class KVDepotGenerator:
     def _load_prefix(
         self, ids: torch.Tensor, tenant_salt: bytes
     ) -> tuple[int, DynamicCache | None]:
-        """(tokens loaded, cache holding them); at least the last prompt token stays uncached."""
-        c = self.engine.chunk_size_tokens
+        """(tokens loaded, cache holding them); the last prompt token is always recomputed.
+
+        A full hit (the same prompt again) loads every token but the last: KV of token i
+        depends only on tokens up to i, so a cached chunk can be cut anywhere.
+        """
         num_hit = self.engine.lookup(ids, tenant_salt=tenant_salt)  # counts the whole prompt
-        usable = min(num_hit, (ids.shape[0] - 1) // c * c)
-        if usable == 0:
+        if min(num_hit, ids.shape[0] - 1) <= 0:
             return 0, None
-        kv = self.engine.retrieve(ids[:usable], tenant_salt=tenant_salt, out=self._buffer(usable))
-        num_cached = kv.shape[2]
-        if num_cached == 0:
+        kv = self.engine.retrieve(ids, tenant_salt=tenant_salt, out=self._buffer(ids.shape[0]))
+        num_cached = min(kv.shape[2], ids.shape[0] - 1)
+        if num_cached <= 0:
             return 0, None
+        kv = kv[:, :, :num_cached]
         layers = [
             (kv[i, 0].permute(1, 0, 2).unsqueeze(0), kv[i, 1].permute(1, 0, 2).unsqueeze(0))
             for i in range(kv.shape[0])
@@ -266,18 +270,28 @@ class KVDepotGenerator:
         num_cached: int,
         tenant_salt: bytes,
     ) -> int:
-        """Store the chunks this request computed; failures are logged, never raised."""
-        num_kv = cache.get_seq_length() if self.store_generated else num_prompt
+        """Store what this request computed; failures are logged, never raised.
+
+        The prompt goes in with its partial tail (the same prompt again then recomputes one
+        token); generated tokens go in as whole chunks only, for the next turn of a chat.
+        """
         c = self.engine.chunk_size_tokens
-        end = num_kv // c * c
-        if end <= num_cached:
+        start = num_cached // c * c
+        num_kv = cache.get_seq_length() if self.store_generated else num_prompt
+        if num_kv <= start:
             return 0
         try:
             kv = torch.stack([torch.stack(_layer_kv(layer)) for layer in cache.layers])
-            kv = kv[:, :, :, num_cached:end].permute(0, 1, 3, 2, 4)
-            return self.engine.store(
-                output[:end], kv.cpu(), tenant_salt=tenant_salt, kv_start_token=num_cached
+            kv = kv[:, :, :, start:num_kv].permute(0, 1, 3, 2, 4).cpu()
+            num_stored = self.engine.store(
+                output[:num_prompt], kv, tenant_salt=tenant_salt, kv_start_token=start
             )
+            if num_kv > num_prompt:
+                num_stored += self.engine.store(
+                    output[:num_kv], kv, tenant_salt=tenant_salt, kv_start_token=start,
+                    store_partial=False,
+                )  # fmt: skip
+            return num_stored
         except (KVDepotError, RuntimeError, ValueError) as exc:
             self._log.warning("store", "kvdepot: storing KV failed, request unaffected: %s", exc)
             return 0
