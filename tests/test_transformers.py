@@ -203,3 +203,36 @@ def test_use_cache_false_is_a_cold_prefill_that_still_stores(store: TieredStore)
     cold = generator.generate(prompt, max_new_tokens=1, use_cache=False)
     assert cold.num_cached_tokens == 0 and cold.fallback_reason == "lookup disabled"
     assert generator.generate(prompt, max_new_tokens=1).num_cached_tokens == len(prompt) - 1
+
+
+def test_entries_of_another_model_with_the_same_layout_are_never_used(
+    store: TieredStore,
+) -> None:
+    a = KVDepotGenerator.for_model(tiny_llama(0), store, chunk_size_tokens=16)
+    b_model = tiny_llama(1)
+    b = KVDepotGenerator.for_model(b_model, store, chunk_size_tokens=16)
+    assert a.engine.layout == b.engine.layout
+    prompt = list(range(9, 60))
+    a.generate(prompt, max_new_tokens=2)
+    result = b.generate(prompt, max_new_tokens=4)
+    assert result.num_cached_tokens == 0
+    assert result.token_ids == plain_generate(b_model, prompt, 4)
+
+
+def test_lookup_failure_falls_back_to_full_prefill(
+    store: TieredStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+    prompt = list(range(5, 45))
+    generator.generate(prompt, max_new_tokens=1)
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise OSError("injected: daemon gone")
+
+    monkeypatch.setattr(generator.engine, "lookup", broken)
+    with caplog.at_level(logging.WARNING, logger="kvdepot"):
+        result = generator.generate(prompt, max_new_tokens=6)
+    assert result.token_ids == plain_generate(model, prompt, 6)
+    assert result.num_cached_tokens == 0
+    assert "injected" in caplog.text

@@ -92,6 +92,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from kvdepot.bench import ttft
+    from kvdepot.connectors.model import prepare_model
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    results = ttft.run(prepare_model(args.model_dir), lengths, args.repeats)
+    print(ttft.report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvdepot",
@@ -138,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiers.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     tiers.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
     tiers.set_defaults(func=_cmd_bench_tiers)
+    ttft = benches.add_parser(
+        "ttft", help="TTFT on the real model: cold, warm RAM, warm disk, vs copy+decode limit"
+    )
+    ttft.add_argument("--lengths", default="1024,2048,4096,8000", help="prompt lengths")
+    ttft.add_argument("--repeats", type=int, default=4, help="warm runs per length (median)")
+    ttft.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
+    ttft.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    ttft.set_defaults(func=_cmd_bench_ttft)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""`kvdepot bench ttft`: time to first token on the real model, cold vs warm, vs the limit.
+
+Runs in the caller's process, on CPU, with SmolLM2-135M-Instruct in fp32 (this CPU has no
+bf16 instructions). For each prompt length, one run measures:
+- cold: a full prefill (`use_cache=False`; its KV is stored on the way);
+- warm RAM: the same prompt again, every token but the last loaded from the RAM tier;
+- warm disk: the RAM tier emptied and the disk files dropped from the page cache first;
+- the limit: copying the same KV bytes in memory (`numpy.copyto`, touched buffers) plus one
+  decode step of the model over a cache of that length. No cache can load faster than a
+  copy, nor answer before the model has run once.
+Goals at 4K tokens: warm RAM <= 1/10 of cold, and <= 2x the limit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from kvdepot.bench.timing import format_table
+from kvdepot.config import load_config
+from kvdepot.store import open_store
+from kvdepot.workloads import make_document
+
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8000)
+
+
+@dataclass(frozen=True, slots=True)
+class TTFTResult:
+    num_tokens: int
+    cold_s: float
+    warm_ram_s: float
+    warm_disk_s: float
+    limit_s: float
+    copy_s: float
+    kv_mib: float
+
+    @property
+    def warm_vs_cold(self) -> float:
+        return self.warm_ram_s / self.cold_s
+
+    @property
+    def warm_vs_limit(self) -> float:
+        return self.warm_ram_s / self.limit_s
+
+
+def _prompt(tokenizer: Any, num_tokens: int) -> list[int]:
+    text = make_document(seed=11, num_products=max(4, num_tokens // 250)).text
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) < num_tokens:
+        raise ValueError(f"document too short: {len(ids)} < {num_tokens} tokens")
+    return ids[:num_tokens]
+
+
+def _drop_page_cache(root: Path) -> None:
+    for path in root.rglob("*.kvc"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _limit_s(model: Any, ids: list[int], kv_nbytes: int, repeats: int) -> tuple[float, float]:
+    """(copy + one decode step, copy alone) for a cache of len(ids) - 1 tokens."""
+    from transformers import DynamicCache
+
+    src = np.ones(kv_nbytes, dtype=np.uint8)
+    dst = np.zeros(kv_nbytes, dtype=np.uint8)
+    copies, steps = [], []
+    with torch.inference_mode():
+        prefix = model(torch.tensor([ids[:-1]]), use_cache=True).past_key_values
+        layers = [(layer.keys, layer.values) for layer in prefix.layers]
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.copyto(dst, src)
+            copies.append(time.perf_counter() - start)
+            cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+            start = time.perf_counter()
+            model(torch.tensor([ids[-1:]]), past_key_values=cache, use_cache=True)
+            steps.append(time.perf_counter() - start)
+    copy_s = statistics.median(copies)
+    return copy_s + statistics.median(steps), copy_s
+
+
+def run(
+    model_dir: Path, lengths: list[int], repeats: int, work_dir: Path | None = None
+) -> list[TTFTResult]:
+    """Measure every prompt length; returns the results (printed by `report`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvdepot.connectors.transformers import KVDepotGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, local_files_only=True
+    )
+    model.train(False)
+    root = Path(tempfile.mkdtemp(prefix="kvdepot-ttft-", dir=work_dir))
+    results = []
+    try:
+        config = load_config(
+            overrides={"memory.capacity_bytes": "2GiB", "disk.path": str(root / "disk")}
+        )
+        with open_store(config) as store:
+            generator = KVDepotGenerator.for_model(model, store, store_generated=False)
+            for num_tokens in lengths:
+                ids = _prompt(tokenizer, num_tokens)
+
+                def ttft(use_cache: bool, ids: list[int] = ids) -> float:
+                    result = generator.generate(ids, max_new_tokens=1, use_cache=use_cache)
+                    expected = len(ids) - 1 if use_cache else 0
+                    assert result.num_cached_tokens == expected, result
+                    return result.ttft_s
+
+                cold = [ttft(False) for _ in range(max(1, repeats // 2))]
+                store.flush()
+                warm_ram = [ttft(True) for _ in range(repeats)]
+                warm_disk = []
+                for _ in range(repeats):
+                    store.memory.clear()
+                    _drop_page_cache(root / "disk")
+                    warm_disk.append(ttft(True))
+                kv_nbytes = generator.engine.layout.bytes_per_token * (num_tokens - 1)
+                limit_s, copy_s = _limit_s(model, ids, kv_nbytes, repeats)
+                results.append(
+                    TTFTResult(
+                        num_tokens,
+                        statistics.median(cold),
+                        statistics.median(warm_ram),
+                        statistics.median(warm_disk),
+                        limit_s,
+                        copy_s,
+                        kv_nbytes / 2**20,
+                    )
+                )
+                store.clear()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def report(results: list[TTFTResult]) -> str:
+    rows = [
+        (r.num_tokens, r.kv_mib, r.cold_s, r.warm_ram_s, r.warm_disk_s, r.limit_s,
+         f"1/{1 / r.warm_vs_cold:.0f}", f"{r.warm_vs_limit:.2f}x")
+        for r in results
+    ]  # fmt: skip
+    header = ["tokens", "KV MiB", "cold s", "warm RAM s", "warm disk s", "limit s",
+              "RAM/cold", "RAM/limit"]  # fmt: skip
+    lines = [
+        f"kvdepot bench ttft | SmolLM2-135M fp32 | CPU {os.cpu_count()} cores | "
+        f"torch {torch.__version__} | {torch.get_num_threads()} threads",
+        format_table(header, cast(list[list[object]], [list(r) for r in rows])),
+        "limit = numpy copy of the KV bytes + one decode step over the cache; "
+        "warm disk = RAM emptied and page cache dropped",
+    ]
+    at_4k = [r for r in results if r.num_tokens == 4096]
+    for r in at_4k:
+        met_cold = r.warm_vs_cold <= 0.1
+        met_limit = r.warm_vs_limit <= 2.0
+        lines.append(
+            f"goals at 4096 tokens: warm RAM <= 1/10 cold: {'met' if met_cold else 'MISSED'}"
+            f" (1/{1 / r.warm_vs_cold:.0f}); warm RAM <= 2x limit: "
+            f"{'met' if met_limit else 'MISSED'} ({r.warm_vs_limit:.2f}x)"
+        )
+    return "\n".join(lines)
