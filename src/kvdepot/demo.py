@@ -189,7 +189,7 @@ def report(result: DemoResult) -> str:
         lines.append(f"  median TTFT warm disk {disk_s:.2f} s")
     lines += [
         f"  prefill time saved    {sum(cold_s) - sum(warm_s):.1f} s of {sum(cold_s):.1f} s",
-        f"  token hit rate        {result.hit_rate:.1%} (hit tokens / looked-up tokens)",
+        f"  token hit rate        {result.hit_rate:.1%} of looked-up tokens (warm passes)",
         f"  warm answers = cold   {same}/{len(cold)} (greedy decoding)",
         *(f"  tier {line}" for line in result.usage_lines),
         f"  first answer          {cold[0].answer[:100]!r}",
