@@ -196,6 +196,11 @@ def test_undecodable_chunk_is_served_as_a_shorter_prefix(
     out = engine.retrieve(tokens)
     assert out.shape[2] == CHUNK
     assert torch.equal(out, kv[:, :, :CHUNK])
+    # The unusable chunk is deleted: a miss from now on, so it can be stored afresh.
+    assert engine.lookup(tokens) == CHUNK
+    monkeypatch.setattr(engine_module, "decode_chunk_into", real)
+    assert engine.store(tokens, kv) == CHUNK
+    assert torch.equal(engine.retrieve(tokens), kv)
 
 
 def test_store_with_kv_start_offset(store: TieredStore) -> None:
@@ -207,3 +212,21 @@ def test_store_with_kv_start_offset(store: TieredStore) -> None:
     assert torch.equal(engine.retrieve(tokens), kv)
     with pytest.raises(ValueError, match="multiple"):
         engine.store(tokens, kv[:, :, CHUNK:], kv_start_token=CHUNK // 2)
+
+
+def test_store_counts_only_what_the_store_holds() -> None:
+    layout = LAYOUTS[torch.float32]
+    chunk_nbytes = layout.bytes_per_token * CHUNK + 64
+    small = TieredStore(
+        MemoryTier(HostBuffer.allocate(2 * chunk_nbytes + 128, prefault=False)), metrics=Metrics()
+    )
+    engine = CacheEngine(small, layout, "test-model", chunk_size_tokens=CHUNK)
+    tokens = list(range(4 * CHUNK))
+    engine.store(tokens[:CHUNK], kv_for(engine, CHUNK))
+    with small.read(engine.chunk_keys(tokens[:CHUNK])):  # pin chunk 0: 1 free slot left
+        written = engine.store(tokens, kv_for(engine, len(tokens)))
+    assert written == CHUNK
+    assert engine.metrics.registry.get_sample_value("kvdepot_engine_stored_tokens_total") == (
+        2 * CHUNK
+    )
+    small.close()

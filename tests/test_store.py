@@ -265,14 +265,91 @@ def test_disk_reads_count_as_disk_hits(tmp_path: Path) -> None:
 
 def test_chunks_queued_for_write_back_are_not_evicted_first() -> None:
     slow = _BlockingTier()
-    memory = MemoryTier(HostBuffer.allocate(2 * SLOT, prefault=False))
+    memory = MemoryTier(HostBuffer.allocate(4 * SLOT, prefault=False))
     store = TieredStore(memory, [slow], metrics=Metrics()).start()
-    first, second, third = random_key(), random_key(), random_key()
+    first, second = random_key(), random_key()
     store.put([(first, make_chunk(1))])
-    store.put([(second, make_chunk(2))])
-    assert store.put([(third, make_chunk(3))]) == 0  # RAM is all pinned by write-back
+    store.put([(second, make_chunk(2))])  # queued too: half the RAM may wait for write-back
+    for i in range(6):  # more than RAM holds: evicts, but never what waits for the disk
+        store.put([(random_key(), make_chunk(10 + i))])
+    assert store.memory.contains([first, second]) == [True, True]
+    assert dropped(store, "queue_full") == 6
     slow.release.set()
     assert store.flush(10)
     assert slow.stored == [first, second]
-    assert store.put([(third, make_chunk(3))]) == 1  # written down: evictable again
+    store.close()
+
+
+def test_write_back_queue_counts_chunks_not_batches() -> None:
+    slow = _BlockingTier()
+    memory = MemoryTier(HostBuffer.allocate(64 * SLOT, prefault=False))
+    store = TieredStore(memory, [slow], metrics=Metrics(), write_back_queue_chunks=4).start()
+    store.put([(random_key(), make_chunk(0))])  # taken by the writer, which blocks
+    time.sleep(0.2)
+    store.put([(random_key(), make_chunk(i)) for i in range(1, 4)])  # 1 + 3 chunks: fits
+    store.put([(random_key(), make_chunk(i)) for i in range(4, 6)])  # 6 > 4: dropped
+    assert dropped(store, "queue_full") == 2
+    slow.release.set()
+    assert store.flush(10)
+    assert len(slow.stored) == 4
+    store.close()
+
+
+def test_chunks_ram_cannot_hold_are_counted_as_dropped() -> None:
+    memory = MemoryTier(HostBuffer.allocate(SLOT // 2, prefault=False))
+    store = TieredStore(memory, metrics=Metrics())
+    assert store.put([(random_key(), make_chunk(0))]) == 0
+    assert dropped(store, "ram_full") == 1
+    store.close()
+
+
+class _ExplodingDisk(_BlockingTier):
+    """A tier that claims a chunk, then fails while reading it into RAM: injected."""
+
+    name = "exploding"
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [True] * len(keys)
+
+    def blob_sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        return [make_chunk(0).nbytes] * len(keys)
+
+    def read_into(self, key: ChunkKey, buffer: memoryview) -> bool:
+        raise ConnectionResetError("injected")
+
+
+def test_failed_promotion_leaks_no_ram_and_raises_nothing() -> None:
+    memory = MemoryTier(HostBuffer.allocate(4 * SLOT, prefault=False))
+    store = TieredStore(memory, [_ExplodingDisk()], metrics=Metrics())
+    key = random_key()
+    with store.read([key]) as blobs:
+        assert blobs == []
+    assert store.memory.usage().used_bytes == 0
+    assert store.put([(key, make_chunk(1))]) == 1
+    assert store.memory.contains([key]) == [True]
+    store.close()
+
+
+def test_read_serves_ram_chunks_after_a_gap_without_rereading_them(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(4)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    store.flush(5)
+    store.memory.delete(keys[:1])  # the head only is gone from RAM
+    with store.read(keys) as blobs:
+        assert len(blobs) == 4
+    sample = store.metrics.registry.get_sample_value
+    assert sample("kvdepot_tier_ops_total", {"tier": "disk", "op": "get", "outcome": "hit"}) == 1
+    store.close()
+
+
+def test_reserve_that_can_never_fit_evicts_nothing() -> None:
+    memory = MemoryTier(HostBuffer.allocate(4 * SLOT, prefault=False))
+    store = TieredStore(memory, metrics=Metrics())
+    keys = [random_key() for _ in range(4)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    with store.read(keys[:3]):  # 3 of 4 slots pinned: a 2-slot chunk cannot fit
+        big = make_chunk(7, shape=(2, 2, 16, 2, 4))
+        assert store.put([(random_key(), big)]) == 0
+        assert store.memory.contains(keys) == [True] * 4
     store.close()

@@ -21,7 +21,7 @@ from kvdepot.connectors.transformers import (
     model_fingerprint,
     model_layout,
 )
-from kvdepot.errors import StorageError
+from kvdepot.errors import ConfigError, StorageError
 from kvdepot.layout import DType
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
@@ -187,7 +187,7 @@ def test_store_failure_leaves_generation_intact(
     generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
 
     def broken(*args: object, **kwargs: object) -> int:
-        raise StorageError("injected")
+        raise ConnectionResetError("injected: daemon gone")
 
     monkeypatch.setattr(generator.engine, "store", broken)
     prompt = list(range(5, 45))
@@ -236,3 +236,36 @@ def test_lookup_failure_falls_back_to_full_prefill(
     assert result.token_ids == plain_generate(model, prompt, 6)
     assert result.num_cached_tokens == 0
     assert "injected" in caplog.text
+
+
+def test_sliding_window_models_are_refused() -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="full-attention"):
+        model_layout(MistralForCausalLM(config))
+
+
+def test_fingerprint_sees_an_edit_in_the_middle_of_a_tensor() -> None:
+    model = tiny_llama(0)
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        weight = model.model.layers[0].mlp.up_proj.weight
+        weight.view(-1)[weight.numel() // 2] += 1.0
+    assert model_fingerprint(model) != before
+
+
+def test_sampling_config_is_respected(store: TieredStore) -> None:
+    from transformers import GenerationConfig
+
+    generator = KVDepotGenerator.for_model(tiny_llama(), store, chunk_size_tokens=16)
+    config = GenerationConfig(do_sample=True, temperature=5.0, top_k=0)
+    outputs = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        result = generator.generate(list(range(5, 30)), max_new_tokens=8, generation_config=config)
+        outputs.add(tuple(result.token_ids))
+    assert len(outputs) > 1

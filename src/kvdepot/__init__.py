@@ -9,8 +9,9 @@ The public API, for embedding in an engine process:
     num_cached = engine.lookup(tokens)
 """
 
+from typing import TYPE_CHECKING
+
 from kvdepot.config import KVDepotConfig, load_config
-from kvdepot.engine import CacheEngine
 from kvdepot.errors import (
     ConfigError,
     CorruptChunk,
@@ -25,7 +26,20 @@ from kvdepot.layout import DType, KVLayout
 from kvdepot.metrics import Metrics
 from kvdepot.store import ChunkStore, TieredStore, open_store
 
+if TYPE_CHECKING:
+    from kvdepot.engine import CacheEngine
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # CacheEngine pulls in torch; the daemon and the CLI's light commands need not.
+    if name == "CacheEngine":
+        from kvdepot.engine import CacheEngine
+
+        return CacheEngine
+    raise AttributeError(f"module 'kvdepot' has no attribute {name!r}")
+
 
 __all__ = [
     "CacheEngine",

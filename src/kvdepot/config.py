@@ -89,8 +89,8 @@ class FieldSpec:
     """One leaf of the config tree, as the CLI and env loader see it."""
 
     path: str  # dotted, e.g. "memory.capacity_bytes"
-    type: Any
-    default: Any
+    type: object
+    default: object
     doc: str
 
     @property
@@ -185,7 +185,7 @@ def _spec(path: str, source: str) -> FieldSpec:
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, object] | None = None,
 ) -> KVDepotConfig:
     """Build the config: defaults < YAML file < `KVDEPOT_*` variables in `env` < `overrides`.
 

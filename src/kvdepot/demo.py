@@ -16,15 +16,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol, cast
 
-from kvdepot.bench.timing import format_table
 from kvdepot.config import KVDepotConfig
+from kvdepot.keys import HashAlgorithm
 from kvdepot.store import open_store
+from kvdepot.tables import format_table
 from kvdepot.workloads import Document, make_document
 
 SYSTEM_PROMPT = "You are a precise assistant. Answer from the handbook, in one short sentence."
 PASSES = ("cold", "warm RAM", "warm disk")
+
+
+class ChatTokenizer(Protocol):
+    """The two tokenizer methods the demo uses (a transformers tokenizer has both)."""
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, str]],
+        *,
+        add_generation_prompt: bool,
+        tokenize: bool,
+        return_dict: bool,
+    ) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool) -> str: ...
 
 
 @dataclass(slots=True)
@@ -60,7 +76,7 @@ def _user(doc: Document, question: str) -> dict[str, str]:
 def run_pass(
     name: str,
     generate: Callable[[list[int], bool], tuple[list[int], int, float]],
-    tokenizer: Any,
+    tokenizer: ChatTokenizer,
     doc: Document,
     chat: list[str],
     qa: list[str],
@@ -126,7 +142,10 @@ def run_demo(
     passes = PASSES if config.disk.path else PASSES[:2]
     with open_store(config) as store:
         generator = KVDepotGenerator.for_model(
-            model, store, chunk_size_tokens=config.chunk_size_tokens
+            model,
+            store,
+            chunk_size_tokens=config.chunk_size_tokens,
+            hash_algorithm=HashAlgorithm(config.hash_algorithm),
         )
 
         def generate(ids: list[int], use_cache: bool) -> tuple[list[int], int, float]:
@@ -140,8 +159,9 @@ def run_demo(
                 before = store.memory.clear if name == "warm disk" else _nothing
                 store.flush()
                 result.records[name] = run_pass(
-                    name, generate, tokenizer, doc, chat, qa, before, lambda: bar.update()
-                )
+                    name, generate, cast(ChatTokenizer, tokenizer), doc, chat, qa, before,
+                    lambda: bar.update(),
+                )  # fmt: skip
         result.hit_rate = store.metrics.hit_rate()
         store.flush()
         for tier, usage in store.usage().items():

@@ -160,13 +160,15 @@ class CacheEngine:
         present = self.backend.contains(keys)
         bits = as_numpy_bits(kv.detach().cpu())
         items = []
-        num_written = 0
         for i, (key, is_present) in enumerate(zip(keys, present, strict=True)):
             if not is_present:
                 chunk = bits[:, :, i * c : min((i + 1) * c, num_tokens - kv_start_token)]
                 items.append((key, encode_chunk(chunk, self.layout.dtype, self.codec)))
-                num_written += chunk.shape[2]
-        self.backend.put(items)
+        num_stored = self.backend.put(items)
+        if num_stored < len(items):  # the store refused some: count only what it holds
+            held = self.backend.contains([key for key, _ in items])
+            items = [item for item, is_held in zip(items, held, strict=True) if is_held]
+        num_written = sum(chunk.header.shape[2] for _, chunk in items)
         self.metrics.stored_tokens.inc(num_written)
         return num_written
 
@@ -187,6 +189,7 @@ class CacheEngine:
         """
         keys = self.chunk_keys(tokens, tenant_salt, include_partial=True)
         c = self.chunk_size_tokens
+        bad_key: ChunkKey | None = None
         with self.backend.read(keys) as blobs:
             num_hit = min(len(blobs) * c, len(tokens))
             if out is None:
@@ -203,9 +206,12 @@ class CacheEngine:
                 try:
                     decode_chunk_into(blob, span, self.registry, verify=False)
                 except CorruptChunk as exc:
-                    self._log.warning("decode", "chunk %d unusable, served as a miss: %s", i, exc)
+                    self._log.warning("decode", "chunk %d unusable, deleted: %s", i, exc)
+                    bad_key = keys[i]
                     num_hit = i * c
                     break
+        if bad_key is not None:
+            self.backend.delete([bad_key])  # a miss from now on, so it can be stored again
         self.metrics.retrieved_tokens.inc(num_hit)
         return out[:, :, :num_hit]
 

@@ -85,8 +85,10 @@ class Metrics:
 
     def hit_rate(self) -> float:
         """Hit tokens / looked-up tokens since start (0.0 before any lookup)."""
-        looked = self.lookup_tokens._value.get()  # noqa: SLF001 (prometheus has no getter)
-        return self.hit_tokens._value.get() / looked if looked else 0.0  # noqa: SLF001
+        sample = self.registry.get_sample_value
+        looked = sample("kvdepot_engine_lookup_tokens_total") or 0.0
+        hit = sample("kvdepot_engine_hit_tokens_total") or 0.0
+        return hit / looked if looked else 0.0
 
 
 @dataclass(slots=True)

@@ -57,6 +57,8 @@ class ChunkStore(Protocol):
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int: ...
 
+    def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
     def flush(self, timeout_s: float = 30.0) -> bool: ...
 
     def clear(self) -> None: ...
@@ -80,11 +82,15 @@ class TieredStore:
         self.memory = memory
         self.lower = list(lower)
         self.metrics = metrics if metrics is not None else Metrics()
-        self._queue: queue.Queue[Lease | None] = queue.Queue(
-            maxsize=max(write_back_queue_chunks, 1)
-        )
+        self._queue: queue.Queue[tuple[Lease, int] | None] = queue.Queue()
+        # Queued chunks stay pinned in RAM: cap them by count and by half of the RAM (an
+        # empty queue takes any batch, so one large request still gets written down).
+        self._max_queued_chunks = max(write_back_queue_chunks, 1)
+        self._max_queued_bytes = memory.usage().capacity_bytes // 2
         self._idle = threading.Condition()
-        self._num_queued = 0
+        self._num_queued = 0  # batches queued or in flight
+        self._queued_chunks = 0
+        self._queued_bytes = 0
         self._writer: threading.Thread | None = None
         self._log = RateLimitedLog(logger)
 
@@ -113,24 +119,45 @@ class TieredStore:
     def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
         """Blobs of the leading run of hits of `keys` (one chain, head first).
 
-        The blobs are validated. Chunks found below RAM are promoted into it first; blobs
-        that live in RAM are views pinned until the block exits.
+        The blobs are validated. A chunk missing from RAM is promoted from the first lower
+        tier that has it; blobs that live in RAM are views pinned until the block exits.
         """
         with contextlib.ExitStack() as stack:
             views = stack.enter_context(self.memory.read(keys))
-            num_ram = _leading([v is not None for v in views])
-            blobs: list[memoryview | bytes] = [v for v in views[:num_ram] if v is not None]
-            rest = keys[num_ram:]
-            if rest and self.lower:
-                fetched = self._fetch_lower(rest[: _leading(self._contains_lower(rest))])
-                promoted = [key for key, blob in zip(rest, fetched, strict=False) if blob is None]
-                pinned = iter(stack.enter_context(self.memory.read(promoted, record=False)))
-                for blob in fetched:
-                    view = next(pinned) if blob is None else blob
-                    if view is None:
-                        break  # evicted between promotion and pinning: the run ends here
+            blobs: list[memoryview | bytes] = []
+            i = 0
+            while i < len(keys):
+                view = views[i]
+                if view is not None:
                     blobs.append(view)
+                    i += 1
+                    continue
+                end = i
+                while end < len(keys) and views[end] is None:
+                    end += 1
+                found = self._read_lower(keys[i:end], stack)
+                blobs += found
+                if len(found) < end - i:
+                    break
+                i = end
             yield blobs
+
+    def _read_lower(
+        self, keys: Sequence[ChunkKey], stack: contextlib.ExitStack
+    ) -> list[memoryview | bytes]:
+        """The leading run of `keys` found below RAM, promoted and pinned where RAM has room."""
+        if not self.lower:
+            return []
+        fetched = self._fetch_lower(keys[: _leading(self._contains_lower(keys))])
+        promoted = [key for key, blob in zip(keys, fetched, strict=False) if blob is None]
+        pinned = iter(stack.enter_context(self.memory.read(promoted, record=False)))
+        out: list[memoryview | bytes] = []
+        for blob in fetched:
+            view = next(pinned) if blob is None else blob
+            if view is None:
+                break  # evicted between promotion and pinning: the run ends here
+            out.append(view)
+        return out
 
     def _contains_lower(self, keys: Sequence[ChunkKey]) -> list[bool]:
         found = [False] * len(keys)
@@ -151,23 +178,28 @@ class TieredStore:
         """
         out: list[bytes | None] = []
         slots: list[WriteSlot] = []
-        for key in keys:
-            for tier in self.lower:
-                got = self._promote_one(tier, key)
-                if got is not None:
+        try:
+            for key in keys:
+                got = next(
+                    (g for t in self.lower if (g := self._promote_one(t, key)) is not None), None
+                )
+                if got is None:
                     break
-            else:
-                break
-            if isinstance(got, WriteSlot):
-                slots.append(got)
-                out.append(None)
-            else:
-                out.append(got)
-        self.memory.commit(slots)
+                if isinstance(got, WriteSlot):
+                    slots.append(got)
+                    out.append(None)
+                else:
+                    out.append(got)
+        finally:
+            self.memory.commit(slots)
         return out
 
     def _promote_one(self, tier: Tier, key: ChunkKey) -> WriteSlot | bytes | None:
-        """One chunk from `tier` in a RAM slot (or its bytes if RAM has no room); None: miss."""
+        """One chunk from `tier` in a RAM slot (or its bytes if RAM has no room); None: miss.
+
+        Never raises: a failing tier is a miss, and a reserved slot is given back on error.
+        """
+        slot: WriteSlot | None = None
         try:
             if isinstance(tier, ReadsInto):
                 (size,) = tier.blob_sizes([key])
@@ -178,50 +210,67 @@ class TieredStore:
                     self.memory.abort(slot)
                     return None
             (blob,) = tier.get([key])
+            if blob is None:
+                return None
+            header, payload = open_blob(blob, verify=False)
+            chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
+            slot = self.memory.reserve(key, chunk.nbytes)
+            if slot is None:
+                return blob
+            chunk.write_into(slot.buffer)
+            return slot
         except Exception as exc:
+            if slot is not None:
+                self.memory.abort(slot)
             self._log.warning(f"get-{tier.name}", "tier %s read failed: %s", tier.name, exc)
             return None
-        if blob is None:
-            return None
-        header, payload = open_blob(blob, verify=False)
-        chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
-        slot = self.memory.reserve(key, chunk.nbytes)
-        if slot is None:
-            return blob
-        chunk.write_into(slot.buffer)
-        return slot
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
         """Store chunks (one chain, head first) in RAM and queue their write-back.
 
-        Queued chunks stay pinned in RAM until written down, so a busy RAM tier cannot
-        evict them first; the queue bound caps what is pinned that way.
+        Chunks queued for write-back stay pinned in RAM until written down, so eviction
+        cannot lose them first; the queue's caps (chunks, and half of the RAM) bound what
+        is pinned that way. Chunks RAM has no room for are dropped and counted.
         """
-        num_stored = self.memory.put(items)
-        if self.lower and items:
-            lease = self.memory.pin([key for key, _ in items])
-            with self._idle:
-                self._num_queued += 1
-            try:
-                self._queue.put_nowait(lease)
-            except queue.Full:
-                self.memory.release(lease)
-                self._done_one()
-                self.metrics.dropped_writes.labels("queue_full").inc(len(lease.keys))
-                self._log.warning(
-                    "queue_full", "write-back queue full, dropped %d chunks", len(lease.keys)
-                )
+        if not self.lower:
+            num_stored = self.memory.put(items)
+        else:
+            num_stored, lease = self.memory.put_pinned(items)
+            self._queue_write_back(lease, {key: chunk.nbytes for key, chunk in items})
+        if num_stored < len(items):
+            self.metrics.dropped_writes.labels("ram_full").inc(len(items) - num_stored)
         return num_stored
 
+    def _queue_write_back(self, lease: Lease, sizes: dict[ChunkKey, int]) -> None:
+        if not lease.keys:
+            return
+        nbytes = sum(sizes[key] for key in lease.keys)
+        with self._idle:
+            fits = self._queued_chunks == 0 or (
+                self._queued_chunks + len(lease.keys) <= self._max_queued_chunks
+                and self._queued_bytes + nbytes <= self._max_queued_bytes
+            )
+            if fits:
+                self._num_queued += 1
+                self._queued_chunks += len(lease.keys)
+                self._queued_bytes += nbytes
+        if fits:
+            self._queue.put((lease, nbytes))
+            return
+        self.memory.release(lease)
+        self.metrics.dropped_writes.labels("queue_full").inc(len(lease.keys))
+        self._log.warning("queue_full", "write-back queue full, dropped %d chunks", len(lease.keys))
+
     def _write_back_loop(self) -> None:
-        while (lease := self._queue.get()) is not _STOP:
+        while (job := self._queue.get()) is not _STOP:
+            lease, nbytes = job
             try:
                 self._write_back(lease.keys)
             except Exception:
                 logger.exception("write-back failed")
             finally:
                 self.memory.release(lease)
-                self._done_one()
+                self._done_one(len(lease.keys), nbytes)
 
     def _write_back(self, keys: list[ChunkKey]) -> None:
         with self.memory.read(keys, record=False) as views:
@@ -237,9 +286,11 @@ class TieredStore:
                 except Exception as exc:
                     self._log.warning(f"put-{tier.name}", "tier %s put failed: %s", tier.name, exc)
 
-    def _done_one(self) -> None:
+    def _done_one(self, num_chunks: int, nbytes: int) -> None:
         with self._idle:
             self._num_queued -= 1
+            self._queued_chunks -= num_chunks
+            self._queued_bytes -= nbytes
             self._idle.notify_all()
 
     def flush(self, timeout_s: float = 30.0) -> bool:
@@ -255,6 +306,17 @@ class TieredStore:
                 f"contains-{tier.name}", "tier %s contains failed: %s", tier.name, exc
             )
             return [False] * len(keys)
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        """Remove `keys` from every tier (e.g. a chunk found unusable)."""
+        self.memory.delete(keys)
+        for tier in self.lower:
+            try:
+                tier.delete(keys)
+            except Exception as exc:
+                self._log.warning(
+                    f"delete-{tier.name}", "tier %s delete failed: %s", tier.name, exc
+                )
 
     def clear(self) -> None:
         """Drop every chunk from every tier (after pending write-backs)."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from kvdepot.tables import format_table
+
+__all__ = ["format_table", "gbps", "median_seconds", "paired_seconds"]
 
 
 def median_seconds(
@@ -44,14 +48,3 @@ def paired_seconds(
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with right-aligned numeric columns."""
-    cells = [[str(h) for h in header]] + [
-        [f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -18,7 +18,6 @@ layer (Llama, Mistral, Qwen2, SmolLM2, ...); batch size 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import xxhash
 
 from kvdepot.engine import CacheEngine, as_numpy_bits, dtype_from_torch
 from kvdepot.errors import ConfigError, KVDepotError
@@ -35,26 +35,28 @@ from kvdepot.logutil import RateLimitedLog
 from kvdepot.store import ChunkStore
 
 try:
-    from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+    from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "kvdepot.connectors.transformers needs transformers: pip install 'kvdepot[transformers]'"
     ) from exc
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, PreTrainedModel
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "dtype")
-_SAMPLE_ELEMENTS = 4096
 
 
 def model_layout(model: PreTrainedModel) -> KVLayout:
     """The KV layout of `model`'s cache; ConfigError for architectures not supported."""
     config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise ConfigError(f"{config.model_type}: only full-attention layers are supported")
+    layer_kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers}
+    if layer_kinds != {"DynamicLayer"}:
+        # Sliding-window (and other) layers keep only recent tokens: their KV is not a prefix.
+        raise ConfigError(
+            f"{config.model_type}: only full-attention caches are supported, got {layer_kinds}"
+        )
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return KVLayout(
@@ -66,22 +68,20 @@ def model_layout(model: PreTrainedModel) -> KVLayout:
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
-    """Identity of the weights: config (minus paths and versions) + samples of every tensor.
+    """Identity of the weights: config (minus paths and versions) + every weight's bytes.
 
-    Two loads of the same weights agree, wherever they were loaded from; a fine-tune, another
-    model or another dtype differs.
+    Two loads of the same weights agree, wherever they were loaded from; a fine-tune, an
+    edited tensor, another model or another dtype differs. Hashes all weights with xxh3
+    (about 0.1 s per GB here); pass an explicit fingerprint to skip it.
     """
     config = model.config.to_dict()
     for key in _VOLATILE_CONFIG_KEYS:
         config.pop(key, None)
-    digest = hashlib.blake2b(
-        json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16
-    )
+    digest = xxhash.xxh3_128(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
         digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
-        for part in (flat[:_SAMPLE_ELEMENTS], flat[-_SAMPLE_ELEMENTS:]):
-            digest.update(as_numpy_bits(part.cpu().contiguous()).tobytes())
+        if tensor.numel():
+            digest.update(as_numpy_bits(tensor.detach().cpu().contiguous().reshape(-1)).data)
     return f"{model.config.model_type}:{digest.hexdigest()}"
 
 
@@ -145,12 +145,18 @@ class KVDepotGenerator:
         chunk_size_tokens: int = 256,
         hash_algorithm: HashAlgorithm = HashAlgorithm.BLAKE2B_128,
         store_generated: bool = True,
+        fingerprint: str | None = None,
     ) -> KVDepotGenerator:
-        """A generator with a cache engine keyed by `model`'s fingerprint and layout."""
+        """A generator with a cache engine keyed by `model`'s fingerprint and layout.
+
+        Args:
+            fingerprint: identity of the weights (e.g. "org/model@revision"); computed from
+                the weights when None.
+        """
         engine = CacheEngine(
             store,
             model_layout(model),
-            model_fingerprint(model),
+            fingerprint if fingerprint is not None else model_fingerprint(model),
             chunk_size_tokens=chunk_size_tokens,
             hash_algorithm=hash_algorithm,
         )
@@ -256,8 +262,7 @@ class KVDepotGenerator:
                 attention_mask=torch.ones_like(ids, device=device),
                 past_key_values=cache,
                 max_new_tokens=max_new_tokens,
-                generation_config=generation_config,
-                do_sample=False if generation_config is None else None,
+                generation_config=generation_config or _greedy(),
                 logits_processor=LogitsProcessorList([clock]),
             )
         return output[0].cpu(), cache
@@ -277,11 +282,11 @@ class KVDepotGenerator:
         """
         c = self.engine.chunk_size_tokens
         start = num_cached // c * c
-        num_kv = cache.get_seq_length() if self.store_generated else num_prompt
-        if num_kv <= start:
-            return 0
         try:
-            kv = torch.stack([torch.stack(_layer_kv(layer)) for layer in cache.layers])
+            num_kv = cache.get_seq_length() if self.store_generated else num_prompt
+            if num_kv <= start:
+                return 0
+            kv = torch.stack([torch.stack(_layer_kv(layer, num_kv)) for layer in cache.layers])
             kv = kv[:, :, :, start:num_kv].permute(0, 1, 3, 2, 4).cpu()
             num_stored = self.engine.store(
                 output[:num_prompt], kv, tenant_salt=tenant_salt, kv_start_token=start
@@ -292,14 +297,21 @@ class KVDepotGenerator:
                     store_partial=False,
                 )  # fmt: skip
             return num_stored
-        except (KVDepotError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # a cache problem must never cost the user the answer
             self._log.warning("store", "kvdepot: storing KV failed, request unaffected: %s", exc)
             return 0
 
 
-def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) of batch item 0 of one cache layer, each `[H, T, D]`."""
+def _layer_kv(layer: object, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of batch item 0 of one cache layer, each `[H, T, D]`; KVDepotError
+    unless the layer holds exactly `num_tokens` positions (a window would shift them)."""
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
         raise KVDepotError(f"cache layer {type(layer).__name__} holds no key/value tensors")
+    if keys.shape[-2] != num_tokens or values.shape[-2] != num_tokens:
+        raise KVDepotError(f"cache layer holds {keys.shape[-2]} positions, not {num_tokens}")
     return keys[0], values[0]
+
+
+def _greedy() -> GenerationConfig:
+    return GenerationConfig(do_sample=False)  # type: ignore[no-untyped-call]

@@ -13,6 +13,7 @@ neighbours, so a fully freed arena is one extent again.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 
 import numpy as np
@@ -35,7 +36,8 @@ class HostBuffer:
     def allocate(cls, capacity_bytes: int, *, prefault: bool = True) -> HostBuffer:
         mapping = mmap.mmap(-1, max(capacity_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
-            mapping.madvise(mmap.MADV_HUGEPAGE)
+            with contextlib.suppress(OSError):  # kernels without transparent huge pages
+                mapping.madvise(mmap.MADV_HUGEPAGE)
         if prefault and capacity_bytes:
             # One write per 4 KiB page faults the whole range in (huge pages make it ~4x faster).
             np.frombuffer(mapping, dtype=np.uint8)[:: mmap.PAGESIZE] = 0

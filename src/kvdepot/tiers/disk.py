@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
-from kvdepot.codec.format import HEADER_NBYTES, EncodedChunk, open_blob
+from kvdepot.codec.format import HEADER_NBYTES, MAX_CHUNK_BYTES, EncodedChunk, open_blob
 from kvdepot.errors import ConfigError, CorruptChunk, TierUnavailable
 from kvdepot.keys import ChunkHash, ChunkKey
 from kvdepot.logutil import RateLimitedLog
@@ -240,7 +240,7 @@ class DiskTier:
                 stat = path.stat()
                 if not S_ISREG(stat.st_mode):
                     continue
-                if stat.st_size < HEADER_NBYTES:
+                if not HEADER_NBYTES <= stat.st_size <= HEADER_NBYTES + MAX_CHUNK_BYTES:
                     path.unlink()
                     continue
                 yield stat.st_mtime_ns, ChunkKey(namespace, ChunkHash(chunk_hash)), stat.st_size
@@ -252,7 +252,7 @@ class DiskTier:
         path = self._path(key)
         try:
             with open(path, "rb", buffering=0) as file:
-                data = file.read() if into is None else _read_exactly(file, into)
+                data = file.read(entry.nbytes + 1) if into is None else _read_exactly(file, into)
             open_blob(data, verify=True)
         except FileNotFoundError:
             self._forget(key, entry)

@@ -76,6 +76,7 @@ class MemoryTier:
         self._lock = threading.Lock()
         self._entries: dict[ChunkKey, _Entry] = {}
         self._pending: set[ChunkKey] = set()
+        self._unpinned_bytes = 0  # arena footprint of visible chunks nobody pins: evictable
         self._log = RateLimitedLog(logger)
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
@@ -112,9 +113,14 @@ class MemoryTier:
     def pin(self, keys: Sequence[ChunkKey]) -> Lease:
         """Pin the present `keys` until `release`; the lease names the keys pinned."""
         with self._lock:
-            pinned = [(key, self._entries[key]) for key in keys if key in self._entries]
-            for _, entry in pinned:
-                entry.pins += 1
+            return self._pin_locked(keys)
+
+    def _pin_locked(self, keys: Sequence[ChunkKey]) -> Lease:
+        pinned = [(key, self._entries[key]) for key in keys if key in self._entries]
+        for _, entry in pinned:
+            if entry.pins == 0:
+                self._unpinned_bytes -= ArenaAllocator.footprint(entry.nbytes)
+            entry.pins += 1
         return Lease([key for key, _ in pinned], [entry for _, entry in pinned])
 
     def release(self, lease: Lease) -> None:
@@ -122,8 +128,11 @@ class MemoryTier:
         with self._lock:
             for entry in lease.entries:
                 entry.pins -= 1
-                if entry.is_deleted and entry.pins == 0:
-                    self._arena.free(entry.offset, entry.nbytes)
+                if entry.pins == 0:
+                    if entry.is_deleted:
+                        self._arena.free(entry.offset, entry.nbytes)
+                    else:
+                        self._unpinned_bytes += ArenaAllocator.footprint(entry.nbytes)
             lease.entries.clear()
 
     def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
@@ -131,6 +140,17 @@ class MemoryTier:
             return [None if v is None else bytes(v) for v in views]
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        num_stored, _ = self._put(items, pin=False)
+        return num_stored
+
+    def put_pinned(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> tuple[int, Lease]:
+        """`put`, and pin every stored key of `items` in the same step (nothing can evict
+        them in between); release the lease when done with them."""
+        return self._put(items, pin=True)
+
+    def _put(
+        self, items: Sequence[tuple[ChunkKey, EncodedChunk]], *, pin: bool
+    ) -> tuple[int, Lease]:
         start = time.perf_counter()
         slots: list[WriteSlot] = []
         num_present = 0
@@ -145,9 +165,10 @@ class MemoryTier:
             for slot in slots:
                 self.abort(slot)
             raise
-        self.commit(slots, touch=[key for key, _ in items])
+        keys = [key for key, _ in items]
+        lease = self.commit(slots, touch=keys, pin=keys if pin else ())
         self._metrics.latency("put", time.perf_counter() - start)
-        return num_present + len(slots)
+        return num_present + len(slots), lease
 
     def reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | None:
         """Room for a new chunk, invisible until `commit`; None if `key` is stored or being
@@ -155,17 +176,30 @@ class MemoryTier:
         offset, _ = self._reserve(key, nbytes)
         return None if offset is None else WriteSlot(key, offset, self._slice(offset, nbytes))
 
-    def commit(self, slots: Sequence[WriteSlot], touch: Sequence[ChunkKey] = ()) -> None:
-        """Make reserved chunks visible; `touch` (default: their keys) sets eviction order."""
+    def commit(
+        self,
+        slots: Sequence[WriteSlot],
+        *,
+        touch: Sequence[ChunkKey] = (),
+        pin: Sequence[ChunkKey] = (),
+    ) -> Lease:
+        """Make reserved chunks visible and pin the present keys of `pin`, atomically.
+
+        `touch` (default: the slots' keys) sets the eviction order. Returns the lease of
+        what was pinned (empty if `pin` is).
+        """
         with self._lock:
             for slot in slots:
                 self._pending.discard(slot.key)
                 self._entries[slot.key] = _Entry(slot.offset, len(slot.buffer))
+                self._unpinned_bytes += ArenaAllocator.footprint(len(slot.buffer))
             order = touch or [slot.key for slot in slots]
             self._policy.touch([key for key in order if key in self._entries])
+            lease = self._pin_locked(pin)
             self._publish_usage()
         self._metrics.op("put", "ok", len(slots))
         self._metrics.bytes("write", sum(len(slot.buffer) for slot in slots))
+        return lease
 
     def abort(self, slot: WriteSlot) -> None:
         """Give back a reserved slot that will not be committed."""
@@ -185,6 +219,11 @@ class MemoryTier:
             if key in self._entries or key in self._pending:
                 return None, True
             offset = self._arena.alloc(nbytes)
+            reachable = self._arena.capacity_bytes - self._arena.used_bytes + self._unpinned_bytes
+            if offset is None and ArenaAllocator.footprint(nbytes) > reachable:
+                # Evicting everything evictable could not make room: evict nothing.
+                self._metrics.op("put", "no_room")
+                return None, False
             num_evicted = 0
             while offset is None:
                 victim = self._policy.pop_victim(self._is_pinned)
@@ -210,6 +249,7 @@ class MemoryTier:
         if entry.pins:
             entry.is_deleted = True
         else:
+            self._unpinned_bytes -= ArenaAllocator.footprint(entry.nbytes)
             self._arena.free(entry.offset, entry.nbytes)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
