@@ -61,6 +61,46 @@ def _cmd_bench_tiers(args: argparse.Namespace) -> int:
     return 0 if all(r.is_met for r in results) or not args.strict else 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvdepot.daemon.run import run_daemon
+
+    run_daemon(_config(args))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from kvdepot.daemon.client import DaemonClient
+
+    config = _config(args)
+    client = DaemonClient.from_config(config)
+    stats = client.stats()
+    client.close()
+    if not stats:
+        print(f"kvdepot: no daemon answers on {config.daemon.socket_path}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"daemon pid {stats['pid']}, up {stats['uptime_s']} s")
+    tiers = stats["tiers"]
+    assert isinstance(tiers, dict)
+    for name, usage in tiers.items():
+        print(
+            f"  {name:<7} {usage['num_objects']:>8} chunks  "
+            f"{usage['used_bytes'] / 2**20:>10.1f} / {usage['capacity_bytes'] / 2**20:.0f} MiB"
+        )
+    looked = float(str(stats["lookup_chunks"]))
+    hit = float(str(stats["hit_chunks"]))
+    rate = f"{hit / looked:.1%}" if looked else "n/a"
+    print(f"  lookups {int(looked)} chunks, hits {int(hit)} ({rate})")
+    clients = stats["clients"]
+    assert isinstance(clients, list)
+    print(f"  clients {len(clients)}")
+    for client_info in clients:
+        print(f"    {client_info}")
+    return 0
+
+
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
     from kvdepot.connectors.model import prepare_model
 
@@ -116,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective configuration as JSON")
     _add_config_flags(config)
     config.set_defaults(func=_cmd_config)
+
+    serve = commands.add_parser("serve", help="run the cache daemon (shared by engine processes)")
+    _add_config_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    stats = commands.add_parser("stats", help="print the daemon's state")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_config_flags(stats)
+    stats.set_defaults(func=_cmd_stats)
 
     demo = commands.add_parser(
         "demo", help="the main job: a real model on CPU, cold vs warm TTFT with an embedded cache"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,8 @@ from kvdepot.keys import HashAlgorithm
 GiB = 1 << 30
 MiB = 1 << 20
 ENV_PREFIX = "KVDEPOT_"
+MODES = ("embedded", "daemon")
+DEFAULT_SOCKET_PATH = f"/tmp/kvdepot-{os.getuid()}/daemon.sock"
 EVICTION_POLICIES = ("prefix-aware", "lru")
 
 
@@ -52,9 +55,27 @@ class DiskConfig:
 
 
 @dataclass(slots=True)
+class DaemonConfig:
+    """The cache daemon (`kvdepot serve`) and how clients reach it."""
+
+    socket_path: str = _doc("Unix socket of the daemon (mode 0600)", DEFAULT_SOCKET_PATH)
+    tcp_host: str = _doc("TCP address to also listen on; empty: no TCP (needs a token)", "")
+    tcp_port: int = _doc("TCP port of the daemon (with tcp_host)", 0)
+    token: str = _doc("shared secret for TCP clients and POST /clear; empty: generated", "")
+    http_host: str = _doc("address of the HTTP admin endpoint", "127.0.0.1")
+    http_port: int = _doc("port of /healthz /metrics /stats /clear; 0: off", 9375)
+    shm_dir: str = _doc("directory of the shared-memory RAM tier file", "/dev/shm")
+    lease_ttl_s: float = _doc("seconds a client may hold chunks pinned for a read", 30.0)
+    connect_timeout_s: float = _doc("client: timeout of a connection attempt", 1.0)
+    request_timeout_s: float = _doc("client: timeout of one request", 10.0)
+    reconnect_interval_s: float = _doc("client: seconds between reconnection attempts", 1.0)
+
+
+@dataclass(slots=True)
 class KVDepotConfig:
     """Everything kvdepot can be told."""
 
+    mode: str = _doc("where the cache lives: embedded (this process) or daemon", "embedded")
     chunk_size_tokens: int = _doc("tokens per chunk (unit of storage and reuse)", 256)
     hash_algorithm: str = _doc(
         "chunk hash: blake2b-128 (multi-tenant safe) or xxh3-128 (trusted, faster)", "blake2b-128"
@@ -62,6 +83,7 @@ class KVDepotConfig:
     write_back_queue_chunks: int = _doc("chunks waiting for write-back before drops", 64)
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
+    daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "daemon"})
 
     def validate(self) -> KVDepotConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
@@ -70,6 +92,10 @@ class KVDepotConfig:
         algorithms = [a.value for a in HashAlgorithm]
         if self.hash_algorithm not in algorithms:
             raise ConfigError(f"hash_algorithm {self.hash_algorithm!r}: choose one of {algorithms}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r}: choose one of {list(MODES)}")
+        if self.daemon.lease_ttl_s <= 0 or self.daemon.request_timeout_s <= 0:
+            raise ConfigError("daemon.lease_ttl_s and daemon.request_timeout_s must be > 0")
         if self.write_back_queue_chunks < 0:
             raise ConfigError("write_back_queue_chunks must be >= 0")
         for section in ("memory", "disk"):
@@ -156,6 +182,10 @@ def _coerce(spec: FieldSpec, value: Any) -> Any:
                     raise ValueError("expected a whole number")
                 return int(value)
             return parse_size(str(value)) if spec.path.endswith("_bytes") else int(str(value))
+        if spec.type is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(str(value))
         return str(value)
     except (ValueError, ConfigError) as exc:
         raise ConfigError(f"{spec.path}={value!r}: {exc}") from None

@@ -75,6 +75,37 @@ class Metrics:
             registry=r,
         )
 
+        self.lookup_chunks = Counter(
+            "kvdepot_store_lookup_chunks", "Chunks looked up in the store", registry=r
+        )
+        self.hit_chunks = Counter(
+            "kvdepot_store_hit_chunks", "Looked-up chunks found in some tier", registry=r
+        )
+        self.daemon_clients = Gauge(
+            "kvdepot_daemon_clients", "Client connections to the daemon", registry=r
+        )
+        self.daemon_expired_leases = Counter(
+            "kvdepot_daemon_expired_leases", "Read leases released by timeout", registry=r
+        )
+        self.daemon_protocol_errors = Counter(
+            "kvdepot_daemon_protocol_errors",
+            "Connections closed for bad frames or auth",
+            registry=r,
+        )
+        self.client_degraded = Counter(
+            "kvdepot_client_degraded_calls",
+            "Calls answered as miss/drop: daemon unreachable",
+            ["op"],
+            registry=r,
+        )
+        self.client_reconnects = Counter(
+            "kvdepot_client_reconnects", "Successful (re)connections to the daemon", registry=r
+        )
+
+    def counter_value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of a sample (e.g. "kvdepot_store_hit_chunks_total"), 0 if unset."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
     def tier(self, name: str) -> TierMetrics:
         """Metric children bound to one tier's label."""
         return TierMetrics(self, name)

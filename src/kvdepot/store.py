@@ -113,7 +113,10 @@ class TieredStore:
 
     def lookup(self, keys: Sequence[ChunkKey]) -> int:
         """Length of the leading run of `keys` (one chain, head first) present in any tier."""
-        return _leading(self.contains(keys))
+        num_hit = _leading(self.contains(keys))
+        self.metrics.lookup_chunks.inc(len(keys))
+        self.metrics.hit_chunks.inc(num_hit)
+        return num_hit
 
     @contextlib.contextmanager
     def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
@@ -241,6 +244,16 @@ class TieredStore:
             self.metrics.dropped_writes.labels("ram_full").inc(len(items) - num_stored)
         return num_stored
 
+    def commit(self, slots: Sequence[WriteSlot]) -> int:
+        """Make RAM slots reserved with `memory.reserve` and filled by the caller visible,
+        and queue their write-back (the daemon's two-phase store); returns how many."""
+        if not self.lower:
+            self.memory.commit(slots)
+        else:
+            lease = self.memory.commit(slots, pin=[slot.key for slot in slots])
+            self._queue_write_back(lease, {slot.key: len(slot.buffer) for slot in slots})
+        return len(slots)
+
     def _queue_write_back(self, lease: Lease, sizes: dict[ChunkKey, int]) -> None:
         if not lease.keys:
             return
@@ -351,10 +364,18 @@ def _leading(flags: Sequence[bool]) -> int:
     return len(flags)
 
 
-def open_store(config: KVDepotConfig, metrics: Metrics | None = None) -> TieredStore:
-    """Build and start the store a config describes (maps and touches the RAM budget)."""
+def open_store(
+    config: KVDepotConfig, metrics: Metrics | None = None, *, buffer: HostBuffer | None = None
+) -> TieredStore:
+    """Build and start the tiered store a config describes, in this process.
+
+    Args:
+        buffer: RAM-tier memory (the daemon passes a shared-memory file); by default an
+            anonymous mapping of `memory.capacity_bytes`, touched up front.
+    """
     metrics = metrics if metrics is not None else Metrics()
-    buffer = HostBuffer.allocate(config.memory.capacity_bytes, prefault=config.memory.prefault)
+    if buffer is None:
+        buffer = HostBuffer.allocate(config.memory.capacity_bytes, prefault=config.memory.prefault)
     memory = MemoryTier(
         buffer, policy=make_policy(config.memory.eviction_policy), metrics=metrics.tier("memory")
     )

@@ -15,10 +15,16 @@ from __future__ import annotations
 import bisect
 import contextlib
 import mmap
+import os
+from pathlib import Path
 
 import numpy as np
 
 ALIGNMENT_BYTES = 64
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
 
 
 def _round_up(nbytes: int) -> int:
@@ -26,11 +32,46 @@ def _round_up(nbytes: int) -> int:
 
 
 class HostBuffer:
-    """An anonymous private mapping of `capacity_bytes`, optionally touched up front."""
+    """A mapping of `capacity_bytes` (private, or a shared-memory file), touched up front."""
 
-    def __init__(self, mapping: mmap.mmap) -> None:
+    def __init__(self, mapping: mmap.mmap, path: Path | None = None) -> None:
         self._mapping = mapping
         self.view = memoryview(mapping)
+        self.path = path
+        self._base_address = _address(self.view)
+
+    @classmethod
+    def create_shared(cls, path: Path, capacity_bytes: int, *, prefault: bool = True) -> HostBuffer:
+        """A new shared-memory file at `path` (mode 0600), mapped and touched; the creator
+        unlinks it (`unlink`) when done."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(capacity_bytes, 1))
+            mapping = mmap.mmap(fd, max(capacity_bytes, 1), flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        if prefault and capacity_bytes:
+            np.frombuffer(mapping, dtype=np.uint8)[:: mmap.PAGESIZE] = 0
+        return cls(mapping, path)
+
+    @classmethod
+    def map_shared(cls, path: Path) -> HostBuffer:
+        """Map an existing shared-memory file created by another process."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        return cls(mapping, path)
+
+    def offset_of(self, view: memoryview) -> int:
+        """Where a slice of `self.view` starts in the buffer."""
+        return _address(view) - self._base_address
+
+    def unlink(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     @classmethod
     def allocate(cls, capacity_bytes: int, *, prefault: bool = True) -> HostBuffer:

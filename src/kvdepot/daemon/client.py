@@ -1,0 +1,222 @@
+"""DaemonClient: the `ChunkStore` an engine process uses to reach `kvdepot serve`.
+
+Runs in the engine process. It maps the daemon's shared-memory RAM tier and moves KV bytes
+with one copy each way; only small control messages cross the socket.
+
+Failure policy (no fate-sharing): when the daemon is unreachable, every call degrades to
+"miss" (lookups, reads) or "dropped" (stores), counted in `kvdepot_client_degraded_calls_total`
+and logged at most every few seconds; the client retries the connection at most every
+`reconnect_interval_s` and carries on transparently once the daemon is back. Nothing raises
+into the engine. The client is thread-safe (one request on the socket at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from kvdepot.codec.format import EncodedChunk
+from kvdepot.config import KVDepotConfig
+from kvdepot.daemon import protocol as p
+from kvdepot.keys import ChunkKey
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.metrics import Metrics
+from kvdepot.tiers.arena import HostBuffer
+from kvdepot.tiers.base import TierUsage
+
+logger = logging.getLogger(__name__)
+
+
+class DaemonClient:
+    """Talks to one daemon over a Unix socket (or TCP with a token)."""
+
+    def __init__(
+        self,
+        *,
+        socket_path: Path | None,
+        tcp_address: tuple[str, int] | None = None,
+        token: str = "",
+        connect_timeout_s: float = 1.0,
+        request_timeout_s: float = 10.0,
+        reconnect_interval_s: float = 1.0,
+        client_name: str = "",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.tcp_address = tcp_address
+        self.token = token
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.reconnect_interval_s = reconnect_interval_s
+        self.client_name = client_name or f"{Path(sys.argv[0]).name}:{os.getpid()}"
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._lock = threading.RLock()
+        self._sock: socket.socket | None = None
+        self._buffer: HostBuffer | None = None
+        self._next_attempt_s = 0.0
+        self._log = RateLimitedLog(logger, interval_s=5.0)
+
+    @classmethod
+    def from_config(cls, config: KVDepotConfig, metrics: Metrics | None = None) -> DaemonClient:
+        d = config.daemon
+        return cls(
+            socket_path=None if d.tcp_host else Path(d.socket_path),
+            tcp_address=(d.tcp_host, d.tcp_port) if d.tcp_host else None,
+            token=d.token,
+            connect_timeout_s=d.connect_timeout_s,
+            request_timeout_s=d.request_timeout_s,
+            reconnect_interval_s=d.reconnect_interval_s,
+            metrics=metrics,
+        )
+
+    # ---- connection ----------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self._sock is not None
+
+    def _connect(self) -> None:
+        if self.tcp_address is not None:
+            sock = socket.create_connection(self.tcp_address, timeout=self.connect_timeout_s)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.connect_timeout_s)
+            try:
+                sock.connect(str(self.socket_path))
+            except OSError:
+                sock.close()
+                raise
+        try:
+            hello = p.Hello(p.PROTOCOL_VERSION, self.client_name, os.getpid(), self.token)
+            p.send(sock, hello)
+            welcome = p.recv_response(sock)
+            if not isinstance(welcome, p.Welcome):
+                raise ConnectionError(f"daemon refused the connection: {welcome}")
+            if self._buffer is None or str(self._buffer.path) != welcome.shm_path:
+                self._buffer = HostBuffer.map_shared(Path(welcome.shm_path))
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(self.request_timeout_s)
+        self._sock = sock
+        self.metrics.client_reconnects.inc()
+        logger.info("connected to the kvdepot daemon (%s)", self.socket_path or self.tcp_address)
+
+    def _disconnect(self, reason: object) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._log.warning("lost", "kvdepot daemon unreachable (%s): serving misses", reason)
+        self._next_attempt_s = time.monotonic() + self.reconnect_interval_s
+
+    def _call(self, request: p.Request, op: str) -> p.Response | None:
+        """The daemon's answer, or None when it cannot be had (degraded: miss / drop)."""
+        with self._lock:
+            if self._sock is None:
+                if time.monotonic() < self._next_attempt_s:
+                    self.metrics.client_degraded.labels(op).inc()
+                    return None
+                try:
+                    self._connect()
+                except (OSError, p.ProtocolError) as exc:
+                    self._disconnect(exc)
+                    self.metrics.client_degraded.labels(op).inc()
+                    return None
+            assert self._sock is not None
+            try:
+                p.send(self._sock, request)
+                response = p.recv_response(self._sock)
+            except (OSError, p.ProtocolError) as exc:
+                self._disconnect(exc)
+                self.metrics.client_degraded.labels(op).inc()
+                return None
+        if isinstance(response, p.Failure):
+            self._log.warning(f"fail-{op}", "kvdepot daemon: %s failed: %s", op, response.message)
+            return None
+        return response
+
+    # ---- ChunkStore ----------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        response = self._call(p.Contains([k.to_bytes() for k in keys]), "contains")
+        return response.found if isinstance(response, p.Found) else [False] * len(keys)
+
+    def lookup(self, keys: Sequence[ChunkKey]) -> int:
+        response = self._call(p.Lookup([k.to_bytes() for k in keys]), "lookup")
+        return response.count if isinstance(response, p.Count) else 0
+
+    @contextlib.contextmanager
+    def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
+        """Views into the shared arena of the leading hits, pinned by a daemon lease."""
+        with self._lock:
+            response = self._call(p.Read([k.to_bytes() for k in keys]), "read")
+            buffer = self._buffer
+        if not isinstance(response, p.Extents) or buffer is None:
+            yield []
+            return
+        try:
+            yield [
+                buffer.view[offset : offset + size]
+                for offset, size in zip(response.offsets, response.sizes, strict=True)
+            ]
+        finally:
+            self._call(p.Release(response.lease_id), "release")
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        """Reserve arena slots, copy the chunks in, commit; returns chunks stored."""
+        raw_keys = [key.to_bytes() for key, _ in items]
+        with self._lock:
+            reply = self._call(p.Reserve(raw_keys, [c.nbytes for _, c in items]), "put")
+            buffer = self._buffer
+        if not isinstance(reply, p.Slots) or buffer is None:
+            return 0
+        written, aborted = [], []
+        for raw, (_, chunk), offset in zip(raw_keys, items, reply.offsets, strict=True):
+            if offset < 0:
+                continue
+            try:
+                chunk.write_into(buffer.view[offset : offset + chunk.nbytes])
+                written.append(raw)
+            except (ValueError, IndexError) as exc:
+                self._log.warning("write", "kvdepot: copying a chunk failed: %s", exc)
+                aborted.append(raw)
+        committed = self._call(p.Commit(written, aborted), "put")
+        num_present = sum(offset == -1 for offset in reply.offsets)
+        return num_present + (committed.count if isinstance(committed, p.Count) else 0)
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        self._call(p.Delete([k.to_bytes() for k in keys]), "delete")
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        response = self._call(p.Flush(timeout_s), "flush")
+        return isinstance(response, p.Done) and response.ok
+
+    def clear(self) -> None:
+        self._call(p.Clear(), "clear")
+
+    def stats(self) -> dict[str, object]:
+        """The daemon's state (empty when it is unreachable)."""
+        response = self._call(p.Stats(), "stats")
+        return response.stats if isinstance(response, p.StatsReply) else {}
+
+    def usage(self) -> dict[str, TierUsage]:
+        tiers = self.stats().get("tiers", {})
+        if not isinstance(tiers, dict):
+            return {}
+        return {name: TierUsage(**fields) for name, fields in tiers.items()}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            if self._buffer is not None:
+                self._buffer.close()
+                self._buffer = None

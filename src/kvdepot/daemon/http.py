@@ -1,0 +1,70 @@
+"""The daemon's HTTP admin endpoint: /healthz, /metrics, /stats and POST /clear.
+
+Runs in the daemon process, in its own thread, on 127.0.0.1 unless configured otherwise.
+POST /clear needs `Authorization: Bearer <token>`; everything else is read-only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kvdepot.daemon.server import DaemonServer
+
+
+class AdminServer:
+    """Serves the admin endpoints of one `DaemonServer`."""
+
+    def __init__(self, daemon: DaemonServer, host: str, port: int) -> None:
+        self.daemon = daemon
+        handler = _handler_for(daemon)
+        self._http = ThreadingHTTPServer((host, port), handler)
+        self._http.daemon_threads = True
+        self.address: tuple[str, int] = self._http.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+
+    def start(self) -> AdminServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+
+
+def _handler_for(daemon: DaemonServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                self._reply(200, b"ok\n", "text/plain")
+            elif self.path == "/metrics":
+                self._reply(200, daemon.metrics.render(), "text/plain; version=0.0.4")
+            elif self.path == "/stats":
+                self._reply(200, json.dumps(daemon.stats()).encode(), "application/json")
+            else:
+                self._reply(404, b"not found\n", "text/plain")
+
+        def do_POST(self) -> None:
+            if self.path != "/clear":
+                self._reply(404, b"not found\n", "text/plain")
+                return
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not daemon.token or not hmac.compare_digest(given, daemon.token):
+                self._reply(401, b"a valid token is required\n", "text/plain")
+                return
+            daemon.store.clear()
+            self._reply(200, b"cleared\n", "text/plain")
+
+        def _reply(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return  # keep the daemon's log for the cache, not for scrapes
+
+    return Handler

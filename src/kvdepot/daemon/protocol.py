@@ -1,0 +1,169 @@
+"""Wire protocol between daemon clients and the daemon: length-prefixed msgpack frames.
+
+Pure code, used in both processes. A frame is a 4-byte big-endian length followed by one
+msgpack-encoded, tagged message (msgspec Structs: decoding validates every field; no pickle).
+Requests and responses alternate on a connection; the first request is `Hello`. Keys travel
+as 32-byte strings (`ChunkKey.to_bytes`); chunk bytes never travel, only arena offsets.
+
+Invariant: a frame longer than `MAX_FRAME_BYTES`, a truncated frame or one that does not
+decode as a known message is a protocol error; the peer closes that connection only.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20
+_LENGTH = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame or message."""
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    version: int
+    client_name: str
+    pid: int
+    token: str = ""
+
+
+class Contains(msgspec.Struct, tag="contains"):
+    keys: list[bytes]
+
+
+class Lookup(msgspec.Struct, tag="lookup"):
+    keys: list[bytes]
+    num_tokens: int = 0
+    chunk_size_tokens: int = 0
+
+
+class Reserve(msgspec.Struct, tag="reserve"):
+    """Room for new chunks; the client then writes each blob at its offset."""
+
+    keys: list[bytes]
+    sizes: list[int]
+
+
+class Commit(msgspec.Struct, tag="commit"):
+    """Make reserved chunks visible (and queue their write-back); abort the others."""
+
+    keys: list[bytes]
+    aborted: list[bytes] = []
+
+
+class Read(msgspec.Struct, tag="read"):
+    """Pin the leading run of hits of one chain under a lease, promoting from lower tiers."""
+
+    keys: list[bytes]
+
+
+class Release(msgspec.Struct, tag="release"):
+    lease_id: int
+
+
+class Delete(msgspec.Struct, tag="delete"):
+    keys: list[bytes]
+
+
+class Flush(msgspec.Struct, tag="flush"):
+    timeout_s: float = 30.0
+
+
+class Stats(msgspec.Struct, tag="stats"):
+    pass
+
+
+class Clear(msgspec.Struct, tag="clear"):
+    pass
+
+
+Request = (
+    Hello | Contains | Lookup | Reserve | Commit | Read | Release | Delete | Flush | Stats | Clear
+)
+
+
+class Welcome(msgspec.Struct, tag="welcome"):
+    version: int
+    shm_path: str
+    shm_nbytes: int
+    lease_ttl_s: float
+
+
+class Found(msgspec.Struct, tag="found"):
+    found: list[bool]
+
+
+class Count(msgspec.Struct, tag="count"):
+    count: int
+
+
+class Slots(msgspec.Struct, tag="slots"):
+    offsets: list[int]  # -1: already stored or being written (skip); -2: no room
+
+
+class Extents(msgspec.Struct, tag="extents"):
+    lease_id: int
+    offsets: list[int]
+    sizes: list[int]
+
+
+class Done(msgspec.Struct, tag="done"):
+    ok: bool = True
+
+
+class StatsReply(msgspec.Struct, tag="stats_reply"):
+    stats: dict[str, object]
+
+
+class Failure(msgspec.Struct, tag="failure"):
+    message: str
+
+
+Response = Welcome | Found | Count | Slots | Extents | Done | StatsReply | Failure
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_response_decoder: msgspec.msgpack.Decoder[Response] = msgspec.msgpack.Decoder(Response)
+
+
+def send(sock: socket.socket, message: Request | Response) -> None:
+    body = _encoder.encode(message)
+    sock.sendall(_LENGTH.pack(len(body)) + body)
+
+
+def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    chunks, remaining = [], nbytes
+    while remaining:
+        data = sock.recv(min(remaining, 1 << 16))
+        if not data:
+            raise ConnectionError("peer closed the connection")
+        chunks.append(data)
+        remaining -= len(data)
+    return b"".join(chunks)
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+    if length > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    return _recv_exactly(sock, length)
+
+
+def recv_request(sock: socket.socket) -> Request:
+    """The next request; ConnectionError when the peer left, ProtocolError on garbage."""
+    try:
+        return _request_decoder.decode(_recv_frame(sock))
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable request: {exc}") from None
+
+
+def recv_response(sock: socket.socket) -> Response:
+    try:
+        return _response_decoder.decode(_recv_frame(sock))
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable response: {exc}") from None
