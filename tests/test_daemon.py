@@ -1,0 +1,369 @@
+"""The cache daemon with real processes: crashes, restarts, concurrency, bad frames, auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvdepot.codec import HEADER_NBYTES, RawCodec, encode_chunk
+from kvdepot.daemon import protocol as p
+from kvdepot.daemon.client import DaemonClient
+from kvdepot.keys import CacheNamespace, ChunkKey, chunk_keys
+from kvdepot.layout import DType
+from kvdepot.tiers.arena import ArenaAllocator
+
+pytestmark = pytest.mark.integration
+
+NS = CacheNamespace("daemon-test-model", "L2-2-H2-D8-float16")
+SHAPE = (2, 2, 16, 2, 8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def chain(seed: int, num_chunks: int = 4) -> list[ChunkKey]:
+    return chunk_keys([seed * 100_000 + i for i in range(num_chunks * 16)], 16, NS)
+
+
+def payload(seed: int, index: int) -> np.ndarray:
+    rng = np.random.default_rng(seed * 1000 + index)
+    return rng.standard_normal(SHAPE).astype(np.float16)
+
+
+def items_for(seed: int, num_chunks: int = 4) -> list[tuple[ChunkKey, object]]:
+    return [
+        (key, encode_chunk(payload(seed, i), DType.FLOAT16, RawCodec()))
+        for i, key in enumerate(chain(seed, num_chunks))
+    ]
+
+
+def blob_payload(blob: bytes | memoryview) -> bytes:
+    return bytes(blob[HEADER_NBYTES:])
+
+
+@dataclass
+class Daemon:
+    """A `kvdepot serve` process; `kill` (SIGKILL) and `start` again at will."""
+
+    root: Path
+    extra: list[str] = field(default_factory=list)
+    http_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "run" / "daemon.sock"
+
+    def start(self) -> Daemon:
+        args = [
+            sys.executable, "-m", "kvdepot.cli", "serve",
+            "--daemon-socket-path", str(self.socket_path),
+            "--memory-capacity-bytes", "32MiB", "--memory-prefault", "false",
+            "--disk-path", str(self.root / "disk"), "--disk-fsync", "false",
+            "--daemon-http-port", str(self.http_port), "--daemon-lease-ttl-s", "1",
+            *self.extra,
+        ]  # fmt: skip
+        log = self.root / "daemon.log"
+        with open(log, "ab") as sink:
+            self.proc = subprocess.Popen(args, stdout=sink, stderr=sink)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {log.read_text()}")
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(self.socket_path))
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+        raise RuntimeError("daemon did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+
+    def client(self, **kw: object) -> DaemonClient:
+        return DaemonClient(
+            socket_path=self.socket_path,
+            reconnect_interval_s=0.05,
+            request_timeout_s=5.0,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def http(self, path: str, method: str = "GET", token: str = "") -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, http_port=free_port()).start()
+    yield d
+    d.stop()
+
+
+def run_client_script(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+
+
+def test_round_trip_across_processes(daemon: Daemon) -> None:
+    client = daemon.client()
+    assert client.put(items_for(1)) == 4  # type: ignore[arg-type]
+    code = """
+        import sys
+        from tests.test_daemon import Daemon, chain, payload, blob_payload
+        from pathlib import Path
+        client = Daemon(Path(sys.argv[1])).client()
+        keys = chain(1)
+        assert client.lookup(keys) == 4, client.lookup(keys)
+        with client.read(keys) as blobs:
+            ok = [blob_payload(b) == payload(1, i).tobytes() for i, b in enumerate(blobs)]
+        print(len(blobs), all(ok))
+    """
+    proc = run_client_script(code, str(daemon.root))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == ["4", "True"]
+    client.close()
+
+
+def test_killed_client_mid_store_leaves_the_daemon_consistent(daemon: Daemon) -> None:
+    code = """
+        import sys, time
+        from tests.test_daemon import Daemon, items_for, chain
+        from kvdepot.daemon import protocol as p
+        from pathlib import Path
+        client = Daemon(Path(sys.argv[1])).client()
+        assert client.put(items_for(2)) == 4  # committed
+        half = items_for(3)  # reserved, half written, never committed
+        keys, sizes = [k.to_bytes() for k, _ in half], [c.nbytes for _, c in half]
+        reply = client._call(p.Reserve(keys, sizes), "put")
+        key, chunk = half[0]
+        chunk.write_into(client._buffer.view[reply.offsets[0]: reply.offsets[0] + chunk.nbytes])
+        print("READY", flush=True)
+        time.sleep(60)
+    """
+    proc = run_client_script(code, str(daemon.root))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()  # reaps it and closes its pipes
+    client = daemon.client()
+    deadline = time.monotonic() + 5
+    while client.stats().get("clients") and len(client.stats()["clients"]) > 1:  # type: ignore[arg-type]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.lookup(chain(2)) == 4
+    assert client.contains(chain(3)) == [False] * 4  # never made visible
+    memory = client.usage()["memory"]
+    assert memory.num_objects == 4
+    chunk_nbytes = items_for(2)[0][1].nbytes  # type: ignore[attr-defined]
+    assert memory.used_bytes == 4 * ArenaAllocator.footprint(chunk_nbytes)  # reservations freed
+    with client.read(chain(2)) as blobs:
+        assert [blob_payload(b) for b in blobs] == [payload(2, i).tobytes() for i in range(4)]
+    client.close()
+
+
+def test_killed_daemon_degrades_clients_then_they_reconnect(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.put(items_for(4))  # type: ignore[arg-type]
+    assert client.flush(10)
+    daemon.kill()
+    # The daemon is gone: misses and drops, never an exception.
+    assert client.lookup(chain(4)) == 0
+    assert client.contains(chain(4)) == [False] * 4
+    with client.read(chain(4)) as blobs:
+        assert blobs == []
+    assert client.put(items_for(5)) == 0  # type: ignore[arg-type]
+    assert (
+        client.metrics.counter_value("kvdepot_client_degraded_calls_total", {"op": "lookup"}) >= 1
+    )
+    daemon.start()
+    deadline = time.monotonic() + 10
+    while client.lookup(chain(4)) != 4:
+        assert time.monotonic() < deadline, "client did not reconnect"
+        time.sleep(0.05)
+    with client.read(chain(4)) as blobs:  # served from the disk tier, promoted to RAM
+        assert [blob_payload(b) for b in blobs] == [payload(4, i).tobytes() for i in range(4)]
+    client.close()
+
+
+def test_four_clients_store_and_read_overlapping_chains(daemon: Daemon) -> None:
+    code = """
+        import sys
+        from tests.test_daemon import Daemon, items_for, chain, payload, blob_payload
+        from pathlib import Path
+        client = Daemon(Path(sys.argv[1])).client()
+        me = int(sys.argv[2])
+        bad = 0
+        for round in range(15):
+            seed = 10 + (me + round) % 6            # every chain is touched by every client
+            client.put(items_for(seed, 3))
+            with client.read(chain(seed, 3)) as blobs:
+                expected = [payload(seed, i).tobytes() for i in range(3)]
+                bad += sum(blob_payload(b) != e for b, e in zip(blobs, expected))
+                bad += len(blobs) == 0
+        print(bad)
+    """
+    procs = [run_client_script(code, str(daemon.root), str(i)) for i in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == "0"
+
+
+def _raw_connection(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(str(path))
+    return sock
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack(">I", 12) + b"\xc1" * 12,  # garbage msgpack
+        struct.pack(">I", 100) + b"\x81\xa3",  # truncated, then the peer leaves
+        struct.pack(">I", 1 << 30),  # oversized
+        struct.pack(">I", 8) + b"\x82\xa3tag\xa4nope",  # unknown message
+    ],
+    ids=["garbage", "truncated", "oversized", "unknown"],
+)
+def test_bad_frames_close_that_connection_only(daemon: Daemon, frame: bytes) -> None:
+    client = daemon.client()
+    client.put(items_for(6))  # type: ignore[arg-type]
+    bad = _raw_connection(daemon.socket_path)
+    bad.sendall(frame)
+    if b"\x81\xa3" in frame:
+        bad.shutdown(socket.SHUT_WR)
+    try:
+        assert bad.recv(1) == b""  # the daemon closed it
+    except ConnectionResetError:
+        pass  # closed with unread data pending: a reset
+    bad.close()
+    assert client.lookup(chain(6)) == 4  # everyone else carries on
+    assert client.is_connected
+    client.close()
+
+
+def test_tcp_requires_the_token(tmp_path: Path) -> None:
+    port = free_port()
+    d = Daemon(tmp_path, extra=["--daemon-tcp-host", "127.0.0.1", "--daemon-tcp-port",
+                                str(port), "--daemon-token", "s3cret"]).start()  # fmt: skip
+    try:
+        intruder = DaemonClient(socket_path=None, tcp_address=("127.0.0.1", port), token="wrong")
+        assert intruder.lookup(chain(7)) == 0
+        assert not intruder.is_connected
+        friend = DaemonClient(socket_path=None, tcp_address=("127.0.0.1", port), token="s3cret")
+        assert friend.put(items_for(7)) == 4  # type: ignore[arg-type]
+        assert friend.lookup(chain(7)) == 4
+        friend.close()
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        p.send(raw, p.Hello(p.PROTOCOL_VERSION, "raw", os.getpid(), ""))
+        assert isinstance(p.recv_response(raw), p.Failure)
+        raw.close()
+    finally:
+        d.stop()
+
+
+def test_stalled_reader_lease_expires(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.put(items_for(8))  # type: ignore[arg-type]
+    reply = client._call(p.Read([k.to_bytes() for k in chain(8)]), "read")  # never released
+    assert isinstance(reply, p.Extents) and len(reply.offsets) == 4
+    deadline = time.monotonic() + 10
+    while b"kvdepot_daemon_expired_leases_total 1.0" not in daemon.http("/metrics")[1]:
+        assert time.monotonic() < deadline, "lease never expired"
+        time.sleep(0.1)
+    client.close()
+
+
+def test_http_admin(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.put(items_for(9))  # type: ignore[arg-type]
+    assert daemon.http("/healthz") == (200, b"ok\n")
+    status, metrics = daemon.http("/metrics")
+    assert status == 200 and b'kvdepot_tier_objects{tier="memory"} 4.0' in metrics
+    status, body = daemon.http("/stats")
+    assert status == 200 and json.loads(body)["tiers"]["memory"]["num_objects"] == 4
+    assert daemon.http("/clear", "POST")[0] == 401
+    assert daemon.http("/clear", "POST", token="wrong")[0] == 401
+    token = (daemon.socket_path.parent / "daemon.sock.token").read_text()
+    assert daemon.http("/clear", "POST", token=token)[0] == 200
+    assert client.lookup(chain(9)) == 0
+    client.close()
+
+
+def test_restarted_daemon_serves_what_reached_disk(tmp_path: Path) -> None:
+    d = Daemon(tmp_path).start()
+    client = d.client()
+    client.put(items_for(11))  # type: ignore[arg-type]
+    assert client.flush(10)
+    d.stop()  # clean stop: write-back finished, shared memory removed
+    assert not list(Path("/dev/shm").glob(f"kvdepot-{d.proc.pid}-*.shm"))  # type: ignore[union-attr]
+    d.start()
+    deadline = time.monotonic() + 10
+    while client.lookup(chain(11)) != 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.close()
+    d.stop()
+
+
+def test_transformers_generation_through_the_daemon(daemon: Daemon) -> None:
+    """One config switch: the same connector on a daemon client, hits across engines."""
+    import torch
+
+    from kvdepot import load_config
+    from kvdepot.connectors.transformers import KVDepotGenerator
+    from kvdepot.deployment import open_cache
+
+    from .test_transformers import plain_generate, tiny_llama
+
+    config = load_config(
+        overrides={"mode": "daemon", "daemon.socket_path": str(daemon.socket_path),
+                   "chunk_size_tokens": 16}
+    )  # fmt: skip
+    model = tiny_llama()
+    prompt = list(range(7, 60))
+    first_engine = KVDepotGenerator.for_model(model, open_cache(config), chunk_size_tokens=16)
+    first_engine.generate(prompt, max_new_tokens=4)
+    second_engine = KVDepotGenerator.for_model(model, open_cache(config), chunk_size_tokens=16)
+    result = second_engine.generate(prompt, max_new_tokens=4)
+    assert result.num_cached_tokens == len(prompt) - 1
+    assert result.token_ids == plain_generate(model, prompt, 4)
+    assert isinstance(result.ttft_s, float) and torch.is_tensor(torch.tensor(result.token_ids))
