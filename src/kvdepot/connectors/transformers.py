@@ -18,6 +18,7 @@ layer (Llama, Mistral, Qwen2, SmolLM2, ...); batch size 1.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -254,6 +255,8 @@ class KVDepotGenerator:
         generation_config: GenerationConfig | None,
     ) -> tuple[torch.Tensor, DynamicCache]:
         cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        config = copy.deepcopy(generation_config) if generation_config else _greedy()
+        config.max_new_tokens = max_new_tokens
         device = self.model.device
         with torch.inference_mode():
             generate = cast(Any, self.model).generate  # nn.Module typing hides it
@@ -261,8 +264,7 @@ class KVDepotGenerator:
                 ids.to(device),
                 attention_mask=torch.ones_like(ids, device=device),
                 past_key_values=cache,
-                max_new_tokens=max_new_tokens,
-                generation_config=generation_config or _greedy(),
+                generation_config=config,
                 logits_processor=LogitsProcessorList([clock]),
             )
         return output[0].cpu(), cache
