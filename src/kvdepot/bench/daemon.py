@@ -1,0 +1,155 @@
+"""`kvdepot bench daemon`: KV through the daemon vs the same bytes copied through /dev/shm.
+
+Runs in the caller's process and starts a `kvdepot serve` subprocess (RAM tier only, so the
+daemon's disk write-back does not compete for the two cores). Figures, each with its limit:
+- store: `CacheEngine.store` through a `DaemonClient` (reserve, copy into the shared arena,
+  commit) vs `numpy.copyto` of the same bytes into a touched /dev/shm mapping;
+- retrieve: `CacheEngine.retrieve(out=...)` through the client (read lease, copy out,
+  release) vs `numpy.copyto` of the same bytes out of a /dev/shm mapping;
+- lookup: round trip of a 16-chunk `lookup` (keys precomputed), p50 and p99.
+Goals: store and retrieve >= 0.6 of the limit; lookup p50 <= 200 us.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS
+from kvdepot.bench.timing import gbps, paired_seconds
+from kvdepot.daemon.client import DaemonClient
+from kvdepot.engine import CacheEngine, as_numpy_bits
+from kvdepot.tables import format_table
+from kvdepot.tiers.arena import HostBuffer
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonResult:
+    layout: str
+    metric: str
+    ours: float
+    limit: float
+    unit: str
+    ratio: float
+    goal: str
+
+    @property
+    def is_met(self) -> bool:
+        if self.goal == "info":
+            return True
+        op, value = self.goal.split(" ")
+        return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
+
+
+def _start_daemon(root: Path, capacity_bytes: int) -> tuple[subprocess.Popen[bytes], Path]:
+    socket_path = root / "daemon.sock"
+    args = [
+        sys.executable, "-m", "kvdepot.cli", "serve", "--daemon-socket-path", str(socket_path),
+        "--memory-capacity-bytes", str(capacity_bytes), "--daemon-http-port", "0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = DaemonClient(socket_path=socket_path, reconnect_interval_s=0.05)
+    deadline = time.monotonic() + 60
+    while not client.stats():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the daemon did not start")
+        time.sleep(0.1)
+    client.close()
+    return proc, socket_path
+
+
+def _bench_layout(
+    name: str, socket_path: Path, total_bytes: int, repeats: int
+) -> list[DaemonResult]:
+    layout = LAYOUTS[name]
+    num_chunks = max(2, total_bytes // (layout.bytes_per_token * CHUNK_TOKENS))
+    num_tokens = num_chunks * CHUNK_TOKENS
+    kv = torch.randn(layout.chunk_shape(num_tokens)).to(torch.bfloat16)
+    out = torch.zeros_like(kv)
+    tokens = list(range(num_tokens))
+    nbytes = kv.numel() * kv.element_size()
+    client = DaemonClient(socket_path=socket_path)
+    engine = CacheEngine(client, layout, "bench-model", chunk_size_tokens=CHUNK_TOKENS)
+    shm = HostBuffer.create_shared(
+        Path("/dev/shm") / f"kvdepot-bench-{os.getpid()}-{secrets.token_hex(4)}.shm", nbytes
+    )
+    try:
+        src, dst = as_numpy_bits(kv).reshape(-1), as_numpy_bits(out).reshape(-1)
+        shm_view = np.frombuffer(shm.view, dtype=src.dtype, count=src.size)
+        copy_in_s, store_s, store_ratio = paired_seconds(
+            lambda: np.copyto(shm_view, src), lambda: engine.store(tokens, kv), repeats,
+            ours_setup=client.clear,
+        )  # fmt: skip
+        engine.store(tokens, kv)
+        copy_out_s, retrieve_s, retrieve_ratio = paired_seconds(
+            lambda: np.copyto(dst, shm_view), lambda: engine.retrieve(tokens, out=out), repeats
+        )
+        assert torch.equal(out, kv), "the daemon returned different KV"
+    finally:
+        shm.close()
+        shm.unlink()
+        client.close()
+    return [
+        DaemonResult(name, "daemon store", gbps(nbytes, store_s), gbps(nbytes, copy_in_s),
+                     "GB/s", store_ratio, ">= 0.6"),
+        DaemonResult(name, "daemon retrieve", gbps(nbytes, retrieve_s),
+                     gbps(nbytes, copy_out_s), "GB/s", retrieve_ratio, ">= 0.6"),
+    ]  # fmt: skip
+
+
+def _bench_lookup(socket_path: Path, num_calls: int) -> list[DaemonResult]:
+    layout = LAYOUTS["small"]
+    client = DaemonClient(socket_path=socket_path)
+    engine = CacheEngine(client, layout, "bench-lookup", chunk_size_tokens=CHUNK_TOKENS)
+    keys = engine.chunk_keys(list(range(16 * CHUNK_TOKENS)))
+    samples = []
+    for _ in range(num_calls):
+        start = time.perf_counter()
+        client.lookup(keys)
+        samples.append(time.perf_counter() - start)
+    client.close()
+    samples.sort()
+    p50_us = statistics.median(samples) * 1e6
+    p99_us = samples[int(len(samples) * 0.99)] * 1e6
+    return [
+        DaemonResult("any", "lookup 16 chunks p50", p50_us, 200.0, "us", p50_us / 200, "<= 1.0"),
+        DaemonResult("any", "lookup 16 chunks p99", p99_us, 200.0, "us", p99_us / 200, "info"),
+    ]
+
+
+def run(layouts: list[str], total_mib: int, repeats: int) -> list[DaemonResult]:
+    """Start a daemon, measure, stop it; returns the results (printed by `report`)."""
+    root = Path(tempfile.mkdtemp(prefix="kvdepot-bench-daemon-"))
+    proc, socket_path = _start_daemon(root, (total_mib << 20) * 2 + (64 << 20))
+    try:
+        results = []
+        for name in layouts:
+            results += _bench_layout(name, socket_path, total_mib << 20, repeats)
+        results += _bench_lookup(socket_path, 2000)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def report(results: list[DaemonResult]) -> str:
+    rows = [
+        [r.layout, r.metric, r.ours, r.limit, r.unit, r.ratio, r.goal,
+         "met" if r.is_met else "MISSED"]
+        for r in results
+    ]  # fmt: skip
+    head = f"kvdepot bench daemon | {os.cpu_count()} cores | torch {torch.__version__}"
+    table = format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
+    return f"{head}\n{table}\nlimit: numpy.copyto of the same bytes into / out of /dev/shm"
