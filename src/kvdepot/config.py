@@ -22,6 +22,7 @@ import yaml
 
 from kvdepot.errors import ConfigError
 from kvdepot.keys import HashAlgorithm
+from kvdepot.remote_config import S3Config, ValkeyConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -84,6 +85,8 @@ class KVDepotConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "daemon"})
+    valkey: ValkeyConfig = field(default_factory=ValkeyConfig, metadata={"doc": "Valkey tier"})
+    s3: S3Config = field(default_factory=S3Config, metadata={"doc": "S3 tier"})
 
     def validate(self) -> KVDepotConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
@@ -107,6 +110,8 @@ class KVDepotConfig:
                     f"{section}.eviction_policy {sub.eviction_policy!r}: "
                     f"choose one of {list(EVICTION_POLICIES)}"
                 )
+        self.valkey.validate()
+        self.s3.validate()
         return self
 
 

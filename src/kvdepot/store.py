@@ -1,4 +1,4 @@
-"""TieredStore: one cache over a RAM tier and slower tiers below it (disk, later remote).
+"""TieredStore: one cache over a RAM tier and slower tiers below it (disk, Valkey, S3).
 
 Runs in the process that owns the cache: the engine process when embedded, the daemon
 otherwise. Data flow:
@@ -394,6 +394,14 @@ def open_store(
         except TierUnavailable as exc:
             # Fail open: a cache without its disk tier still serves from RAM.
             logger.error("running without the disk tier: %s", exc)
+    if config.valkey.address:
+        from kvdepot.tiers.valkey import open_valkey_tier
+
+        lower.append(open_valkey_tier(config.valkey, metrics.tier("valkey")))
+    if config.s3.bucket:
+        from kvdepot.tiers.s3 import open_s3_tier
+
+        lower.append(open_s3_tier(config.s3, metrics.tier("s3")))
     store = TieredStore(
         memory, lower, metrics=metrics, write_back_queue_chunks=config.write_back_queue_chunks
     )

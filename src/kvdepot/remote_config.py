@@ -32,7 +32,9 @@ class ValkeyConfig:
         "host:port of the server, or of cluster nodes (comma-separated); unset disables it", None
     )
     cluster: bool = _doc("cluster mode: discover the nodes and route each key to its slot", False)
-    key_prefix: str = _doc("first part of every key: <prefix>:<namespace>:{<chunk hash>}", "kvdepot")
+    key_prefix: str = _doc(
+        "first part of every key: <prefix>:<namespace>:{<chunk hash>}", "kvdepot"
+    )
     ttl_s: int = _doc("expire chunks this long after they are stored; 0: never", 0)
     username: str | None = _doc("ACL user name; unset: the default user", None)
     password: str | None = _doc("password of the ACL user (or requirepass)", None)
@@ -43,7 +45,9 @@ class ValkeyConfig:
     tls_check_hostname: bool = _doc("check that the certificate names the host", True)
     connect_timeout_ms: int = _doc("time allowed to open a connection", 500)
     timeout_ms: int = _doc("time allowed for each reply (socket read/write timeout)", 2000)
-    part_size_bytes: int = _doc("values larger than this are stored as several parts", 16 * MiB)
+    part_size_bytes: int = _doc(
+        "blobs larger than this are stored as several values (each read costs a copy)", 64 * MiB
+    )
     breaker_failures: int = _doc("consecutive failures that make a server count as down", 3)
     breaker_cooldown_ms: int = _doc("how long a down server is skipped before a probe", 5000)
 
@@ -83,8 +87,10 @@ class S3Config:
     tls_verify: bool = _doc("verify the endpoint's TLS certificate", True)
     tls_ca_file: str | None = _doc("CA bundle for the endpoint; unset: the system's", None)
     connect_timeout_ms: int = _doc("time allowed to open a connection", 1000)
-    timeout_ms: int = _doc("time allowed for each read from the connection", 5000)
-    max_attempts: int = _doc("attempts per request, the first included (retries + 1)", 2)
+    timeout_ms: int = _doc("time allowed for each read from the connection", 2000)
+    max_attempts: int = _doc(
+        "attempts per request, the first included; a hung store costs this x timeout_ms once", 2
+    )
     max_workers: int = _doc("requests in flight at once (thread pool size)", 8)
     breaker_failures: int = _doc("consecutive failures that make the store count as down", 3)
     breaker_cooldown_ms: int = _doc("how long a down store is skipped before a probe", 5000)

@@ -1,0 +1,429 @@
+"""The Valkey/Redis tier: sealed chunks as values on one server or a cluster, shared by hosts.
+
+Runs in the process that owns the `TieredStore` (engine or daemon); many such processes, on
+many hosts, may share one server. Key of a chunk: `<prefix>:<namespace hex>:{<hash hex>}`. The
+namespace digest carries model fingerprint, layout, shard rank and tenant salt, so namespaces
+never share a key; the braces are a cluster hash tag, which puts all parts of one chunk on the
+same node. A blob of at most `part_size_bytes` is one value; a larger one is stored as parts
+`<key>:0 .. <key>:n-1` of near-equal size, and `<key>` holds a 16-byte manifest ("KVDP", part
+count, blob length) written after the parts, so a reader that finds the manifest finds the parts.
+
+Invariants:
+- `get` serves only blobs whose checksum verifies (`open_blob(verify=True)`); a corrupt or
+  incomplete value (a part evicted or expired) is deleted and answered as a miss.
+- Every server call has a connect and a read timeout and goes through the node's circuit
+  breaker; a failure is a miss or a dropped put, counted and logged (rate-limited), never an
+  exception out of `contains` / `get` / `put` / `delete` / `clear`.
+- Writes send the header and the payload straight from the chunk's memory: no copy of a
+  value is made in this process (see `kvdepot.tiers.valkey_wire`).
+- Cluster mode routes each key to the primary that owns its slot (`CLUSTER SLOTS`, refreshed
+  on a MOVED reply or when a node's breaker opens); a node that is down costs misses for its
+  slots only. Servers should keep serving with slots uncovered
+  (`cluster-require-full-coverage no`) and evict with `maxmemory-policy allkeys-lru` (or use
+  `ttl_s`).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvdepot.codec.format import HEADER_NBYTES, MAX_CHUNK_BYTES, EncodedChunk, open_blob
+from kvdepot.errors import ConfigError, CorruptChunk
+from kvdepot.keys import ChunkKey
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.metrics import Metrics, TierMetrics
+from kvdepot.remote_config import ValkeyConfig
+from kvdepot.tiers.base import TierUsage
+from kvdepot.tiers.breaker import CircuitBreaker
+from kvdepot.tiers.valkey_wire import (
+    REMOTE_ERRORS,
+    Gather,
+    NodeClient,
+    is_timeout,
+    key_slot,
+    open_client,
+)
+
+logger = logging.getLogger(__name__)
+
+_MANIFEST = struct.Struct("<4sIQ")
+_MANIFEST_MAGIC = b"KVDP"
+_NUM_SLOTS = 16384
+_REFRESH_INTERVAL_S = 1.0
+_SCAN_COUNT = 512
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Node:
+    address: str
+    client: NodeClient
+    breaker: CircuitBreaker
+
+
+class ValkeyTier:
+    """Chunks in Valkey or Redis, with per-node circuit breakers."""
+
+    name = "valkey"
+
+    def __init__(self, config: ValkeyConfig, metrics: TierMetrics | None = None) -> None:
+        """Wire a tier; nothing connects until the first call (see `open_valkey_tier`).
+
+        Raises:
+            ConfigError: `config` is invalid or names no address.
+        """
+        self.config = config.validate()
+        self._seeds = config.addresses()
+        if not self._seeds:
+            raise ConfigError("valkey.address is not set: give host:port of the server")
+        self._prefix = config.key_prefix
+        self._metrics = metrics if metrics is not None else Metrics().tier(self.name)
+        self._log = RateLimitedLog(logger)
+        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._nodes: dict[str, _Node] = {}
+        self._slots: list[_Node | None] | None = None  # cluster mode: owner of each slot
+        self._last_refresh_s = -_REFRESH_INTERVAL_S
+        self._num_objects = 0
+        self._num_bytes = 0
+        self._is_closed = False
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = [False] * len(keys)
+        for node, idx in self._route(keys, "contains"):
+            replies = self._pipeline(
+                node, "contains", [("EXISTS", self._name(keys[i])) for i in idx]
+            )
+            for i, reply in zip(idx, replies or [], strict=False):
+                found[i] = reply == 1
+        return found
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        start = time.perf_counter()
+        blobs: list[bytes | None] = [None] * len(keys)
+        for node, idx in self._route(keys, "get"):
+            names = [self._name(keys[i]) for i in idx]
+            for i, blob in zip(idx, self._get_on(node, names), strict=True):
+                blobs[i] = blob
+        num_hits = sum(blob is not None for blob in blobs)
+        self._metrics.op("get", "hit", num_hits)
+        self._metrics.bytes("read", sum(len(blob) for blob in blobs if blob is not None))
+        self._metrics.latency("get", time.perf_counter() - start)
+        return blobs
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        start = time.perf_counter()
+        batch = dict(items)
+        keys = list(batch)
+        num_stored = 0
+        for node, idx in self._route(keys, "put"):
+            num_stored += self._put_on(node, [(self._name(keys[i]), batch[keys[i]]) for i in idx])
+        self._metrics.op("put", "ok", num_stored)
+        self._metrics.latency("put", time.perf_counter() - start)
+        return num_stored
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        unique = list(dict.fromkeys(keys))
+        for node, idx in self._route(unique, "delete"):
+            names = [self._name(unique[i]) for i in idx]
+            probes: list[tuple[object, ...]] = []
+            for name in names:
+                probes += [("GETRANGE", name, 0, _MANIFEST.size - 1), ("STRLEN", name)]
+            replies = self._pipeline(node, "delete", probes, len(names))
+            if not replies:
+                continue
+            doomed: list[str] = []
+            num_bytes = num_objects = 0
+            for name, head, size in zip(names, replies[::2], replies[1::2], strict=True):
+                found = _manifest(head)
+                doomed += _names_of(name, found)
+                if isinstance(size, int) and size > 0:
+                    num_objects += 1
+                    num_bytes += size if found is None else found[1]
+            if self._pipeline(node, "delete", [("UNLINK", *doomed)], len(names)) is not None:
+                self._account(-num_bytes, -num_objects)
+
+    def clear(self) -> None:
+        """Remove every chunk under this tier's key prefix (all namespaces and tenants)."""
+        for node in self._primaries():
+            self._call(node, "clear", 0, self._clear_node)
+        with self._lock:
+            self._num_objects = self._num_bytes = 0
+
+    def usage(self) -> TierUsage:
+        """Approximate: blobs this instance stored minus those it deleted. Writes of other
+        processes, expiry and server eviction are not seen; capacity is the server's
+        `maxmemory` and is reported as 0 (unknown)."""
+        with self._lock:
+            return TierUsage(self._num_bytes, 0, self._num_objects)
+
+    def close(self) -> None:
+        """Disconnect; later calls answer misses."""
+        with self._lock:
+            self._is_closed = True
+            nodes, self._nodes, self._slots = list(self._nodes.values()), {}, None
+        for node in nodes:
+            node.client.close()
+
+    def _name(self, key: ChunkKey) -> str:
+        return f"{self._prefix}:{key.namespace.hex()}:{{{key.chunk_hash.hex()}}}"
+
+    def _get_on(self, node: _Node, names: list[str]) -> list[bytes | None]:
+        values = self._pipeline(node, "get", [("GET", n) for n in names])
+        if values is None:
+            return [None] * len(names)  # counted as breaker_open or error
+        manifests = {j: m for j, v in enumerate(values) if (m := _manifest(v)) is not None}
+        part_names = [f"{names[j]}:{p}" for j, (num, _) in manifests.items() for p in range(num)]
+        part_values = self._pipeline(node, "get", [("GET", n) for n in part_names], len(manifests))
+        parts = iter(part_values or [])
+        blobs: list[bytes | None] = []
+        num_misses = 0
+        for j, value in enumerate(values):
+            found = manifests.get(j)
+            if found is not None and part_values is None:
+                blobs.append(None)  # the node failed meanwhile: counted there
+                continue
+            if found is not None:
+                value = _join([next(parts) for _ in range(found[0])])
+            blobs.append(self._validated(node, names[j], found, value))
+            num_misses += blobs[-1] is None
+        self._metrics.op("get", "miss", num_misses)
+        return blobs
+
+    def _validated(
+        self, node: _Node, name: str, found: tuple[int, int] | None, value: object
+    ) -> bytes | None:
+        """`value` if it is a blob that verifies; otherwise deletes it (and its parts)."""
+        if value is None or isinstance(value, Exception):
+            return None  # absent, or an error reply (counted where it was sent)
+        try:
+            if not isinstance(value, bytes):
+                raise CorruptChunk(f"a part is missing (evicted or expired): {value!r}")
+            if found is not None and len(value) != found[1]:
+                raise CorruptChunk(f"parts add up to {len(value)} bytes, not {found[1]}")
+            open_blob(value, verify=True)
+        except CorruptChunk as exc:
+            self._metrics.corrupt()
+            self._log.warning("corrupt", "valkey tier: deleting bad chunk %s: %s", name, exc)
+            self._pipeline(node, "delete", [("UNLINK", *_names_of(name, found))], 1)
+            return None
+        return value
+
+    def _put_on(self, node: _Node, items: list[tuple[str, EncodedChunk]]) -> int:
+        exists = self._pipeline(node, "put", [("EXISTS", name) for name, _ in items])
+        if exists is None:
+            return 0
+        commands: list[tuple[object, ...]] = []
+        owners: list[tuple[str, int, int]] = []  # name, number of commands, blob bytes
+        for (name, chunk), present in zip(items, exists, strict=True):
+            if present != 1:
+                cmds = self._set_commands(name, chunk.sealed())
+                commands += cmds
+                owners.append((name, len(cmds), chunk.nbytes))
+        replies = iter(self._pipeline(node, "put", commands, len(owners)) or [])
+        num_stored = len(items) - len(owners)
+        for name, num_cmds, nbytes in owners:
+            outcomes = [next(replies, None) for _ in range(num_cmds)]
+            if all(reply is True for reply in outcomes):
+                num_stored += 1
+                self._metrics.bytes("write", nbytes)
+                self._account(nbytes, 1)
+            elif any(isinstance(reply, Exception) for reply in outcomes):
+                self._metrics.op("put", "error")
+                self._log.warning("put-reply", "valkey tier: SET refused: %s", outcomes)
+                split = (num_cmds - 1, nbytes) if num_cmds > 1 else None
+                self._pipeline(node, "delete", [("UNLINK", *_names_of(name, split))], 1)
+        return num_stored
+
+    def _set_commands(self, name: str, chunk: EncodedChunk) -> list[tuple[object, ...]]:
+        """SET commands for a sealed chunk: one value, or the parts then the manifest."""
+        header, payload = chunk.header.pack(), chunk.contiguous_payload()
+        expiry: tuple[object, ...] = ("EX", self.config.ttl_s) if self.config.ttl_s else ()
+        nbytes = len(header) + len(payload)
+        num_parts = -(-nbytes // self.config.part_size_bytes)
+        if num_parts == 1:
+            return [("SET", name, Gather(header, payload), *expiry)]
+        part_nbytes = -(-nbytes // num_parts)
+        commands: list[tuple[object, ...]] = []
+        for p, offset in enumerate(range(0, nbytes, part_nbytes)):
+            end = min(offset + part_nbytes, nbytes)
+            value = (
+                Gather(header, payload[: end - HEADER_NBYTES])
+                if offset == 0
+                else Gather(payload[offset - HEADER_NBYTES : end - HEADER_NBYTES])
+            )
+            commands.append(("SET", f"{name}:{p}", value, *expiry))
+        manifest = _MANIFEST.pack(_MANIFEST_MAGIC, num_parts, nbytes)
+        return [*commands, ("SET", name, manifest, *expiry)]
+
+    def _clear_node(self, client: NodeClient) -> None:
+        batch: list[bytes] = []
+        for name in client.scan_iter(f"{self._prefix}:*", _SCAN_COUNT):
+            batch.append(name)
+            if len(batch) >= _SCAN_COUNT:
+                client.pipeline([("UNLINK", *batch)])
+                batch = []
+        if batch:
+            client.pipeline([("UNLINK", *batch)])
+
+    def _account(self, nbytes: int, num_objects: int = 0) -> None:
+        with self._lock:
+            self._num_bytes = max(0, self._num_bytes + nbytes)
+            self._num_objects = max(0, self._num_objects + num_objects)
+
+    def _pipeline(
+        self, node: _Node, op: str, commands: list[tuple[object, ...]], num_chunks: int = -1
+    ) -> list[object] | None:
+        """Replies of `commands` sent in one round trip (errors as values), or None if the
+        node is down; `num_chunks` (default: one per command) is what a failure counts."""
+        if not commands:
+            return []
+        count = len(commands) if num_chunks < 0 else num_chunks
+        replies = self._call(node, op, count, lambda client: client.pipeline(commands))
+        if replies is not None and any(_is_moved(reply) for reply in replies):
+            self._refresh(force=True)
+        return replies
+
+    def _call(self, node: _Node, op: str, count: int, fn: Callable[[NodeClient], T]) -> T | None:
+        """`fn(client)` through the node's breaker; None (counted, logged) if it failed."""
+        if not node.breaker.allow():
+            self._metrics.op(op, "breaker_open", count)
+            return None
+        try:
+            result = fn(node.client)
+        except REMOTE_ERRORS as exc:
+            node.breaker.record_failure(exc, is_timeout=is_timeout(exc))
+            self._metrics.op(op, "error", count)
+            self._log.warning(
+                f"{op}-{node.address}", "valkey %s: %s failed: %r", node.address, op, exc
+            )
+            if self.config.cluster and op != "topology":
+                self._refresh()  # a failover may have moved its slots to another node
+            return None
+        node.breaker.record_success()
+        return result
+
+    def _route(self, keys: Sequence[ChunkKey], op: str) -> Iterator[tuple[_Node, list[int]]]:
+        """(node, indices of its keys) for each node that owns some of `keys`."""
+        if not keys:
+            return
+        if not self.config.cluster:
+            node = self._node(self._seeds[0])
+            if node is not None:
+                yield node, list(range(len(keys)))
+            return
+        slots = self._slot_owners()
+        groups: dict[str, tuple[_Node, list[int]]] = {}
+        unrouted = 0
+        for i, key in enumerate(keys):
+            owner = None if slots is None else slots[key_slot(key.chunk_hash.hex().encode())]
+            if owner is None:
+                unrouted += 1
+            else:
+                groups.setdefault(owner.address, (owner, []))[1].append(i)
+        self._metrics.op(op, "unrouted", unrouted)
+        yield from groups.values()
+
+    def _primaries(self) -> list[_Node]:
+        if not self.config.cluster:
+            node = self._node(self._seeds[0])
+            return [] if node is None else [node]
+        slots = self._slot_owners()
+        return list({n.address: n for n in slots or [] if n is not None}.values())
+
+    def _slot_owners(self) -> list[_Node | None] | None:
+        with self._lock:
+            slots = self._slots
+        return slots if slots is not None else self._refresh()
+
+    def _node(self, address: str) -> _Node | None:
+        with self._lock:
+            if self._is_closed:
+                return None
+            node = self._nodes.get(address)
+            if node is None:
+                host, _, port = address.rpartition(":")
+                cfg = self.config
+                breaker = CircuitBreaker(
+                    f"valkey {address}", self._metrics,
+                    failure_threshold=cfg.breaker_failures,
+                    cooldown_s=cfg.breaker_cooldown_ms / 1000,
+                )  # fmt: skip
+                node = _Node(address, open_client(cfg, host, int(port)), breaker)
+                self._nodes[address] = node
+            return node
+
+    def _refresh(self, *, force: bool = False) -> list[_Node | None] | None:
+        """Re-read the slot map from any reachable node (at most once a second)."""
+        with self._refresh_lock:
+            now = time.monotonic()
+            if now - self._last_refresh_s < _REFRESH_INTERVAL_S and not force:
+                return self._slots
+            self._last_refresh_s = now
+            with self._lock:
+                known = list(self._nodes)
+            for address in dict.fromkeys([*self._seeds, *known]):
+                node = self._node(address)
+                reply = None if node is None else self._call(node, "topology", 1, _cluster_slots)
+                if node is not None and reply is not None:
+                    slots = self._slot_table(reply, node.address.rpartition(":")[0])
+                    with self._lock:
+                        if not self._is_closed:
+                            self._slots = slots
+                    return slots
+            return self._slots
+
+    def _slot_table(self, reply: list[Any], default_host: str) -> list[_Node | None]:
+        table: list[_Node | None] = [None] * _NUM_SLOTS
+        for start, end, primary, *_replicas in reply:
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            node = self._node(f"{host or default_host}:{int(primary[1])}")
+            table[int(start) : int(end) + 1] = [node] * (int(end) - int(start) + 1)
+        return table
+
+
+def open_valkey_tier(config: ValkeyConfig, metrics: TierMetrics | None = None) -> ValkeyTier:
+    """A Valkey tier for `config` (which must name an address); connects on first use, so a
+    server that is down at start only costs misses until it is up.
+
+    Raises:
+        ConfigError: `config` is invalid or names no address.
+    """
+    return ValkeyTier(config, metrics)
+
+
+def _cluster_slots(client: NodeClient) -> list[Any]:
+    reply = client.command("CLUSTER SLOTS")
+    return list(reply)
+
+
+def _manifest(value: object) -> tuple[int, int] | None:
+    """(number of parts, blob length) if `value` is a well-formed manifest, else None."""
+    if not isinstance(value, bytes) or len(value) != _MANIFEST.size:
+        return None
+    magic, num_parts, nbytes = _MANIFEST.unpack(value)
+    if magic != _MANIFEST_MAGIC or not 2 <= num_parts <= nbytes:
+        return None
+    return (num_parts, nbytes) if nbytes <= MAX_CHUNK_BYTES + HEADER_NBYTES else None
+
+
+def _join(pieces: list[object]) -> bytes | list[object]:
+    """The parts joined, or the pieces themselves when one is not a value."""
+    if all(isinstance(p, bytes) for p in pieces):
+        return b"".join(p for p in pieces if isinstance(p, bytes))
+    return [p for p in pieces if not isinstance(p, bytes)]
+
+
+def _names_of(name: str, found: tuple[int, int] | None) -> list[str]:
+    """`name` and, when it holds a manifest, the names of its parts."""
+    return [name] if found is None else [name, *(f"{name}:{p}" for p in range(found[0]))]
+
+
+def _is_moved(reply: object) -> bool:
+    return isinstance(reply, Exception) and str(reply).startswith(("MOVED", "ASK"))
