@@ -512,7 +512,7 @@ class XorCodec:
 
 def test_default_registry_holds_the_builtin_codecs() -> None:
     registry = default_registry()
-    assert registry.names() == ["lossless", "raw"]
+    assert registry.names() == ["cachegen", "fp8", "int8", "lossless", "raw"]
     assert isinstance(registry.by_name("raw"), RawCodec)
     assert isinstance(registry.by_id(LosslessCodec.codec_id), LosslessCodec)
     assert all(isinstance(registry.by_name(n), Codec) for n in registry.names())
@@ -545,7 +545,7 @@ def test_duplicate_codec_is_rejected(duplicate: XorCodec) -> None:
     registry = default_registry()
     with pytest.raises(ConfigError, match="already registered"):
         registry.register(duplicate)
-    assert registry.names() == ["lossless", "raw"]
+    assert registry.names() == ["cachegen", "fp8", "int8", "lossless", "raw"]
     assert isinstance(registry.by_id(RawCodec.codec_id), RawCodec)
     with pytest.raises(ConfigError):
         CodecRegistry([RawCodec(), duplicate])

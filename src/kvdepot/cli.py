@@ -132,6 +132,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from kvdepot.bench import daemon
+
+    results = daemon.run(args.layouts.split(","), args.total_mib, args.repeats)
+    print(daemon.report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
+def _cmd_bench_remote(args: argparse.Namespace) -> int:
+    from kvdepot.bench import remote
+
+    run = remote.run(
+        layouts=tuple(args.layouts.split(",")), total_mib=args.total_mib, repeats=args.repeats,
+        backends=tuple(args.backends.split(",")),
+    )  # fmt: skip
+    print(remote.report(run))
+    return 0
+
+
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
     from kvdepot.bench import ttft
     from kvdepot.connectors.model import prepare_model
@@ -142,6 +163,27 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
+
+
+def _cmd_bench_codecs(args: argparse.Namespace) -> int:
+    from kvdepot.bench import codecs
+    from kvdepot.codec import load_registry
+    from kvdepot.connectors.model import prepare_model
+
+    registry = load_registry(args.plugin)
+    names = [n.strip() for n in args.codecs.split(",")] if args.codecs else registry.names()
+    for name in names:
+        registry.by_name(name)  # ConfigError listing the known names, before the model loads
+    results = codecs.run(
+        prepare_model(args.model_dir), registry, names, context_tokens=args.context_tokens,
+        heldout_tokens=args.heldout_tokens, num_prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+        progress=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(codecs.report(results, args.context_tokens, args.heldout_tokens))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if all(met for _, met in codecs.goal_lines(results)) or not args.strict else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     tiers.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     tiers.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
     tiers.set_defaults(func=_cmd_bench_tiers)
+    bench_daemon = benches.add_parser(
+        "daemon", help="store/retrieve GB/s through the daemon vs /dev/shm; lookup latency"
+    )
+    bench_daemon.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
+    bench_daemon.add_argument("--total-mib", type=int, default=256, help="KV bytes per run")
+    bench_daemon.add_argument("--repeats", type=int, default=7, help="runs per figure (median)")
+    bench_daemon.add_argument("--json", type=Path, default=None, help="also write JSON")
+    bench_daemon.set_defaults(func=_cmd_bench_daemon)
+    bench_remote = benches.add_parser(
+        "remote", help="Valkey and S3 tier GB/s vs raw client GET/SET and get/put_object"
+    )
+    bench_remote.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
+    bench_remote.add_argument("--total-mib", type=int, default=64, help="KV bytes per run")
+    bench_remote.add_argument("--repeats", type=int, default=5, help="pairs per figure")
+    bench_remote.add_argument("--backends", default="valkey,s3", help="comma list")
+    bench_remote.set_defaults(func=_cmd_bench_remote)
     ttft = benches.add_parser(
         "ttft", help="TTFT on the real model: cold, warm RAM, warm disk, vs copy+decode limit"
     )
@@ -207,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     ttft.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
     ttft.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     ttft.set_defaults(func=_cmd_bench_ttft)
+    codec_bench = benches.add_parser(
+        "codecs", help="codec ratio, GB/s and model quality (perplexity, greedy) on real KV"
+    )
+    codec_bench.add_argument("--codecs", default="", help="comma list (default: all registered)")
+    codec_bench.add_argument(
+        "--plugin", action="append", default=[], help="codec import path 'pkg.module:Factory'"
+    )
+    codec_bench.add_argument("--context-tokens", type=int, default=3072, help="KV context")
+    codec_bench.add_argument("--heldout-tokens", type=int, default=512, help="perplexity text")
+    codec_bench.add_argument("--prompts", type=int, default=8, help="greedy questions")
+    codec_bench.add_argument("--max-new-tokens", type=int, default=12, help="tokens per answer")
+    codec_bench.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
+    codec_bench.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
+    codec_bench.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    codec_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+    codec_bench.set_defaults(func=_cmd_bench_codecs)
     return parser
 
 
