@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvdepot import CacheEngine, DType, KVLayout, Metrics, TieredStore, load_config, open_store
+from kvdepot import (
+    CacheEngine,
+    ConfigError,
+    DType,
+    KVLayout,
+    Metrics,
+    TieredStore,
+    load_config,
+    open_store,
+)
 from kvdepot.codec import HEADER_NBYTES, EncodedChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.tiers.arena import ArenaAllocator, HostBuffer
@@ -353,3 +362,40 @@ def test_reserve_that_can_never_fit_evicts_nothing() -> None:
         assert store.put([(random_key(), big)]) == 0
         assert store.memory.contains(keys) == [True] * 4
     store.close()
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int8", "cachegen"])
+def test_disk_tier_in_its_own_codec_round_trips_through_ram(tmp_path: Path, codec: str) -> None:
+    config = load_config(
+        overrides={"memory.capacity_bytes": "16MiB", "memory.prefault": False,
+                   "disk.path": str(tmp_path / "d"), "disk.codec": codec, "disk.fsync": False,
+                   "chunk_size_tokens": CHUNK}
+    )  # fmt: skip
+    layout = KVLayout(2, 2, 32, DType.BFLOAT16)
+    tokens = list(range(6 * CHUNK))
+    kv = torch.randn(layout.chunk_shape(len(tokens))).to(torch.bfloat16)
+    with open_store(config) as store:
+        engine = CacheEngine(store, layout, "m", chunk_size_tokens=CHUNK)
+        engine.store(tokens, kv)
+        assert store.flush(10)
+        raw_nbytes = store.usage()["memory"].used_bytes
+        disk_nbytes = store.usage()["disk"].used_bytes
+        store.memory.clear()
+        out = engine.retrieve(tokens)  # from disk, decoded back to raw in RAM
+        assert out.shape == kv.shape
+        assert store.memory.usage().num_objects == 6
+    assert disk_nbytes < raw_nbytes  # stored smaller than raw
+    if codec == "lossless":
+        assert torch.equal(out, kv)
+    else:
+        error = (out.float() - kv.float()).norm() / kv.float().norm()
+        assert error < 0.1
+
+
+def test_unknown_tier_codec_is_a_clear_config_error(tmp_path: Path) -> None:
+    config = load_config(
+        overrides={"memory.capacity_bytes": "1MiB", "memory.prefault": False,
+                   "disk.path": str(tmp_path / "d"), "disk.codec": "zip9000"}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="zip9000"):
+        open_store(config)

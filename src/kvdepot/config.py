@@ -53,6 +53,7 @@ class DiskConfig:
     capacity_bytes: int = _doc("byte budget of the disk tier", 16 * GiB)
     fsync: bool = _doc("fsync each chunk file before it becomes visible", True)
     eviction_policy: str = _doc("eviction order: prefix-aware or lru", "prefix-aware")
+    codec: str = _doc("codec of chunks on disk: raw, lossless, int8, fp8, cachegen, ...", "raw")
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ class KVDepotConfig:
         "chunk hash: blake2b-128 (multi-tenant safe) or xxh3-128 (trusted, faster)", "blake2b-128"
     )
     write_back_queue_chunks: int = _doc("chunks waiting for write-back before drops", 64)
+    codec_plugins: str = _doc("extra codecs: comma-separated 'package.module:Factory'", "")
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "daemon"})

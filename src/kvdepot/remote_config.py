@@ -50,6 +50,7 @@ class ValkeyConfig:
     )
     breaker_failures: int = _doc("consecutive failures that make a server count as down", 3)
     breaker_cooldown_ms: int = _doc("how long a down server is skipped before a probe", 5000)
+    codec: str = _doc("codec of chunks in Valkey: raw, lossless, int8, fp8, cachegen, ...", "raw")
 
     def validate(self) -> ValkeyConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
@@ -94,6 +95,7 @@ class S3Config:
     max_workers: int = _doc("requests in flight at once (thread pool size)", 8)
     breaker_failures: int = _doc("consecutive failures that make the store count as down", 3)
     breaker_cooldown_ms: int = _doc("how long a down store is skipped before a probe", 5000)
+    codec: str = _doc("codec of chunks in S3: raw, lossless, int8, fp8, cachegen, ...", "raw")
 
     def validate(self) -> S3Config:
         """Raise ConfigError naming the first invalid field; return self when valid."""

@@ -21,12 +21,20 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from kvdepot.codec.format import EncodedChunk, open_blob
+from kvdepot.codec import (
+    CodecRegistry,
+    RawCodec,
+    decode_chunk_into,
+    default_registry,
+    load_registry,
+)
+from kvdepot.codec.format import HEADER_NBYTES, ChunkHeader, EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
 from kvdepot.errors import TierUnavailable
 from kvdepot.keys import ChunkKey
@@ -37,6 +45,7 @@ from kvdepot.tiers.base import ReadsInto, Tier, TierUsage
 from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.memory import Lease, MemoryTier, WriteSlot
 from kvdepot.tiers.policy import make_policy
+from kvdepot.tiers.transcode import CodecTier
 
 logger = logging.getLogger(__name__)
 _STOP = None
@@ -78,9 +87,11 @@ class TieredStore:
         *,
         metrics: Metrics | None = None,
         write_back_queue_chunks: int = 64,
+        registry: CodecRegistry | None = None,
     ) -> None:
         self.memory = memory
         self.lower = list(lower)
+        self.registry = registry if registry is not None else default_registry()
         self.metrics = metrics if metrics is not None else Metrics()
         self._queue: queue.Queue[tuple[Lease, int] | None] = queue.Queue()
         # Queued chunks stay pinned in RAM: cap them by count and by half of the RAM (an
@@ -216,6 +227,8 @@ class TieredStore:
             if blob is None:
                 return None
             header, payload = open_blob(blob, verify=False)
+            if header.codec_id != RawCodec.codec_id:
+                return self._promote_decoded(key, blob, header)
             chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
             slot = self.memory.reserve(key, chunk.nbytes)
             if slot is None:
@@ -227,6 +240,22 @@ class TieredStore:
                 self.memory.abort(slot)
             self._log.warning(f"get-{tier.name}", "tier %s read failed: %s", tier.name, exc)
             return None
+
+    def _promote_decoded(self, key: ChunkKey, blob: bytes, header: ChunkHeader) -> WriteSlot | None:
+        """Decode a chunk stored in another codec straight into a raw RAM slot."""
+        raw = replace(header, codec_id=RawCodec.codec_id, payload_nbytes=header.logical_nbytes)
+        raw = replace(raw, checksum=None)
+        slot = self.memory.reserve(key, raw.blob_nbytes)
+        if slot is None:
+            return None  # RAM is full: a miss rather than an undecoded blob
+        try:
+            slot.buffer[:HEADER_NBYTES] = raw.pack()
+            out = np.frombuffer(slot.buffer, dtype=header.dtype.storage_dtype, offset=HEADER_NBYTES)
+            decode_chunk_into(blob, out.reshape(header.shape), self.registry, verify=False)
+        except BaseException:
+            self.memory.abort(slot)
+            raise
+        return slot
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
         """Store chunks (one chain, head first) in RAM and queue their write-back.
@@ -379,30 +408,42 @@ def open_store(
     memory = MemoryTier(
         buffer, policy=make_policy(config.memory.eviction_policy), metrics=metrics.tier("memory")
     )
+    registry = load_registry([p.strip() for p in config.codec_plugins.split(",") if p.strip()])
     lower: list[Tier] = []
     if config.disk.path:
         try:
-            lower.append(
-                DiskTier.open(
-                    Path(config.disk.path),
-                    config.disk.capacity_bytes,
-                    fsync=config.disk.fsync,
-                    policy=make_policy(config.disk.eviction_policy),
-                    metrics=metrics.tier("disk"),
-                )
+            disk = DiskTier.open(
+                Path(config.disk.path),
+                config.disk.capacity_bytes,
+                fsync=config.disk.fsync,
+                policy=make_policy(config.disk.eviction_policy),
+                metrics=metrics.tier("disk"),
             )
+            lower.append(_with_codec(disk, config.disk.codec, registry))
         except TierUnavailable as exc:
             # Fail open: a cache without its disk tier still serves from RAM.
             logger.error("running without the disk tier: %s", exc)
     if config.valkey.address:
         from kvdepot.tiers.valkey import open_valkey_tier
 
-        lower.append(open_valkey_tier(config.valkey, metrics.tier("valkey")))
+        valkey = open_valkey_tier(config.valkey, metrics.tier("valkey"))
+        lower.append(_with_codec(valkey, config.valkey.codec, registry))
     if config.s3.bucket:
         from kvdepot.tiers.s3 import open_s3_tier
 
-        lower.append(open_s3_tier(config.s3, metrics.tier("s3")))
+        s3 = open_s3_tier(config.s3, metrics.tier("s3"))
+        lower.append(_with_codec(s3, config.s3.codec, registry))
     store = TieredStore(
-        memory, lower, metrics=metrics, write_back_queue_chunks=config.write_back_queue_chunks
+        memory,
+        lower,
+        metrics=metrics,
+        write_back_queue_chunks=config.write_back_queue_chunks,
+        registry=registry,
     )
     return store.start()
+
+
+def _with_codec(tier: Tier, codec_name: str, registry: CodecRegistry) -> Tier:
+    """`tier` itself for raw chunks, else wrapped to store them in `codec_name`."""
+    codec = registry.by_name(codec_name)
+    return tier if codec.codec_id == RawCodec.codec_id else CodecTier(tier, codec, registry)
