@@ -20,36 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS
+from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS, Result
 from kvdepot.bench.timing import gbps, paired_seconds
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.engine import CacheEngine, as_numpy_bits
 from kvdepot.tables import format_table
 from kvdepot.tiers.arena import HostBuffer
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonResult:
-    layout: str
-    metric: str
-    ours: float
-    limit: float
-    unit: str
-    ratio: float
-    goal: str
-
-    @property
-    def is_met(self) -> bool:
-        if self.goal == "info":
-            return True
-        op, value = self.goal.split(" ")
-        return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
 
 
 def _start_daemon(root: Path, capacity_bytes: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -69,9 +50,7 @@ def _start_daemon(root: Path, capacity_bytes: int) -> tuple[subprocess.Popen[byt
     return proc, socket_path
 
 
-def _bench_layout(
-    name: str, socket_path: Path, total_bytes: int, repeats: int
-) -> list[DaemonResult]:
+def _bench_layout(name: str, socket_path: Path, total_bytes: int, repeats: int) -> list[Result]:
     layout = LAYOUTS[name]
     num_chunks = max(2, total_bytes // (layout.bytes_per_token * CHUNK_TOKENS))
     num_tokens = num_chunks * CHUNK_TOKENS
@@ -101,14 +80,14 @@ def _bench_layout(
         shm.unlink()
         client.close()
     return [
-        DaemonResult(name, "daemon store", gbps(nbytes, store_s), gbps(nbytes, copy_in_s),
+        Result(name, "daemon store", gbps(nbytes, store_s), gbps(nbytes, copy_in_s),
                      "GB/s", store_ratio, ">= 0.6"),
-        DaemonResult(name, "daemon retrieve", gbps(nbytes, retrieve_s),
+        Result(name, "daemon retrieve", gbps(nbytes, retrieve_s),
                      gbps(nbytes, copy_out_s), "GB/s", retrieve_ratio, ">= 0.6"),
     ]  # fmt: skip
 
 
-def _bench_lookup(socket_path: Path, num_calls: int) -> list[DaemonResult]:
+def _bench_lookup(socket_path: Path, num_calls: int) -> list[Result]:
     layout = LAYOUTS["small"]
     client = DaemonClient(socket_path=socket_path)
     engine = CacheEngine(client, layout, "bench-lookup", chunk_size_tokens=CHUNK_TOKENS)
@@ -123,12 +102,12 @@ def _bench_lookup(socket_path: Path, num_calls: int) -> list[DaemonResult]:
     p50_us = statistics.median(samples) * 1e6
     p99_us = samples[int(len(samples) * 0.99)] * 1e6
     return [
-        DaemonResult("any", "lookup 16 chunks p50", p50_us, 200.0, "us", p50_us / 200, "<= 1.0"),
-        DaemonResult("any", "lookup 16 chunks p99", p99_us, 200.0, "us", p99_us / 200, "info"),
+        Result("any", "lookup 16 chunks p50", p50_us, 200.0, "us", p50_us / 200, "<= 1.0"),
+        Result("any", "lookup 16 chunks p99", p99_us, 200.0, "us", p99_us / 200, "info"),
     ]
 
 
-def run(layouts: list[str], total_mib: int, repeats: int) -> list[DaemonResult]:
+def run(layouts: list[str], total_mib: int, repeats: int) -> list[Result]:
     """Start a daemon, measure, stop it; returns the results (printed by `report`)."""
     root = Path(tempfile.mkdtemp(prefix="kvdepot-bench-daemon-"))
     proc, socket_path = _start_daemon(root, (total_mib << 20) * 2 + (64 << 20))
@@ -144,7 +123,7 @@ def run(layouts: list[str], total_mib: int, repeats: int) -> list[DaemonResult]:
     return results
 
 
-def report(results: list[DaemonResult]) -> str:
+def report(results: list[Result]) -> str:
     rows = [
         [r.layout, r.metric, r.ours, r.limit, r.unit, r.ratio, r.goal,
          "met" if r.is_met else "MISSED"]

@@ -52,6 +52,8 @@ class Result:
 
     @property
     def is_met(self) -> bool:
+        if self.goal == "info":
+            return True
         op, value = self.goal.split(" ")
         return self.ratio >= float(value) if op == ">=" else self.ratio <= float(value)
 
