@@ -32,7 +32,7 @@ def token_path(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.name + ".token")
 
 
-def _remove_stale_shm(shm_dir: Path) -> None:
+def remove_stale_shm(shm_dir: Path) -> None:
     for path in shm_dir.glob("kvdepot-*.shm"):
         match = _SHM_NAME.match(path.name)
         if match is None:
@@ -62,7 +62,7 @@ def run_daemon(config: KVDepotConfig, *, ready: threading.Event | None = None) -
     sockets accept connections."""
     d = config.daemon
     shm_dir = Path(d.shm_dir)
-    _remove_stale_shm(shm_dir)
+    remove_stale_shm(shm_dir)
     shm_path = shm_dir / f"kvdepot-{os.getpid()}-{secrets.token_hex(4)}.shm"
     buffer = HostBuffer.create_shared(
         shm_path, config.memory.capacity_bytes, prefault=config.memory.prefault

