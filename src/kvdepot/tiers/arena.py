@@ -56,10 +56,16 @@ class HostBuffer:
 
     @classmethod
     def map_shared(cls, path: Path) -> HostBuffer:
-        """Map an existing shared-memory file created by another process."""
+        """Map an existing shared-memory file created by another process.
+
+        The page tables are populated up front (MAP_POPULATE): otherwise every first write
+        through this mapping takes a page fault, and a new client's first stores run at a
+        fraction of memory speed.
+        """
         fd = os.open(path, os.O_RDWR)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         try:
-            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=flags)
         finally:
             os.close(fd)
         return cls(mapping, path)
