@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS, Result
+from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS, Result, results_table
 from kvdepot.bench.timing import gbps, paired_seconds
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.engine import CacheEngine, as_numpy_bits
-from kvdepot.tables import format_table
 from kvdepot.tiers.arena import HostBuffer
 
 
@@ -124,11 +123,6 @@ def run(layouts: list[str], total_mib: int, repeats: int) -> list[Result]:
 
 
 def report(results: list[Result]) -> str:
-    rows = [
-        [r.layout, r.metric, r.ours, r.limit, r.unit, r.ratio, r.goal,
-         "met" if r.is_met else "MISSED"]
-        for r in results
-    ]  # fmt: skip
     head = f"kvdepot bench daemon | {os.cpu_count()} cores | torch {torch.__version__}"
-    table = format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
+    table = results_table(results)
     return f"{head}\n{table}\nlimit: numpy.copyto of the same bytes into / out of /dev/shm"

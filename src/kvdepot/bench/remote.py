@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from kvdepot.bench.servers import HOST, LocalServer, seaweed_s3, valkey_server, weed_path
-from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS, Result
-from kvdepot.bench.timing import format_table, gbps, paired_seconds
+from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS, Result, results_table
+from kvdepot.bench.timing import gbps, paired_seconds
 from kvdepot.codec import EncodedChunk, RawCodec, encode_chunk
 from kvdepot.keys import CacheNamespace, ChunkKey, chunk_keys
 from kvdepot.layout import KVLayout
@@ -260,23 +260,9 @@ def run(
 
 
 def report(run: RemoteRun) -> str:
-    rows = [
-        (
-            r.layout,
-            r.metric,
-            r.ours,
-            r.limit,
-            r.unit,
-            r.ratio,
-            r.goal,
-            "met" if r.is_met else "MISSED",
-        )
-        for r in run.results
-    ]
     versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
     head = f"kvdepot bench remote | {platform.machine()} | {os.cpu_count()} cores | {versions}"
-    table = format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
-    return f"{head}\n{table}"
+    return f"{head}\n{results_table(run.results)}"
 
 
 def _client_versions() -> dict[str, str]:

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -223,23 +224,19 @@ def run(layouts: list[str], total_mib: int, repeats: int, disk_dir: Path | None)
     return results
 
 
-def report(results: list[Result]) -> str:
+def results_table(results: Sequence[Result]) -> str:
+    """The table every ratio benchmark prints: ours, limit, ratio and goal per row."""
     rows = [
-        (
-            r.layout,
-            r.metric,
-            r.ours,
-            r.limit,
-            r.unit,
-            r.ratio,
-            r.goal,
-            "met" if r.is_met else "MISSED",
-        )
+        (r.layout, r.metric, r.ours, r.limit, r.unit, r.ratio, r.goal,
+         "met" if r.is_met else "MISSED")
         for r in results
-    ]
+    ]  # fmt: skip
+    return format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
+
+
+def report(results: list[Result]) -> str:
     head = (
         f"kvdepot bench tiers | {platform.machine()} | {os.cpu_count()} cores"
         f" | torch {torch.__version__}"
     )
-    table = format_table(["layout", "metric", "ours", "limit", "unit", "ratio", "goal", ""], rows)
-    return f"{head}\n{table}"
+    return f"{head}\n{results_table(results)}"
