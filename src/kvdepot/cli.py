@@ -186,6 +186,13 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0 if all(met for _, met in codecs.goal_lines(results)) or not args.strict else 1
 
 
+def _cmd_bench_vllm(args: argparse.Namespace) -> int:
+    # Runs in the vLLM environment (see kvdepot.bench.vllm); it owns its flags.
+    from kvdepot.bench import vllm
+
+    return vllm.main(args.rest, prog="kvdepot bench vllm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvdepot",
@@ -281,11 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     codec_bench.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     codec_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
     codec_bench.set_defaults(func=_cmd_bench_codecs)
+    vllm_bench = benches.add_parser(
+        "vllm",
+        help="vLLM head-to-head: TTFT with kvdepot vs peers (flags: kvdepot bench vllm -h)",
+        add_help=False,
+    )
+    vllm_bench.set_defaults(func=_cmd_bench_vllm)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.func is not _cmd_bench_vllm:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvdepot never downloads weights
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

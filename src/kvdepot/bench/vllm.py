@@ -170,8 +170,10 @@ def report(results: list[SetupResult], limit_s: float) -> str:
     return f"{format_table(header, rows)}\nKV copy limit: {limit_s:.3f} s"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--num-tokens", type=int, default=4010)
     parser.add_argument("--repeats", type=int, default=3)
