@@ -149,10 +149,12 @@ def cached_reqs(**fields: Any) -> SimpleNamespace:
     return SimpleNamespace(**{**empty, **fields})
 
 
-def request(req_id: str, tokens: list[int], salt: str | None = None) -> SimpleNamespace:
+def request(
+    req_id: str, tokens: list[int], salt: str | None = None, params: dict[str, Any] | None = None
+) -> SimpleNamespace:
     return SimpleNamespace(
         request_id=req_id, prompt_token_ids=tokens, num_tokens=len(tokens), cache_salt=salt,
-        mm_features=[], lora_request=None, prompt_embeds=None,
+        mm_features=[], lora_request=None, prompt_embeds=None, kv_transfer_params=params,
     )  # fmt: skip
 
 
@@ -241,6 +243,19 @@ def test_cache_salt_isolates_tenants(engine: Engine) -> None:
     assert engine.lookup(request("b", PROMPT, salt="tenant-a")) == 199
     assert engine.lookup(request("c", PROMPT, salt="tenant-b")) == 0
     assert engine.lookup(request("d", PROMPT)) == 0
+
+
+def test_requests_can_opt_out_of_stores_and_loads(engine: Engine) -> None:
+    private = request("a", PROMPT, params={"kvdepot.store": False})
+    assert engine.lookup(private) == 0
+    assert engine.step([(private, list(range(7)), 0, 200)]) == set()
+    assert engine.lookup(request("b", PROMPT)) == 0  # nothing of it was stored
+    engine.lookup(first := request("c", PROMPT))
+    engine.step([(first, list(range(7)), 0, 200)])
+    assert engine.lookup(request("d", PROMPT, params={"kvdepot.load": False})) == 0
+    assert engine.lookup(request("e", PROMPT, params={"kvdepot.store": False})) == 199
+    # A malformed value is ignored (warned about), never a failed request.
+    assert engine.lookup(request("f", PROMPT, params={"kvdepot.load": "no"})) == 199
 
 
 def test_failed_load_reports_its_blocks_and_stores_nothing(
@@ -460,6 +475,8 @@ def test_embedded_engine_hits_fully_partly_and_not_at_all(
     result = run_engine("embedded", spec, workdir)
     steps = result["steps"]
     expected = {  # step: (tokens vLLM got from outside, chunks kvdepot served)
+        "no_store": (0, 0),
+        "after_no_store": (0, 0),  # the request before opted out of stores
         "cold": (0, 0),
         "warm_full": (1299, 6),  # 5 chunks and the tail; the last token is computed
         "partial": (1024, 4),
@@ -470,7 +487,9 @@ def test_embedded_engine_hits_fully_partly_and_not_at_all(
     got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
     assert got == expected
     assert [r["num_cached"] for r in result["batch"]] == [1299, 1036, 999]
-    assert_same_as_reference(list(steps.values()) + result["batch"], populated)
+    assert steps["no_store"]["tokens"] == steps["after_no_store"]["tokens"]
+    served = [s for name, s in steps.items() if "no_store" not in name]
+    assert_same_as_reference(served + result["batch"], populated)
 
 
 @pytest.mark.slow

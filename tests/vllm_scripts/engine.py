@@ -7,8 +7,8 @@ this writes (greedy tokens, vLLM's cached-token counts, kvdepot's store statisti
 asserts. Scenarios:
 - populate (daemon mode): cold runs that fill the daemon, then reference outputs with every
   cache read bypassed;
-- embedded: full, partial and no hits, a local prefix-cache hit topped up by kvdepot, another
-  tenant's salt, a batch;
+- embedded: a request that opts out of stores, full, partial and no hits, a local
+  prefix-cache hit topped up by kvdepot, another tenant's salt, a batch;
 - fresh (daemon mode, a new process): hits served by the daemon, then the daemon killed as
   soon as it has answered a batch's lookups.
 """
@@ -71,14 +71,23 @@ class Engine:
         self.socket_path = spec["stats_socket"]
 
     def generate(
-        self, names: list[str], *, salt: str | None = None, bypass: bool = False
+        self,
+        names: list[str],
+        *,
+        salt: str | None = None,
+        bypass: bool = False,
+        kv_params: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Greedy outputs; `bypass` skips every cache read (vLLM's and kvdepot's)."""
+        """Greedy outputs; `bypass` skips every cache read (vLLM's and kvdepot's);
+        `kv_params` are the requests' `kv_transfer_params`."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
-            max_tokens=MAX_TOKENS, temperature=0.0, skip_reading_prefix_cache=bypass
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+            skip_reading_prefix_cache=bypass,
+            extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
         batch = []
         for name in names:
@@ -100,13 +109,20 @@ class Engine:
             for name, out in zip(names, outputs, strict=True)
         ]
 
-    def one(self, name: str, *, salt: str | None = None, reset: bool = True) -> dict[str, Any]:
+    def one(
+        self,
+        name: str,
+        *,
+        salt: str | None = None,
+        reset: bool = True,
+        kv_params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """One request after emptying vLLM's own prefix cache (so hits come from kvdepot),
         with the store's hit statistics before and after."""
         if reset:
             self.llm.reset_prefix_cache()
         before = self.stats()
-        (result,) = self.generate([name], salt=salt)
+        (result,) = self.generate([name], salt=salt, kv_params=kv_params)
         after = self.stats()
         for key in ("lookup_chunks", "hit_chunks"):
             result[key] = after.get(key, 0) - before.get(key, 0)
@@ -131,6 +147,8 @@ def populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
 
 def embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     steps = {
+        "no_store": engine.one("novel", kv_params={"kvdepot.store": False}),
+        "after_no_store": engine.one("novel"),
         "cold": engine.one("full"),
         "warm_full": engine.one("full"),
         "partial": engine.one("partial"),

@@ -27,6 +27,11 @@ private socket next to `daemon.socket_path` (`embedded_socket_path`) so that the
 can look keys up, and `kvdepot stats` can inspect it. Its RAM tier is a shared-memory file,
 removed at shutdown (or, after a crash, by the next `kvdepot serve` or embedded worker).
 
+Per request, `SamplingParams(extra_args={"kv_transfer_params": {...}})` may opt out:
+`"kvdepot.store": false` stores nothing of the request ("don't cache this"), `"kvdepot.load":
+false` neither looks it up nor loads it (vLLM's own prefix cache still serves it). Both
+default to true; a value that is not a bool is ignored with a warning.
+
 Invariants:
 - Fail open: a lookup that fails is a miss; a load that fails reports its blocks through
   `get_block_ids_with_load_errors` and vLLM recomputes them (the connector switches vLLM's
@@ -271,6 +276,7 @@ class _RequestState:
     token_ids: list[int]
     tenant_salt: bytes
     num_saved_tokens: int  # prompt tokens known to be in kvdepot
+    is_storing: bool = True  # the request did not opt out of stores
     block_ids: list[int] = field(default_factory=list)
     num_load_tokens: int = 0  # external tokens granted, loaded in the next step
     num_expected_tokens: int = 0  # computed tokens after the last planned step
@@ -357,6 +363,17 @@ def _cacheable_prompt(request: Request) -> list[int] | None:
     if getattr(request, "prompt_embeds", None) is not None:
         return None
     return list(request.prompt_token_ids)
+
+
+def _opts_in(request: Request, name: str, log: RateLimitedLog) -> bool:
+    """The request's `kv_transfer_params["kvdepot.<name>"]` (load, store); true by default."""
+    params = getattr(request, "kv_transfer_params", None) or {}
+    value = params.get(f"kvdepot.{name}", True)
+    if not isinstance(value, bool):
+        key, message = f"param-{name}", "kvdepot: kv_transfer_params['kvdepot.%s'] %r ignored"
+        log.warning(key, message + ": it must be true or false", name, value)
+        return True
+    return value
 
 
 def _salt(request: Request) -> bytes:
@@ -459,7 +476,7 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
     ) -> tuple[int | None, bool]:
         """Cached prompt tokens beyond vLLM's own hit, leaving the last token to compute."""
         tokens = _cacheable_prompt(request)
-        if not self.is_loading or tokens is None:
+        if not self.is_loading or tokens is None or not _opts_in(request, "load", self._log):
             return 0, False
         try:
             num_hit = self._scheduler_engine().lookup(tokens, tenant_salt=_salt(request))
@@ -479,7 +496,8 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
             return
         state = self._requests.get(request.request_id)
         if state is None:
-            state = _RequestState(tokens, _salt(request), num_saved_tokens=num_hit)
+            is_storing = _opts_in(request, "store", self._log)
+            state = _RequestState(tokens, _salt(request), num_hit, is_storing)
             self._requests[request.request_id] = state
         state.num_load_tokens = num_external_tokens
 
@@ -531,7 +549,7 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
         end = min(state.num_expected_tokens, num_prompt)
         if end < num_prompt or not self.is_token_exact:
             end -= end % self.config.chunk_size_tokens
-        if self.is_saving and end > state.num_saved_tokens:
+        if self.is_saving and state.is_storing and end > state.num_saved_tokens:
             transfer.save_start, transfer.save_end = state.num_saved_tokens, end
             state.num_saved_tokens = end
         if transfer.load_end > transfer.load_start or transfer.save_end > transfer.save_start:
