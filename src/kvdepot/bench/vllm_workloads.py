@@ -1,0 +1,111 @@
+"""The head-to-head benchmark's workloads: long-document QA and a multi-turn chat, as tokens.
+
+Pure code on top of `kvdepot.workloads` (synthetic product handbooks with planted facts) and a
+tokenizer with a chat template; runs in each benchmark engine process, which all build the
+same prompts from the same seeds. Every request belongs to a group (a document, a
+conversation) whose requests run in order: the first is cold (nothing of it was seen), the
+later ones are warm (they share a long prefix with an earlier request of their group).
+
+- QA: per document (2K-4K tokens), several questions, each `system + user(document +
+  question)`: later questions reuse the document prefix; then the first question again,
+  verbatim (a retried or repeated request: the whole prompt is cached).
+- chat: per conversation, the document and a question, then turns that each add the previous
+  answer and a new question; turn t's prompt is turn t-1's prompt + answer + question. The
+  answers are scripted (the planted fact), not generated, so every setup sees the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvdepot.workloads import Document, make_document
+
+TOKENS_PER_PRODUCT = 280
+"""About how many tokens one product adds to a handbook (SmolLM2's tokenizer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    """One prompt of a workload.
+
+    Attributes:
+        workload: "qa" or "chat".
+        group: the document or conversation it belongs to.
+        kind: "cold" (the group's first request), "warm" (shares a prefix with an earlier
+            one) or "repeat" (an earlier prompt again, verbatim).
+        token_ids: the prompt, chat template applied.
+    """
+
+    workload: str
+    group: int
+    kind: str
+    token_ids: list[int]
+
+
+def doc_sizes(num_docs: int, min_tokens: int, max_tokens: int) -> list[int]:
+    """`num_docs` target lengths spread evenly over [min_tokens, max_tokens]."""
+    if num_docs == 1:
+        return [min_tokens]
+    step = (max_tokens - min_tokens) / (num_docs - 1)
+    return [round(min_tokens + i * step) for i in range(num_docs)]
+
+
+def _document(seed: int, num_tokens: int) -> Document:
+    return make_document(seed=seed, num_products=max(1, round(num_tokens / TOKENS_PER_PRODUCT)))
+
+
+def _encode(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def qa_requests(
+    tokenizer: Any, sizes: list[int], num_questions: int, seed: int = 300
+) -> list[BenchRequest]:
+    """Per document (one per size), `num_questions` questions about it, then the first again."""
+    out = []
+    for group, size in enumerate(sizes):
+        doc = _document(seed + group, size)
+        facts = doc.facts[:: max(1, len(doc.facts) // num_questions)][:num_questions]
+        for index, fact in enumerate(facts):
+            content = f"{doc.text}\n\nQuestion: {fact.question} Answer in one sentence."
+            ids = _encode(tokenizer, [{"role": "user", "content": content}])
+            out.append(BenchRequest("qa", group, "warm" if index else "cold", ids))
+        out.append(BenchRequest("qa", group, "repeat", out[-len(facts)].token_ids))
+    return out
+
+
+def chat_requests(
+    tokenizer: Any, sizes: list[int], num_turns: int, seed: int = 500
+) -> list[BenchRequest]:
+    """Per conversation (one per size), `num_turns` prompts, each extending the last."""
+    out = []
+    for group, size in enumerate(sizes):
+        doc = _document(seed + group, size)
+        facts = doc.facts[:: max(1, len(doc.facts) // num_turns)][:num_turns]
+        messages = [{"role": "user", "content": f"Here is a handbook.\n\n{doc.text}"}]
+        for index, fact in enumerate(facts):
+            if index:
+                previous = facts[index - 1]
+                answer = f"According to the handbook, the answer is {previous.answer}."
+                messages += [{"role": "assistant", "content": answer},
+                             {"role": "user", "content": fact.question}]  # fmt: skip
+            else:
+                messages[0]["content"] += f"\n\n{fact.question}"
+            kind = "warm" if index else "cold"
+            out.append(BenchRequest("chat", group, kind, _encode(tokenizer, messages)))
+    return out
+
+
+def paired_prompts(
+    tokenizer: Any, num_prompts: int, num_tokens: int, seed: int = 900
+) -> list[list[int]]:
+    """`num_prompts` never-seen prompts of exactly `num_tokens` tokens (for cold pairs)."""
+    out = []
+    for i in range(num_prompts):
+        ids = list(tokenizer(_document(seed + i, num_tokens * 3 // 2 + 300).text)["input_ids"])
+        if len(ids) < num_tokens:
+            raise ValueError(f"document too short: {len(ids)} < {num_tokens} tokens")
+        out.append(ids[:num_tokens])
+    return out
