@@ -7,7 +7,8 @@ reached under `__main__`). Imports vLLM, and, for the `lmcache` setup only, LMCa
 
 Per request it records the prompt length, the tokens vLLM did not compute
 (`num_cached_tokens`: its own prefix cache plus a connector's), TTFT (vLLM's
-`first_token_latency`, arrival to first token) and the wall time of the whole `generate`.
+`first_token_latency`, arrival to first token), the wall time of the whole `generate`, and
+the greedy output (compared with plain vLLM's: a cache must not change it).
 vLLM's own prefix cache: the `vllm` setup keeps it within a group (the warm requests hit it,
 the reference the goals name) and empties it before each group's first request; every
 connector setup empties it before every request, so warm hits must come from the connector.
@@ -88,7 +89,7 @@ class BenchEngine:
 
     def generate(
         self, token_ids: list[int], max_tokens: int, kv_params: dict[str, object] | None = None
-    ) -> tuple[int, float, float, int]:
+    ) -> tuple[int, float, float, list[int]]:
         """(cached tokens, TTFT s, wall s, generated tokens) of one greedy request."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -105,7 +106,7 @@ class BenchEngine:
         )
         wall_s = time.perf_counter() - start
         ttft_s = out.metrics.first_token_latency if out.metrics is not None else wall_s
-        return int(out.num_cached_tokens), float(ttft_s), wall_s, len(out.outputs[0].token_ids)
+        return int(out.num_cached_tokens), float(ttft_s), wall_s, list(out.outputs[0].token_ids)
 
     def run(self, requests: list[BenchRequest], max_tokens: int) -> list[Sample]:
         """The requests in order, vLLM's prefix cache emptied as the module docstring says."""
@@ -113,7 +114,7 @@ class BenchEngine:
         for request in requests:
             if request.kind == "cold" or self.setup in CONNECTOR_SETUPS:
                 self.reset_prefix_cache()
-            cached, ttft_s, wall_s, num_generated = self.generate(request.token_ids, max_tokens)
+            cached, ttft_s, wall_s, output = self.generate(request.token_ids, max_tokens)
             samples.append(
                 Sample(
                     request.workload,
@@ -123,7 +124,7 @@ class BenchEngine:
                     cached,
                     ttft_s,
                     wall_s,
-                    num_generated,
+                    output,
                 )
             )
         return samples
@@ -141,10 +142,8 @@ class BenchEngine:
             order = [("paired-store", None), ("paired-skip", SKIP_KVDEPOT)]
             for kind, params in order if i % 2 == 0 else order[::-1]:
                 self.reset_prefix_cache()
-                cached, ttft_s, wall_s, num_generated = self.generate(ids, max_tokens, params)
-                samples.append(
-                    Sample("paired", i, kind, len(ids), cached, ttft_s, wall_s, num_generated)
-                )
+                cached, ttft_s, wall_s, output = self.generate(ids, max_tokens, params)
+                samples.append(Sample("paired", i, kind, len(ids), cached, ttft_s, wall_s, output))
         return samples
 
     def warm_up(self) -> None:

@@ -34,7 +34,7 @@ class Sample:
     num_cached: int
     ttft_s: float
     e2e_s: float
-    num_generated: int
+    output_ids: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ class WorkloadStats:
             p50([s.num_prompt - s.num_cached for s in warm]),
             hit_rate(warm),
             len(samples) / wall_s if wall_s else float("nan"),
-            sum(s.num_generated for s in samples) / wall_s if wall_s else float("nan"),
+            sum(len(s.output_ids) for s in samples) / wall_s if wall_s else float("nan"),
         )
 
     def p50(self, kind: str) -> float:
@@ -110,21 +110,23 @@ def _ratio(a: float, b: float) -> float:
 
 def workload_table(results: Sequence[ChildResult], workload: str) -> str:
     """TTFT p50/p90 per kind of request, hit rate, throughput, and kvdepot's ratios."""
+    by_setup = {r.setup: r for r in results}
     stats = {r.setup: WorkloadStats.of(r.select(workload)) for r in results}
     kinds = [k for k in ("cold", "warm", "repeat") if any(s.ttft_s[k] for s in stats.values())]
-    ours = stats.get("kvdepot")
+    ours = stats.get("kvdepot") or stats.get("kvdepot-daemon")
     header = ["setup"]
     for kind in kinds:
         header += [f"{kind} p50 s", f"{kind} p90 s"]
-    header += ["warm computed tok", "warm hit", "req/s", "gen tok/s"]
+    header += ["warm computed tok", "warm hit", "req/s", "gen tok/s", "same output"]
     header += [f"kvdepot {k} ÷" for k in kinds] + ["kvdepot req/s ÷"]
     rows = []
     for setup, s in stats.items():
         row: list[object] = [setup]
         for kind in kinds:
             row += [s.p50(kind), p90(s.ttft_s[kind])]
+        same = same_outputs(by_setup[setup], by_setup["vllm"], workload)
         row += [s.warm_computed_tokens, f"{s.warm_hit_rate:.1%}", s.requests_per_s,
-                s.tokens_per_s]  # fmt: skip
+                s.tokens_per_s, same]  # fmt: skip
         if ours is None:
             row += ["-"] * (len(kinds) + 1)
         else:
@@ -138,6 +140,12 @@ def workload_table(results: Sequence[ChildResult], workload: str) -> str:
     if sizes:
         title += f", prompts of {sizes[0]}-{sizes[-1]} tokens"
     return f"{title}\n{format_table(header, rows)}"
+
+
+def same_outputs(result: ChildResult, base: ChildResult, workload: str) -> str:
+    """How many of the workload's greedy outputs equal plain vLLM's, as "k/n"."""
+    pairs = list(zip(result.select(workload), base.select(workload), strict=True))
+    return f"{sum(a.output_ids == b.output_ids for a, b in pairs)}/{len(pairs)}"
 
 
 def cold_ratio(ours: ChildResult, base: ChildResult) -> float:

@@ -1,0 +1,73 @@
+"""The vLLM head-to-head's workloads and report, without vLLM (its engines run in CI's vLLM
+step and in `kvdepot bench vllm`)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from kvdepot.bench.vllm_report import ChildResult, Sample, report
+from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    from transformers import AutoTokenizer
+
+    from kvdepot.connectors.model import default_model_dir, prepare_model
+
+    model_dir: Path = prepare_model(default_model_dir())
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def test_qa_questions_share_their_document_and_repeat_the_first(tokenizer: object) -> None:
+    requests = qa_requests(tokenizer, doc_sizes(2, 1000, 2000), num_questions=3)
+    assert [(r.group, r.kind) for r in requests] == [
+        (g, k) for g in (0, 1) for k in ("cold", "warm", "warm", "repeat")
+    ]
+    first, second, third, repeat = requests[:4]
+    assert repeat.token_ids == first.token_ids
+    assert 900 < common_prefix(first.token_ids, second.token_ids) < len(second.token_ids) - 5
+    assert common_prefix(first.token_ids, requests[4].token_ids) < 50  # another document
+    assert len(requests[4].token_ids) > len(third.token_ids) + 500
+
+
+def test_each_chat_turn_extends_the_previous_prompt(tokenizer: object) -> None:
+    turns = chat_requests(tokenizer, [1500], num_turns=4)
+    assert [r.kind for r in turns] == ["cold", "warm", "warm", "warm"]
+    for before, after in itertools.pairwise(turns):
+        assert after.token_ids[: len(before.token_ids)] == before.token_ids
+        assert 10 < len(after.token_ids) - len(before.token_ids) < 80
+
+
+def sample(kind: str, ttft_s: float, workload: str = "qa", group: int = 0) -> Sample:
+    num_cached = 0 if kind.startswith(("cold", "paired")) else 900
+    return Sample(workload, group, kind, 1000, num_cached, ttft_s, ttft_s + 0.5, [1, 2])
+
+
+def test_report_states_each_goal_with_its_numbers() -> None:
+    def result(setup: str, cold_s: float, warm_s: float) -> ChildResult:
+        samples = [sample("cold", cold_s), sample("warm", warm_s), sample("warm", warm_s),
+                   sample("cold", cold_s, "chat"), sample("warm", warm_s, "chat")]  # fmt: skip
+        if setup == "kvdepot":
+            samples += [
+                sample("paired-store", 4.12, "paired"),
+                sample("paired-skip", 4.0, "paired"),
+            ]
+        return ChildResult(setup, 20.0, samples)
+
+    results = [result("vllm", 4.0, 0.4), result("kvdepot", 4.4, 0.5), result("lmcache", 4.0, 1.2)]
+    text = report(results)
+    assert "goal kvdepot warm TTFT <= 0.5 x LMCache (qa): 0.42 (limit 0.50) -> met" in text
+    assert "goal kvdepot warm TTFT <= 1.5 x vLLM prefix-cache hit (chat): 1.25" in text
+    assert "cold slowdown <= 5 % vs vllm, separate engines: 0.10 (limit 0.05) -> MISSED" in text
+    assert "paired in one engine: 0.03 (limit 0.05) -> met; 1 pairs" in text
+    assert "3/3" in text  # every greedy output equals plain vLLM's
