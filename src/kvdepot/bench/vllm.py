@@ -160,12 +160,12 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     add(
         "--doc-tokens",
         type=_pair,
-        default=(2000, 4000),
+        default=(2000, 3800),
         metavar="MIN,MAX",
-        help="document lengths, spread evenly (default 2000,4000)",
+        help="document lengths before the chat template, spread evenly (default 2000,3800)",
     )
     add("--max-tokens", type=int, default=16, help="generated tokens per request")
-    add("--paired", type=int, default=3, help="cold pairs with and without kvdepot")
+    add("--paired", type=int, default=6, help="cold pairs with and without kvdepot")
     add("--paired-tokens", type=int, default=2048, help="prompt length of the cold pairs")
     add("--json", type=Path, help="also write every sample here")
     add("--child", choices=SETUPS, help=argparse.SUPPRESS)
