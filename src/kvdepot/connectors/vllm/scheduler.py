@@ -1,0 +1,173 @@
+"""The connector's scheduler side: lookups, and each step's plan of loads and saves.
+
+Runs in vLLM's scheduler process (EngineCore). It asks the store (daemon mode: `kvdepot
+serve`; embedded: the worker's private socket) how much of a prompt is cached, and turns each
+scheduler step into a `KVDepotMetadata` for the worker: per request, the prompt, the block
+table, the token range to load and the whole chunks (and the prompt's partial tail) newly
+computed, to save. Every lookup failure is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from kvdepot.connectors.vllm.metadata import (
+    KVDepotMetadata,
+    RequestState,
+    RequestTransfer,
+    cacheable_prompt,
+    opts_in,
+    tenant_salt,
+)
+from kvdepot.connectors.vllm.settings import ConnectorSettings
+from kvdepot.daemon.client import DaemonClient
+from kvdepot.deployment import open_cache
+from kvdepot.engine import CacheEngine
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.store import ChunkStore
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerSide:
+    """The scheduler half of `KVDepotConnector` (vLLM calls it through the connector)."""
+
+    def __init__(self, settings: ConnectorSettings, *, is_loading: bool, is_saving: bool) -> None:
+        self.settings = settings
+        self.is_loading = is_loading
+        self.is_saving = is_saving
+        self._cache: CacheEngine | None = None
+        self._log = RateLimitedLog(logger)
+        self._requests: dict[str, RequestState] = {}
+        self._num_hit_tokens: dict[str, int] = {}
+
+    def _engine(self) -> CacheEngine:
+        if self._cache is None:
+            config = self.settings.config
+            d = config.daemon
+            store: ChunkStore = (
+                open_cache(config)
+                if config.mode == "daemon"
+                else DaemonClient(
+                    socket_path=self.settings.socket_path,
+                    connect_timeout_s=d.connect_timeout_s,
+                    request_timeout_s=d.request_timeout_s,
+                    reconnect_interval_s=d.reconnect_interval_s,
+                    client_name=f"vllm-scheduler:{os.getpid()}",
+                )
+            )
+            self._cache = self.settings.make_engine(store)
+        return self._cache
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Cached prompt tokens beyond vLLM's own hit, leaving the last token to compute."""
+        tokens = cacheable_prompt(request)
+        if not self.is_loading or tokens is None or not opts_in(request, "load", self._log):
+            return 0, False
+        try:
+            num_hit = self._engine().lookup(tokens, tenant_salt=tenant_salt(request))
+        except Exception as exc:  # fail open: a miss
+            self._log.warning("lookup", "kvdepot: lookup failed, a miss: %s", exc)
+            num_hit = 0
+        self._num_hit_tokens[request.request_id] = num_hit
+        num_loadable = min(num_hit, request.num_tokens - 1)
+        return max(num_loadable - num_computed_tokens, 0), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        num_hit = self._num_hit_tokens.pop(request.request_id, 0)
+        tokens = cacheable_prompt(request)
+        if tokens is None:
+            return
+        state = self._requests.get(request.request_id)
+        if state is None:
+            is_storing = opts_in(request, "store", self._log)
+            state = RequestState(tokens, tenant_salt(request), num_hit, is_storing)
+            self._requests[request.request_id] = state
+        state.num_load_tokens = num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVDepotMetadata:
+        """This step's loads (granted external tokens) and saves (newly computed chunks)."""
+        meta = KVDepotMetadata()
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        for req_id in scheduler_output.preempted_req_ids or ():
+            if (state := self._requests.get(req_id)) is not None:
+                state.block_ids = []  # freed; a resumed request brings its new table
+        for new in scheduler_output.scheduled_new_reqs:
+            if (state := self._requests.get(new.req_id)) is not None:
+                state.block_ids = list(new.block_ids[0])
+                num_computed = new.num_computed_tokens
+                self._plan(meta, new.req_id, state, num_computed, num_scheduled[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if (state := self._requests.get(req_id)) is None:
+                continue
+            new_block_ids = cached.new_block_ids[i]
+            is_resumed = req_id in cached.resumed_req_ids
+            if is_resumed:
+                state.block_ids = list(new_block_ids[0]) if new_block_ids else []
+            elif new_block_ids:
+                state.block_ids.extend(new_block_ids[0])
+            num_computed = cached.num_computed_tokens[i]
+            if not is_resumed and num_computed < state.num_expected_tokens:
+                # vLLM rolled the request back after a failed load: that step saved nothing.
+                c = self.settings.config.chunk_size_tokens
+                state.num_saved_tokens = min(state.num_saved_tokens, num_computed // c * c)
+            self._plan(meta, req_id, state, num_computed, num_scheduled[req_id])
+        return meta
+
+    def _plan(
+        self,
+        meta: KVDepotMetadata,
+        req_id: str,
+        state: RequestState,
+        num_computed: int,
+        num_scheduled: int,
+    ) -> None:
+        transfer = RequestTransfer(req_id, state.token_ids, state.tenant_salt, [])
+        if state.num_load_tokens:
+            transfer.load_start = num_computed - state.num_load_tokens
+            transfer.load_end = num_computed
+            state.num_load_tokens = 0
+        state.num_expected_tokens = num_computed + num_scheduled
+        num_prompt = len(state.token_ids)
+        end = min(state.num_expected_tokens, num_prompt)
+        if end < num_prompt or not self.settings.is_token_exact:
+            end -= end % self.settings.config.chunk_size_tokens
+        if self.is_saving and state.is_storing and end > state.num_saved_tokens:
+            transfer.save_start, transfer.save_end = state.num_saved_tokens, end
+            state.num_saved_tokens = end
+        if transfer.load_end > transfer.load_start or transfer.save_end > transfer.save_start:
+            transfer.block_ids = list(state.block_ids)
+            meta.requests.append(transfer)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request; saves are synchronous, so its blocks can be freed now."""
+        self._requests.pop(request.request_id, None)
+        self._num_hit_tokens.pop(request.request_id, None)
+        return False, None
+
+    def reset_cache(self) -> bool | None:
+        """Empty the cache (`llm.reset_prefix_cache(reset_connector=True)`)."""
+        try:
+            self._engine().backend.clear()
+        except Exception as exc:
+            self._log.warning("clear", "kvdepot: clearing the cache failed: %s", exc)
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        if self._cache is not None:
+            self._cache.backend.close()

@@ -1,0 +1,174 @@
+"""The connector's settings: kvdepot config from vLLM's, model identity, KV layout checks.
+
+Runs in both vLLM processes (scheduler and worker); each side builds the same
+`ConnectorSettings` from vLLM's config, so keys agree across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import xxhash
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from kvdepot.config import KVDepotConfig, load_config
+from kvdepot.connectors.vllm.pages import cpu_attention_isa
+from kvdepot.engine import CacheEngine, dtype_from_torch
+from kvdepot.errors import ConfigError, KVDepotError
+from kvdepot.keys import HashAlgorithm
+from kvdepot.layout import KVLayout
+from kvdepot.store import ChunkStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+CONNECTOR_KEYS = ("model_fingerprint",)
+"""Keys of `kv_connector_extra_config` that are not `KVDepotConfig` overrides."""
+_SAMPLE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorSettings:
+    """What both sides of the connector share, fixed at start.
+
+    Attributes:
+        config: kvdepot's config (from `kv_connector_extra_config`).
+        layout: the model's KV layout (one KV cache group, full attention).
+        layer_names: vLLM's attention layers, in layer order.
+        block_size: vLLM's block size, in tokens.
+        cpu_isa: the CPU attention kernel family; None off CPU.
+        is_token_exact: page rows are tokens (partial pages and tails can move).
+        socket_path: where an embedded worker serves its store to the scheduler.
+        model: (model, revision), for the default fingerprint.
+        fingerprint: an explicit model fingerprint, or None.
+    """
+
+    config: KVDepotConfig
+    layout: KVLayout
+    layer_names: list[str]
+    block_size: int
+    cpu_isa: str | None
+    is_token_exact: bool
+    socket_path: Path
+    model: tuple[str, str | None]
+    fingerprint: str | None
+
+    @classmethod
+    def from_vllm(
+        cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
+    ) -> ConnectorSettings:
+        """Parse and check; ConfigError for what kvdepot does not support."""
+        transfer = vllm_config.kv_transfer_config
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
+            raise ConfigError("kvdepot's vLLM connector needs tensor and pipeline parallel 1")
+        config, fingerprint = connector_config(transfer.kv_connector_extra_config)
+        layout, layer_names, spec = kv_layout(kv_cache_config)
+        block_size = int(spec.block_size)
+        cpu_isa = cpu_attention_isa(spec.dtype, block_size, int(spec.head_size))
+        # Off CPU (NHD/HND), and with CPU_ATTN's fp32 "vec" kernels, a page row is a token.
+        is_token_exact = cpu_isa is None or (cpu_isa == "vec" and spec.dtype == torch.float32)
+        if not is_token_exact and config.chunk_size_tokens % block_size:
+            raise ConfigError(
+                f"chunk_size_tokens must be a multiple of the block size {block_size} "
+                f"with CPU attention kernels {cpu_isa!r}"
+            )
+        model = (vllm_config.model_config.model, vllm_config.model_config.revision)
+        socket_path = embedded_socket_path(config, str(transfer.engine_id))
+        return cls(config, layout, sorted(layer_names, key=layer_order), block_size, cpu_isa,
+                   is_token_exact, socket_path, model, fingerprint)  # fmt: skip
+
+    def make_engine(self, store: ChunkStore) -> CacheEngine:
+        """A `CacheEngine` over `store` with this model's keys."""
+        fingerprint = self.fingerprint or model_fingerprint(*self.model)
+        if not self.is_token_exact:  # chunks hold pages in this kernel's own format
+            fingerprint += f":pages-cpu-{self.cpu_isa}"
+        return CacheEngine(
+            store,
+            self.layout,
+            fingerprint,
+            chunk_size_tokens=self.config.chunk_size_tokens,
+            hash_algorithm=HashAlgorithm(self.config.hash_algorithm),
+        )
+
+
+def connector_config(extra: Mapping[str, object]) -> tuple[KVDepotConfig, str | None]:
+    """(kvdepot config, explicit model fingerprint) from `kv_connector_extra_config`."""
+    overrides: dict[str, object] = {}
+
+    def flatten(tree: Mapping[str, object], prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                flatten(value, f"{prefix}{key}.")
+            else:
+                overrides[f"{prefix}{key}"] = value
+
+    flatten({k: v for k, v in extra.items() if k not in CONNECTOR_KEYS}, "")
+    fingerprint = extra.get("model_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise ConfigError("kv_connector_extra_config.model_fingerprint must be a string")
+    return load_config(overrides=overrides), fingerprint
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """Identity of vLLM's weights, the same in every process that reads them.
+
+    A local folder: its config.json and, per weight file, its size and three 1 MiB samples
+    (start, middle, end), so fine-tunes of one base differ. A hub name: name and revision.
+    """
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        return f"vllm:{model}@{revision or 'main'}"
+    config = json.loads((path / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    digest = xxhash.xxh3_128(json.dumps(config, sort_keys=True).encode())
+    for file in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            for offset in (0, max(size // 2 - _SAMPLE_BYTES // 2, 0), max(size - _SAMPLE_BYTES, 0)):
+                handle.seek(offset)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return f"vllm:{config.get('model_type', 'model')}:{digest.hexdigest()}"
+
+
+def kv_layout(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, list[str], FullAttentionSpec]:
+    """(layout, attention layer names, their spec); ConfigError when not supported."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(f"kvdepot supports one KV cache group, this model has {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
+        raise ConfigError(f"kvdepot supports full attention only, not {type(spec).__name__}")
+    if spec.head_size_v != spec.head_size or spec.kv_quant_mode.name != "NONE":
+        raise ConfigError("kvdepot needs unquantized KV with equal K and V head sizes")
+    try:
+        dtype = dtype_from_torch(spec.dtype)
+    except KVDepotError as exc:
+        raise ConfigError(f"KV cache dtype not supported: {exc}") from None
+    names = list(groups[0].layer_names)
+    layout = KVLayout(len(names), spec.num_kv_heads, spec.head_size, dtype)
+    return layout, names, spec
+
+
+def embedded_socket_path(config: KVDepotConfig, engine_id: str) -> Path:
+    """Where an embedded worker serves its store to its scheduler (and to `kvdepot stats`)."""
+    digest = hashlib.blake2b(engine_id.encode(), digest_size=6).hexdigest()
+    return Path(config.daemon.socket_path).parent / f"vllm-{digest}.sock"
+
+
+def layer_order(name: str) -> tuple[int, str]:
+    digits = [int(part) for part in name.split(".") if part.isdigit()]
+    return (digits[0] if digits else -1, name)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,222 @@
+"""The connector's worker side: the paged KV tensors, loaded from and saved to the store.
+
+Runs in vLLM's worker process (the one holding the KV tensors). `start_load_kv` retrieves
+the chunks and scatters them, page by page, into the paged tensors before the forward pass;
+`wait_for_save` gathers the pages of the chunks to save into `[L, 2, T, H, D]` and stores
+them. Both are synchronous. Embedded mode: the tiered store lives here, in a shared-memory
+RAM tier, served on a private socket to the scheduler side (and `kvdepot stats`).
+
+Fail open: a load that fails reports its blocks (`get_block_ids_with_load_errors`) and vLLM
+recomputes them; a step with a failed load saves nothing, so KV computed over unloaded
+blocks is never stored; a failed save only costs a future miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import torch
+
+from kvdepot.connectors.vllm.metadata import KVDepotMetadata, RequestTransfer
+from kvdepot.connectors.vllm.pages import (
+    LAYOUTS,
+    KVParts,
+    detect_layout,
+    gather_pages,
+    page_ids,
+    page_size,
+    scatter_pages,
+)
+from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
+from kvdepot.daemon.run import remove_stale_shm
+from kvdepot.daemon.server import DaemonServer
+from kvdepot.deployment import open_cache
+from kvdepot.engine import CacheEngine, torch_dtype
+from kvdepot.errors import ConfigError
+from kvdepot.logutil import RateLimitedLog
+from kvdepot.store import ChunkStore, open_store
+from kvdepot.tiers.arena import HostBuffer
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    """The worker half of `KVDepotConnector` (vLLM calls it through the connector)."""
+
+    def __init__(self, settings: ConnectorSettings) -> None:
+        self.settings = settings
+        self._cache: CacheEngine | None = None
+        self._log = RateLimitedLog(logger)
+        self._layers: list[KVParts] = []
+        self._paged = LAYOUTS["cpu-vec"]
+        self._page_size = settings.block_size
+        self._device = torch.device("cpu")
+        self._buffer: torch.Tensor | None = None
+        self._invalid_block_ids: set[int] = set()
+        self._is_load_failed = False
+        self._server: DaemonServer | None = None
+        self._shm: HostBuffer | None = None
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Check the paged layout, open the store (embedded: and serve it to the scheduler)."""
+        names = self.settings.layer_names
+        missing = [name for name in names if name not in kv_caches]
+        if missing:
+            raise ConfigError(f"vLLM registered no KV cache for layers {missing[:3]}")
+        head_dim = self.settings.layout.head_dim
+        self._paged = detect_layout(
+            kv_caches[names[0]], self.settings.layout.num_kv_heads, head_dim, self.settings.cpu_isa
+        )
+        self._layers = [self._paged.split(kv_caches[name], head_dim) for name in names]
+        self._page_size = page_size(self._layers[0], self._paged)
+        self._device = kv_caches[names[0]].device
+        if self.settings.block_size % self._page_size:
+            raise ConfigError(
+                f"block size {self.settings.block_size} is not a multiple of the page size"
+            )
+        self._cache = self.settings.make_engine(self._open_worker_store())
+        logger.info(
+            "kvdepot: %s mode, %s layout, %d layers, block %d, chunk %d tokens",
+            self.settings.config.mode, self._paged.name, len(names), self.settings.block_size,
+            self.settings.config.chunk_size_tokens,
+        )  # fmt: skip
+
+    def _open_worker_store(self) -> ChunkStore:
+        if self.settings.config.mode == "daemon":
+            return open_cache(self.settings.config)
+        shm_dir = Path(self.settings.config.daemon.shm_dir)
+        remove_stale_shm(shm_dir)
+        self._shm = HostBuffer.create_shared(
+            shm_dir / f"kvdepot-{os.getpid()}-{secrets.token_hex(4)}.shm",
+            self.settings.config.memory.capacity_bytes,
+            prefault=self.settings.config.memory.prefault,
+        )
+        store = open_store(self.settings.config, buffer=self._shm)
+        self._server = DaemonServer(
+            store,
+            self._shm,
+            socket_path=self.settings.socket_path,
+            lease_ttl_s=self.settings.config.daemon.lease_ttl_s,
+        ).start()
+        return store
+
+    def _staging(self, num_tokens: int) -> torch.Tensor:
+        """A reused CPU tensor `[L, 2, T, H, D]` with T >= num_tokens (fresh memory is slow)."""
+        if self._buffer is None or self._buffer.shape[2] < num_tokens:
+            step = 4 * max(self.settings.config.chunk_size_tokens, self._page_size)
+            shape = self.settings.layout.chunk_shape(cdiv(num_tokens, step) * step)
+            pin = self._device.type == "cuda"  # page-locked memory: fast copies to the device
+            self._buffer = torch.empty(
+                shape, dtype=torch_dtype(self.settings.layout.dtype), pin_memory=pin
+            )
+        return self._buffer
+
+    def _page_ids(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        ids = page_ids(
+            block_ids, start // self._page_size, cdiv(end, self._page_size),
+            self.settings.block_size // self._page_size,
+        )  # fmt: skip
+        return torch.tensor(ids, dtype=torch.long, device=self._device)
+
+    def start_load_kv(self, meta: KVDepotMetadata) -> None:
+        """Load this step's granted tokens into their pages, before the forward pass."""
+        self._is_load_failed = False
+        for transfer in meta.requests:
+            if transfer.load_end > transfer.load_start:
+                self._load(transfer)
+
+    def _load(self, transfer: RequestTransfer) -> None:
+        """Scatter the leading run of whole blocks that could be loaded; report the rest."""
+        assert self._cache is not None, "register_kv_caches was not called"
+        start, end, c = (
+            transfer.load_start,
+            transfer.load_end,
+            self.settings.config.chunk_size_tokens,
+        )
+        tokens = transfer.token_ids
+        if end <= len(tokens) // c * c:
+            tokens = tokens[: cdiv(end, c) * c]  # no need to read chunks past the load
+        valid_end = start
+        try:
+            t0 = time.perf_counter()
+            buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
+            num_hit = self._cache.retrieve(
+                tokens, tenant_salt=transfer.tenant_salt, out=buffer
+            ).shape[2]
+            valid_end = (
+                end if num_hit >= end else max(num_hit - num_hit % self.settings.block_size, start)
+            )
+            if valid_end > start:
+                first = start - start % self._page_size
+                kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
+                if self._device.type != "cpu":  # blocking: the buffer is reused next
+                    kv = kv.to(self._device)
+                scatter_pages(
+                    kv,
+                    self._layers,
+                    self._paged,
+                    self._page_ids(transfer.block_ids, start, valid_end),
+                )
+            logger.debug(
+                "kvdepot: loaded %d tokens in %.3f s", valid_end - start, time.perf_counter() - t0
+            )
+        except Exception as exc:  # fail open: vLLM recomputes the blocks reported below
+            self._log.warning("load", "kvdepot: load failed, recomputing: %s", exc)
+            valid_end = start
+        if valid_end < end:
+            self._is_load_failed = True
+            bad = transfer.block_ids[
+                valid_end // self.settings.block_size : cdiv(end, self.settings.block_size)
+            ]
+            self._invalid_block_ids.update(bad)
+
+    def wait_for_save(self, meta: KVDepotMetadata) -> None:
+        """Store the chunks this step completed (nothing after a failed load)."""
+        saves = [t for t in meta.requests if t.save_end > t.save_start]
+        if saves and self._is_load_failed:
+            # Some KV this step computed may rest on blocks that did not load.
+            self._log.warning("skip-save", "kvdepot: a load failed, this step stores nothing")
+            return
+        for transfer in saves:
+            self._save(transfer)
+
+    def _save(self, transfer: RequestTransfer) -> None:
+        assert self._cache is not None, "register_kv_caches was not called"
+        start, end, n = transfer.save_start, transfer.save_end, self._page_size
+        first = start - start % n
+        num_tokens = cdiv(end, n) * n - first
+        try:
+            buffer = self._staging(num_tokens)
+            ids = self._page_ids(transfer.block_ids, start, end)
+            if self._device.type == "cpu":
+                gather_pages(self._layers, self._paged, ids, buffer[:, :, :num_tokens])
+            else:
+                staged = torch.empty_like(buffer[:, :, :num_tokens], device=self._device)
+                gather_pages(self._layers, self._paged, ids, staged)
+                buffer[:, :, :num_tokens].copy_(staged)
+            kv = buffer[:, :, start - first : end - first]
+            self._cache.store(
+                transfer.token_ids[:end],
+                kv,
+                tenant_salt=transfer.tenant_salt,
+                kv_start_token=start,
+                store_partial=self.settings.is_token_exact and end == len(transfer.token_ids),
+            )
+        except Exception as exc:  # a cache problem must never cost the user the answer
+            self._log.warning("save", "kvdepot: storing KV failed, request unaffected: %s", exc)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        invalid, self._invalid_block_ids = self._invalid_block_ids, set()
+        return invalid
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        if self._cache is not None:
+            self._cache.backend.close()
+        if self._shm is not None:
+            self._shm.unlink()
