@@ -74,6 +74,15 @@ class DaemonConfig:
 
 
 @dataclass(slots=True)
+class BlendConfig:
+    """CacheBlend: reuse of documents' KV wherever they appear in a prompt."""
+
+    recompute_ratio: float = _doc("fraction of reused tokens recomputed (highest deviation)", 0.15)
+    check_layer: int = _doc("layer whose KV deviation selects the tokens to recompute", 1)
+    separator: str = _doc("string that splits a prompt text into segments", "<|kvdepot-segment|>")
+
+
+@dataclass(slots=True)
 class KVDepotConfig:
     """Everything kvdepot can be told."""
 
@@ -89,6 +98,7 @@ class KVDepotConfig:
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "daemon"})
     valkey: ValkeyConfig = field(default_factory=ValkeyConfig, metadata={"doc": "Valkey tier"})
     s3: S3Config = field(default_factory=S3Config, metadata={"doc": "S3 tier"})
+    blend: BlendConfig = field(default_factory=BlendConfig, metadata={"doc": "CacheBlend"})
 
     def validate(self) -> KVDepotConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
@@ -112,6 +122,10 @@ class KVDepotConfig:
                     f"{section}.eviction_policy {sub.eviction_policy!r}: "
                     f"choose one of {list(EVICTION_POLICIES)}"
                 )
+        if not 0.0 <= self.blend.recompute_ratio <= 1.0:
+            raise ConfigError("blend.recompute_ratio must be within 0..1")
+        if self.blend.check_layer < 0 or not self.blend.separator:
+            raise ConfigError("blend.check_layer must be >= 0 and blend.separator non-empty")
         self.valkey.validate()
         self.s3.validate()
         return self

@@ -107,22 +107,35 @@ class CacheEngine:
             return ns
 
     def chunk_keys(
-        self, tokens: Tokens, tenant_salt: bytes = b"", *, include_partial: bool = False
+        self,
+        tokens: Tokens,
+        tenant_salt: bytes = b"",
+        *,
+        include_partial: bool = False,
+        segment: bool = False,
     ) -> list[ChunkKey]:
-        """Keys of every full chunk of `tokens` (and of its partial tail, if asked), head first."""
+        """Keys of every full chunk of `tokens` (and of its partial tail, if asked), head first.
+
+        `segment=True` keys `tokens` as a segment: chained from the namespace's segment root,
+        so the key depends on these tokens only, wherever they appear in a prompt.
+        """
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
         ns = self.namespace(tenant_salt)
-        hashes = chunk_hashes(tokens, self.chunk_size_tokens, ns, include_partial=include_partial)
+        parent = ns.segment_root() if segment else None
+        hashes = chunk_hashes(
+            tokens, self.chunk_size_tokens, ns, parent=parent, include_partial=include_partial
+        )
         return [ChunkKey(ns.digest, h) for h in hashes]
 
-    def lookup(self, tokens: Tokens, *, tenant_salt: bytes = b"") -> int:
+    def lookup(self, tokens: Tokens, *, tenant_salt: bytes = b"", segment: bool = False) -> int:
         """Number of leading tokens of `tokens` whose KV is cached.
 
         Whole chunks, plus the partial tail when exactly this tail was stored before (the
         same prompt again); so the answer is a multiple of the chunk size or `len(tokens)`.
+        `segment=True` looks `tokens` up as a segment (see `chunk_keys`).
         """
-        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True)
+        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
         num_hit = min(self.backend.lookup(keys) * self.chunk_size_tokens, len(tokens))
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
@@ -136,6 +149,7 @@ class CacheEngine:
         tenant_salt: bytes = b"",
         kv_start_token: int = 0,
         store_partial: bool = True,
+        segment: bool = False,
     ) -> int:
         """Store the KV of every chunk of `tokens` not yet cached; returns tokens written.
 
@@ -148,13 +162,17 @@ class CacheEngine:
                 that loaded a cached prefix can pass only the KV it computed.
             store_partial: also store the trailing partial chunk of `tokens` (reused only by
                 a request with exactly these tokens, e.g. the same prompt again).
+            segment: store `tokens` as a segment (see `chunk_keys`); `kv` then holds the KV
+                the segment has when computed on its own, at positions 0..n-1.
         """
         self._check_kv(kv)
         c = self.chunk_size_tokens
         if kv_start_token % c or kv_start_token < 0:
             raise ValueError(f"kv_start_token {kv_start_token} is not a multiple of {c}")
         num_tokens = min(len(tokens), kv_start_token + kv.shape[2])
-        keys = self.chunk_keys(tokens[:num_tokens], tenant_salt, include_partial=store_partial)
+        keys = self.chunk_keys(
+            tokens[:num_tokens], tenant_salt, include_partial=store_partial, segment=segment
+        )
         first = kv_start_token // c
         keys = keys[first:]
         present = self.backend.contains(keys)
@@ -178,6 +196,7 @@ class CacheEngine:
         *,
         tenant_salt: bytes = b"",
         out: torch.Tensor | None = None,
+        segment: bool = False,
     ) -> torch.Tensor:
         """KV of the leading cached tokens of `tokens` (as `lookup` counts them).
 
@@ -186,8 +205,9 @@ class CacheEngine:
         Args:
             out: optional CPU tensor with room for all of `tokens` (reused memory is much
                 faster to fill than fresh memory); the result is a view of it.
+            segment: retrieve `tokens` as a segment (see `chunk_keys`).
         """
-        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True)
+        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
         c = self.chunk_size_tokens
         bad_key: ChunkKey | None = None
         with self.backend.read(keys) as blobs:

@@ -8,6 +8,10 @@ Pure functions and value types, used in every process. Invariants:
   chunk i as little-endian int32)`, so chunk i's key stands for the whole prefix up to it.
   A prompt's trailing partial chunk may get `H(h_prev, PARTIAL_TAG, its tokens)`: an exact
   match only, the end of a chain.
+- A segment (a document that may appear anywhere in a prompt) chains from its own root,
+  `H(h_0, SEGMENT_TAG)`, instead of `h_0`: its key depends on its own tokens only, never on
+  what precedes it, and a segment key never equals a prefix key of the same tokens (the KV
+  differs: a segment's KV is computed at positions 0..n-1 without the text before it).
 - Everything that makes KV incompatible (model, layout, shard rank, salt, algorithm, version)
   goes into the key's namespace digest, so two namespaces never share a key.
 """
@@ -31,6 +35,9 @@ HASH_VERSION = 1
 
 PARTIAL_TAG = b"\x00kvdepot-partial-chunk"
 """Domain separator of partial-chunk hashes (a full chunk's input never starts with it)."""
+
+SEGMENT_TAG = b"\x00kvdepot-segment-root"
+"""Domain separator of segment chains (position-independent KV of a segment's own tokens)."""
 
 ChunkHash = NewType("ChunkHash", bytes)
 """16-byte chained hash of a token prefix (or of a segment's own tokens)."""
@@ -109,6 +116,10 @@ class CacheNamespace:
                 _field(self.model_fingerprint.encode()),
             )
         )
+
+    def segment_root(self) -> ChunkHash:
+        """Root of every segment chain in this namespace: H(h_0, SEGMENT_TAG)."""
+        return ChunkHash(self.algorithm.digest(self.root_hash(), SEGMENT_TAG))
 
 
 @dataclass(frozen=True, slots=True)

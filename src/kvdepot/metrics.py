@@ -34,6 +34,19 @@ class Metrics:
         self.retrieved_tokens = Counter(
             "kvdepot_engine_retrieved_tokens", "Tokens whose KV was loaded", registry=r
         )
+        self.blend_requests = Counter(
+            "kvdepot_blend_requests",
+            "Segmented (CacheBlend) requests by outcome: blended or fallback",
+            ["outcome"],
+            registry=r,
+        )
+        self.blend_tokens = Counter(
+            "kvdepot_blend_tokens",
+            "Context tokens of blended requests: reused (from the cache), computed (segments "
+            "not cached yet, on their own), recomputed (selected by the blend)",
+            ["kind"],
+            registry=r,
+        )
         self.tier_ops = Counter(
             "kvdepot_tier_ops", "Tier operations by outcome", ["tier", "op", "outcome"], registry=r
         )

@@ -124,3 +124,64 @@ def make_document(seed: int, num_products: int = 6, filler_per_product: int = 14
         ]
     title = f"Handbook {seed}"
     return Document(title, f"# {title}\n\n" + "\n\n".join(sections), facts)
+
+
+@dataclass(frozen=True, slots=True)
+class MultiDocQuestion:
+    """A question over several documents given in a shuffled order.
+
+    Attributes:
+        order: indexes of the documents in the prompt, in prompt order.
+        question: what is asked.
+        answer: the key string a right answer contains.
+        needs: indexes of the documents the answer needs (one or two).
+    """
+
+    order: tuple[int, ...]
+    question: str
+    answer: str
+    needs: tuple[int, ...]
+
+
+def make_multidoc_qa(
+    seed: int,
+    *,
+    num_documents: int = 6,
+    docs_per_prompt: int = 4,
+    num_questions: int = 12,
+    products_per_doc: int = 2,
+    filler_per_product: int = 10,
+) -> tuple[list[Document], list[MultiDocQuestion]]:
+    """A pool of documents and questions, each over `docs_per_prompt` shuffled documents.
+
+    Every third question compares two products from two documents ("Which weighs more, the
+    X or the Y?", answered by a name); the others ask one planted fact of one document.
+    """
+    rng = random.Random(seed)
+    docs = [
+        make_document(seed * 1000 + i, products_per_doc, filler_per_product)
+        for i in range(num_documents)
+    ]
+    questions = []
+    for q in range(num_questions):
+        order = tuple(rng.sample(range(num_documents), docs_per_prompt))
+        if q % 3 == 2:
+            first, second = rng.sample(order, 2)
+            a = _weight_fact(rng, docs[first])
+            b = _weight_fact(rng, docs[second])
+            if a[1] == b[1]:
+                continue
+            heavier = a[0] if a[1] > b[1] else b[0]
+            text = f"Which weighs more, the {a[0]} or the {b[0]}?"
+            questions.append(MultiDocQuestion(order, text, heavier, (first, second)))
+        else:
+            needed = rng.choice(order)
+            fact = rng.choice(docs[needed].facts)
+            questions.append(MultiDocQuestion(order, fact.question, fact.answer, (needed,)))
+    return docs, questions
+
+
+def _weight_fact(rng: random.Random, doc: Document) -> tuple[str, int]:
+    """(product, kilograms) of a random product of `doc`."""
+    fact = rng.choice([f for f in doc.facts if "kilograms" in f.question])
+    return fact.product, int(fact.answer)

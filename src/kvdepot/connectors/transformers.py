@@ -109,7 +109,7 @@ class GenerationResult:
     fallback_reason: str | None = None
 
 
-class _FirstTokenClock(LogitsProcessor):
+class FirstTokenClock(LogitsProcessor):
     """Records when the first token's logits exist (called once per generated token)."""
 
     def __init__(self) -> None:
@@ -193,7 +193,7 @@ class KVDepotGenerator:
                 reason = f"cache load failed: {exc}"
                 self._log.warning("load", "kvdepot: %s; running a full prefill", reason)
                 num_cached, cache = 0, None
-        clock = _FirstTokenClock()
+        clock = FirstTokenClock()
         try:
             output, cache = self._generate(ids, cache, clock, max_new_tokens, generation_config)
         except Exception as exc:
@@ -201,7 +201,7 @@ class KVDepotGenerator:
                 raise
             reason = f"generation on cached KV failed: {exc}"
             self._log.warning("generate", "kvdepot: %s; retrying with a full prefill", reason)
-            num_cached, clock = 0, _FirstTokenClock()
+            num_cached, clock = 0, FirstTokenClock()
             output, cache = self._generate(ids, None, clock, max_new_tokens, generation_config)
         ttft_s = (clock.first_s or time.perf_counter()) - start
         num_stored = self._store(output, cache, num_prompt, num_cached, tenant_salt)
@@ -250,24 +250,11 @@ class KVDepotGenerator:
         self,
         ids: torch.Tensor,
         cache: DynamicCache | None,
-        clock: _FirstTokenClock,
+        clock: FirstTokenClock,
         max_new_tokens: int,
         generation_config: GenerationConfig | None,
     ) -> tuple[torch.Tensor, DynamicCache]:
-        cache = cache if cache is not None else DynamicCache(config=self.model.config)
-        config = copy.deepcopy(generation_config) if generation_config else _greedy()
-        config.max_new_tokens = max_new_tokens
-        device = self.model.device
-        with torch.inference_mode():
-            generate = cast(Any, self.model).generate  # nn.Module typing hides it
-            output = generate(
-                ids.to(device),
-                attention_mask=torch.ones_like(ids, device=device),
-                past_key_values=cache,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([clock]),
-            )
-        return output[0].cpu(), cache
+        return generate_from_cache(self.model, ids, cache, clock, max_new_tokens, generation_config)
 
     def _store(
         self,
@@ -288,7 +275,7 @@ class KVDepotGenerator:
             num_kv = cache.get_seq_length() if self.store_generated else num_prompt
             if num_kv <= start:
                 return 0
-            kv = torch.stack([torch.stack(_layer_kv(layer, num_kv)) for layer in cache.layers])
+            kv = torch.stack([torch.stack(layer_kv(layer, num_kv)) for layer in cache.layers])
             kv = kv[:, :, :, start:num_kv].permute(0, 1, 3, 2, 4).cpu()
             num_stored = self.engine.store(
                 output[:num_prompt], kv, tenant_salt=tenant_salt, kv_start_token=start
@@ -304,7 +291,36 @@ class KVDepotGenerator:
             return 0
 
 
-def _layer_kv(layer: object, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_from_cache(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    cache: DynamicCache | None,
+    clock: FirstTokenClock,
+    max_new_tokens: int,
+    generation_config: GenerationConfig | None = None,
+) -> tuple[torch.Tensor, DynamicCache]:
+    """`model.generate` on `[1, T]` prompt ids whose first tokens' KV is in `cache`.
+
+    The model computes only the tokens `cache` lacks, then decodes (greedy when no config
+    is given). Returns (prompt + generated ids `[T + n]` on the CPU, the filled cache).
+    """
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    config = copy.deepcopy(generation_config) if generation_config else _greedy()
+    config.max_new_tokens = max_new_tokens
+    device = model.device
+    with torch.inference_mode():
+        generate = cast(Any, model).generate  # nn.Module typing hides it
+        output = generate(
+            ids.to(device),
+            attention_mask=torch.ones_like(ids, device=device),
+            past_key_values=cache,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    return output[0].cpu(), cache
+
+
+def layer_kv(layer: object, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) of batch item 0 of one cache layer, each `[H, T, D]`; KVDepotError
     unless the layer holds exactly `num_tokens` positions (a window would shift them)."""
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)

@@ -1,0 +1,40 @@
+"""CacheBlend: reuse a document's KV wherever it appears in a prompt.
+
+Prefix caching helps only when the cached text starts the prompt. Here a prompt is a list of
+segments (system prompt, documents, question); each reusable segment's KV is computed on its
+own and stored under a key of its own tokens, through the same tiers and daemon as prefix
+chunks. A request fetches its segments' KV, moves their keys to the new positions (RoPE),
+recomputes the few tokens whose KV deviates most, and generates. Modules, in import order:
+`segments` (pure), `adapters` (the model-specific part), `blender` (the recompute pass),
+`generator` (`BlendGenerator`, the transformers entry point).
+"""
+
+from kvdepot.blend.adapters import ADAPTERS, BlendAdapter, BlendUnsupported, adapter_for
+from kvdepot.blend.blender import BlendStats, blend, select_tokens
+from kvdepot.blend.generator import BlendGenerator, BlendResult
+from kvdepot.blend.segments import (
+    DEFAULT_SEPARATOR,
+    Segment,
+    from_texts,
+    prompt_ids,
+    segment_offsets,
+    split_text,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_SEPARATOR",
+    "BlendAdapter",
+    "BlendGenerator",
+    "BlendResult",
+    "BlendStats",
+    "BlendUnsupported",
+    "Segment",
+    "adapter_for",
+    "blend",
+    "from_texts",
+    "prompt_ids",
+    "segment_offsets",
+    "select_tokens",
+    "split_text",
+]

@@ -1,0 +1,147 @@
+"""Selective recompute: fix a cache assembled from separately computed segments.
+
+Runs in the engine's process, on the model's device, inside `torch.inference_mode`. Input: the
+context's KV `[L, 2, H, T, D]` (each segment computed on its own, keys already moved to their
+positions), which tokens to consider, and which to always compute. The pass (CacheBlend,
+EuroSys 2025) runs the model's own decoder layers:
+- layers `0..check_layer` on every context token, replacing their KV with the true KV; at the
+  check layer it measures each token's KV deviation (squared L2 of K and V over heads);
+- from the next layer on, only the selected tokens (the `ratio` of candidates with the
+  highest deviation, plus the forced ones) go through; their fresh KV is written over the
+  reused KV, and they attend to the whole blended context (reused KV for everyone else).
+Invariants: tokens not selected keep their reused KV from the layer after the check layer
+on; with ratio 1 the result is a full prefill's KV up to float rounding; the cost is about
+`(check_layer + 1 + ratio * (L - check_layer - 1)) / L` of a prefill's layer compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvdepot.blend.adapters import BlendAdapter
+from kvdepot.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class BlendStats:
+    """What one pass did: tokens recomputed past the check layer, and the check layer."""
+
+    num_selected: int
+    num_candidates: int
+    check_layer: int
+
+
+class _BlendKV:
+    """Stands in for the HF cache object while the pass runs the model's layers.
+
+    `update(k, v, layer)` is the one method attention calls: it writes the fresh KV of the
+    tokens in flight into the context's KV and hands back the whole context's KV.
+    """
+
+    def __init__(self, kv: torch.Tensor, check_layer: int) -> None:
+        self.kv = kv
+        self.check_layer = check_layer
+        self.selected: torch.Tensor | None = None  # None: every token is in flight
+        self.deviation: torch.Tensor | None = None
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        old_k, old_v = self.kv[layer_idx, 0], self.kv[layer_idx, 1]  # [H, T, D]
+        new_k, new_v = keys[0].to(old_k.dtype), values[0].to(old_v.dtype)
+        if self.selected is None:
+            if layer_idx == self.check_layer:
+                k_dev = (new_k.float() - old_k.float()).square().sum(dim=(0, 2))
+                v_dev = (new_v.float() - old_v.float()).square().sum(dim=(0, 2))
+                self.deviation = k_dev + v_dev
+            old_k.copy_(new_k)
+            old_v.copy_(new_v)
+        else:
+            old_k.index_copy_(1, self.selected, new_k)
+            old_v.index_copy_(1, self.selected, new_v)
+        return old_k.unsqueeze(0), old_v.unsqueeze(0)
+
+
+def select_tokens(
+    deviation: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, ratio: float
+) -> torch.Tensor:
+    """Sorted positions: the `ratio` of `candidates` with the highest deviation, and `forced`."""
+    num_select = round(ratio * int(candidates.sum()))
+    score = deviation.float().masked_fill(~candidates, float("-inf"))
+    chosen = forced.clone()
+    if num_select > 0:
+        chosen[torch.topk(score, num_select).indices] = True
+    return chosen.nonzero().flatten()
+
+
+def blend(
+    adapter: BlendAdapter,
+    input_ids: torch.Tensor,
+    kv: torch.Tensor,
+    *,
+    candidates: torch.Tensor,
+    forced: torch.Tensor,
+    ratio: float,
+    check_layer: int = 1,
+) -> BlendStats:
+    """Recompute part of the context's KV in place (see the module docstring).
+
+    Args:
+        input_ids: the context's `[T]` token ids.
+        kv: `[L, 2, H, T, D]`, the assembled context KV; updated in place.
+        candidates: `[T]` bool, tokens that may be selected (reused at a new position).
+        forced: `[T]` bool, tokens always computed (their `kv` entries may hold anything).
+        ratio: fraction of the candidates to recompute, 0..1.
+        check_layer: layer at which deviations are measured; layers up to it are computed
+            for every token.
+    """
+    layers = adapter.layers
+    num_tokens = input_ids.shape[0]
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"recompute ratio must be within 0..1, got {ratio}")
+    if not 0 <= check_layer < len(layers):
+        raise ConfigError(f"check_layer must be within 0..{len(layers) - 1}, got {check_layer}")
+    if kv.shape[0] != len(layers) or kv.shape[3] != num_tokens:
+        raise ConfigError(f"KV {list(kv.shape)} does not cover {num_tokens} tokens of the model")
+    device = kv.device
+    cache = _BlendKV(kv, check_layer)
+    positions = torch.arange(num_tokens, device=device).unsqueeze(0)
+    mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
+    hidden = adapter.embed(input_ids.to(device).unsqueeze(0))
+    selected = torch.arange(num_tokens, device=device)
+    for index, layer in enumerate(layers):
+        rows = mask if cache.selected is None else mask.index_select(0, selected)
+        hidden = _call_layer(layer, hidden, rows, positions, adapter, cache)
+        if index == check_layer:
+            assert cache.deviation is not None
+            selected = select_tokens(
+                cache.deviation, candidates.to(device), forced.to(device), ratio
+            )
+            if selected.numel() == 0:
+                break
+            cache.selected = selected
+            hidden = hidden.index_select(1, selected)
+            positions = positions.index_select(1, selected)
+    return BlendStats(int(selected.numel()), int(candidates.sum()), check_layer)
+
+
+def _call_layer(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    mask_rows: torch.Tensor,
+    positions: torch.Tensor,
+    adapter: BlendAdapter,
+    cache: _BlendKV,
+) -> torch.Tensor:
+    out = layer(
+        hidden,
+        attention_mask=mask_rows[None, None],
+        position_ids=positions,
+        position_embeddings=adapter.position_embeddings(hidden, positions),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    hidden_out: torch.Tensor = out[0] if isinstance(out, tuple) else out
+    return hidden_out

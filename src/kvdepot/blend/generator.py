@@ -1,0 +1,342 @@
+"""BlendGenerator: generation from a segmented prompt, reusing each segment's KV anywhere.
+
+Runs in the process that holds the model (transformers). For each request `generate`:
+1. finds the context: every segment before the trailing non-reusable ones (the question);
+2. fetches each reusable segment's own KV by its segment key (`CacheEngine(segment=True)`);
+   a segment not cached yet is computed on its own (positions 0..n-1) and stored;
+3. moves each segment's keys to its position in the prompt (`BlendAdapter.rerotate`);
+4. recomputes the KV of the selected tokens (`blender.blend`: highest KV deviation at the
+   check layer, `recompute_ratio` of the reused tokens; non-reusable segments inside the
+   context always);
+5. lets `model.generate` compute the question on the blended cache and decode.
+
+Invariants: a segment's key holds its tokens, model fingerprint, layout and tenant salt, so
+KV of another model, layout or tenant is never blended in. Anything that stops a blend
+(model family without an adapter, a tier error, a failure in the pass) is logged with its
+reason and the request runs as a plain prefill through `KVDepotGenerator` (which still uses
+prefix caching): a request never fails because of kvdepot. Batch size 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache, GenerationConfig
+
+from kvdepot.blend.adapters import BlendAdapter, BlendUnsupported, adapter_for
+from kvdepot.blend.blender import BlendStats, blend
+from kvdepot.blend.segments import Segment, prompt_ids, segment_offsets
+from kvdepot.config import BlendConfig
+from kvdepot.connectors.transformers import (
+    FirstTokenClock,
+    KVDepotGenerator,
+    generate_from_cache,
+    layer_kv,
+)
+from kvdepot.engine import CacheEngine
+from kvdepot.errors import ConfigError
+from kvdepot.logutil import RateLimitedLog
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BlendResult:
+    """One segmented request's outcome.
+
+    Attributes:
+        token_ids: the generated tokens (prompt excluded).
+        num_prompt_tokens: prompt length.
+        num_reused_tokens: context tokens whose KV came from the cache.
+        num_computed_tokens: context tokens of segments computed on their own (not cached).
+        num_recomputed_tokens: tokens the blend recomputed past the check layer.
+        ttft_s: from the call to the first token's logits (fetch, blend and prefill included).
+        total_s: the whole call.
+        fallback_reason: why the request ran as a plain prefill; None if it was blended.
+    """
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_reused_tokens: int
+    num_computed_tokens: int
+    num_recomputed_tokens: int
+    ttft_s: float
+    total_s: float
+    fallback_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlendedCache:
+    """A blended context, ready for `model.generate` (or a teacher-forced forward).
+
+    Attributes:
+        cache: the KV of the first `num_context_tokens` prompt tokens.
+        num_reused: context tokens whose KV came from the cache.
+        num_computed: context tokens of segments computed on their own just now.
+        num_recomputed: tokens the blend recomputed past the check layer.
+    """
+
+    cache: DynamicCache
+    num_context_tokens: int
+    num_reused: int
+    num_computed: int
+    num_recomputed: int
+
+
+@dataclass(slots=True)
+class _Context:
+    """The assembled context: its KV `[L, 2, H, T, D]` and which tokens are what."""
+
+    kv: torch.Tensor
+    candidates: torch.Tensor
+    forced: torch.Tensor
+    num_reused: int = 0
+    num_computed: int = 0
+
+
+class BlendGenerator:
+    """Wraps a causal LM so that `generate(segments)` blends cached segments' KV."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        engine: CacheEngine,
+        config: BlendConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.engine = engine
+        self.config = config if config is not None else BlendConfig()
+        self.plain = KVDepotGenerator(model, engine, store_generated=False)
+        self._log = RateLimitedLog(logger)
+        self._adapter: BlendAdapter | BlendUnsupported | None = None
+        self._scratch_kv: torch.Tensor | None = None
+        self.sink_tokens = 0
+        self.anchor: list[int] = []
+
+    @classmethod
+    def for_generator(
+        cls, generator: KVDepotGenerator, config: BlendConfig | None = None
+    ) -> BlendGenerator:
+        """A blend generator sharing `generator`'s model and cache engine."""
+        return cls(generator.model, generator.engine, config)
+
+    def generate(
+        self,
+        segments: Sequence[Segment],
+        *,
+        max_new_tokens: int = 32,
+        generation_config: GenerationConfig | None = None,
+        tenant_salt: bytes = b"",
+        recompute_ratio: float | None = None,
+    ) -> BlendResult:
+        """Generate from a segmented prompt (see the module docstring).
+
+        Args:
+            segments: the prompt, in order; the last must be non-reusable (the question).
+            recompute_ratio: overrides the configured ratio for this request; 0 reuses the
+                moved KV as is (no recompute pass).
+        """
+        if not segments or segments[-1].reuse:
+            raise ConfigError("the last segment must be the question (Segment(..., reuse=False))")
+        ratio = self.config.recompute_ratio if recompute_ratio is None else recompute_ratio
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"recompute ratio must be within 0..1, got {ratio}")
+        start = time.perf_counter()
+        ids = prompt_ids(segments)
+        reason: str | None = None
+        clock = FirstTokenClock()
+        output: torch.Tensor | None = None
+        try:
+            blended = self.blended_cache(segments, ratio, tenant_salt)
+            prompt = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+            output, _ = generate_from_cache(
+                self.model, prompt, blended.cache, clock, max_new_tokens, generation_config
+            )
+        except Exception as exc:  # a blend problem must never cost the user the answer
+            reason = f"{type(exc).__name__}: {exc}"
+        if output is None or reason is not None:
+            return self._fallback(
+                ids, reason, start, max_new_tokens, generation_config, tenant_salt
+            )
+        metrics = self.engine.metrics
+        metrics.blend_requests.labels("blended").inc()
+        metrics.blend_tokens.labels("reused").inc(blended.num_reused)
+        metrics.blend_tokens.labels("computed").inc(blended.num_computed)
+        metrics.blend_tokens.labels("recomputed").inc(blended.num_recomputed)
+        return BlendResult(
+            token_ids=output[len(ids) :].tolist(),
+            num_prompt_tokens=len(ids),
+            num_reused_tokens=blended.num_reused,
+            num_computed_tokens=blended.num_computed,
+            num_recomputed_tokens=blended.num_recomputed,
+            ttft_s=(clock.first_s or time.perf_counter()) - start,
+            total_s=time.perf_counter() - start,
+        )
+
+    def blended_cache(
+        self, segments: Sequence[Segment], ratio: float, tenant_salt: bytes = b""
+    ) -> BlendedCache:
+        """The context's blended KV as a `DynamicCache` (steps 1-4 of the module docstring).
+
+        Raises on any failure (`generate` turns that into a fallback); the cache covers every
+        token before the trailing non-reusable segments.
+        """
+        ids = prompt_ids(segments)
+        num_context = len(ids) - sum(len(s) for s in _trailing_questions(segments))
+        adapter = self._adapter_or_raise()
+        context = self._assemble(adapter, segments, num_context, tenant_salt)
+        stats: BlendStats | None = None
+        if ratio > 0 or bool(context.forced.any()):
+            with torch.inference_mode():
+                stats = blend(
+                    adapter,
+                    torch.as_tensor(ids[:num_context]),
+                    context.kv,
+                    candidates=context.candidates,
+                    forced=context.forced,
+                    ratio=ratio,
+                    check_layer=min(self.config.check_layer, context.kv.shape[0] - 1),
+                )
+        cache = DynamicCache(
+            ddp_cache_data=[(layer[0][None], layer[1][None]) for layer in context.kv],
+            config=self.model.config,
+        )
+        return BlendedCache(
+            cache,
+            num_context,
+            context.num_reused,
+            context.num_computed,
+            stats.num_selected if stats is not None else 0,
+        )
+
+    def _adapter_or_raise(self) -> BlendAdapter:
+        if self._adapter is None:
+            try:
+                self._adapter = adapter_for(self.model)
+            except BlendUnsupported as exc:
+                self._adapter = exc
+        if isinstance(self._adapter, BlendUnsupported):
+            raise self._adapter
+        return self._adapter
+
+    def _assemble(
+        self,
+        adapter: BlendAdapter,
+        segments: Sequence[Segment],
+        num_context: int,
+        tenant_salt: bytes,
+    ) -> _Context:
+        """Each context segment's own KV, moved to its position, in one `[L, 2, H, T, D]`."""
+        layout = self.engine.layout
+        kv = torch.zeros(
+            (layout.num_layers, 2, layout.num_kv_heads, num_context, layout.head_dim),
+            dtype=self.model.dtype,
+        )
+        context = _Context(
+            kv,
+            candidates=torch.zeros(num_context, dtype=torch.bool),
+            forced=torch.zeros(num_context, dtype=torch.bool),
+        )
+        for segment, offset in zip(segments, segment_offsets(segments), strict=False):
+            if offset >= num_context:
+                break
+            span = slice(offset, offset + len(segment))
+            if not segment.reuse:
+                context.forced[span] = True
+                continue
+            own = self._segment_kv(segment, tenant_salt, context)  # [L, 2, n, H, D]
+            target = kv[:, :, :, span]
+            target.copy_(own.permute(0, 1, 3, 2, 4))
+            adapter.rerotate(target[:, 0], offset - len(self.anchor))
+            # At offset 0 a segment's own KV is its true KV: nothing to fix there.
+            context.candidates[span] = offset > 0
+            if offset > 0 and self.sink_tokens:
+                context.forced[offset : offset + min(self.sink_tokens, len(segment))] = True
+        return context
+
+    def _segment_kv(self, segment: Segment, salt: bytes, context: _Context) -> torch.Tensor:
+        """`[L, 2, n, H, D]`: the segment's own KV, from the cache or computed (and stored)."""
+        tokens = list(segment.token_ids)
+        if self.engine.lookup(tokens, tenant_salt=salt, segment=True) == len(tokens):
+            kv = self.engine.retrieve(
+                tokens, tenant_salt=salt, out=self._scratch(len(tokens)), segment=True
+            )
+            if kv.shape[2] == len(tokens):
+                context.num_reused += len(tokens)
+                return kv
+        kv = self._compute_own_kv(tokens)
+        context.num_computed += len(tokens)
+        try:
+            self.engine.store(tokens, kv, tenant_salt=salt, segment=True)
+        except Exception as exc:  # not cached this time; the request goes on
+            self._log.warning("store", "kvdepot: storing a segment failed: %s", exc)
+        return kv
+
+    def _scratch(self, num_tokens: int) -> torch.Tensor:
+        """A reused CPU tensor with room for one segment of `num_tokens` (fresh memory is slow)."""
+        if self._scratch_kv is None or self._scratch_kv.shape[2] < num_tokens:
+            shape = self.engine.layout.chunk_shape(num_tokens)
+            self._scratch_kv = torch.empty(shape, dtype=self.model.dtype)
+        return self._scratch_kv
+
+    def _compute_own_kv(self, tokens: list[int]) -> torch.Tensor:
+        """The segment's KV computed on its own, at positions 0..n-1: `[L, 2, n, H, D]`."""
+        cache = DynamicCache(config=self.model.config)
+        device = self.model.device
+        with torch.inference_mode():
+            self.model(
+                input_ids=torch.as_tensor([self.anchor + tokens], device=device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            a = len(self.anchor)
+            layers = [torch.stack(layer_kv(layer, a + len(tokens))) for layer in cache.layers]
+            return torch.stack(layers)[:, :, :, a:].permute(0, 1, 3, 2, 4).cpu()
+
+    def _fallback(
+        self,
+        ids: list[int],
+        reason: str | None,
+        start: float,
+        max_new_tokens: int,
+        generation_config: GenerationConfig | None,
+        tenant_salt: bytes,
+    ) -> BlendResult:
+        reason = reason or "blend produced no output"
+        self._log.warning("fallback", "kvdepot: blend not possible (%s); full prefill", reason)
+        self.engine.metrics.blend_requests.labels("fallback").inc()
+        result = self.plain.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            generation_config=generation_config,
+            tenant_salt=tenant_salt,
+        )
+        return BlendResult(
+            token_ids=result.token_ids,
+            num_prompt_tokens=len(ids),
+            num_reused_tokens=0,
+            num_computed_tokens=0,
+            num_recomputed_tokens=0,
+            ttft_s=result.ttft_s + (time.perf_counter() - start - result.total_s),
+            total_s=time.perf_counter() - start,
+            fallback_reason=reason,
+        )
+
+
+def _trailing_questions(segments: Sequence[Segment]) -> list[Segment]:
+    """The non-reusable segments at the end of the prompt (computed by `model.generate`)."""
+    out: list[Segment] = []
+    for segment in reversed(segments):
+        if segment.reuse:
+            break
+        out.append(segment)
+    return out

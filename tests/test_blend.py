@@ -1,0 +1,346 @@
+"""CacheBlend: segment keys, RoPE moves, the recompute pass, the generator and its fallbacks.
+
+Tiny random-weight Llamas for the mechanics; the real SmolLM2 model for quality (ratio 1 is
+a full prefill, and recomputing the most deviating tokens beats reusing them as they are).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from kvdepot import Metrics, TieredStore
+from kvdepot.blend import (
+    BlendGenerator,
+    BlendUnsupported,
+    Segment,
+    adapter_for,
+    blend,
+    from_texts,
+    prompt_ids,
+    segment_offsets,
+    select_tokens,
+    split_text,
+)
+from kvdepot.config import BlendConfig
+from kvdepot.connectors.model import default_model_dir, prepare_model
+from kvdepot.connectors.transformers import KVDepotGenerator
+from kvdepot.engine import CacheEngine
+from kvdepot.errors import ConfigError, StorageError
+from kvdepot.layout import DType, KVLayout
+from kvdepot.tiers.arena import HostBuffer
+from kvdepot.tiers.memory import MemoryTier
+from kvdepot.workloads import make_multidoc_qa
+
+
+@pytest.fixture
+def store() -> Iterator[TieredStore]:
+    s = TieredStore(MemoryTier(HostBuffer.allocate(256 << 20, prefault=False)), metrics=Metrics())
+    yield s
+    s.close()
+
+
+def tiny_llama(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.train(False)
+    return model
+
+
+def full_kv(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """`[L, 2, H, T, D]`: a plain prefill's KV."""
+    cache = DynamicCache(config=model.config)  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    return torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers])
+
+
+def greedy(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(  # type: ignore[operator]
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return list(out[0, len(ids) :].tolist())
+
+
+def three_docs() -> list[Segment]:
+    return [
+        Segment(tuple(range(5, 25))),  # "system prompt", at offset 0
+        Segment(tuple(range(100, 140))),
+        Segment(tuple(range(150, 175))),
+        Segment(tuple(range(200, 230))),
+        Segment((7, 8, 9, 10), reuse=False),  # the question
+    ]
+
+
+# ---- segments and keys ----------------------------------------------------------------
+
+
+def test_segments_from_text_and_from_parts() -> None:
+    def tokenize(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    segments = split_text(tokenize, "sys|A doc|Another|Q?", separator="|")
+    assert [s.reuse for s in segments] == [True, True, True, False]
+    assert prompt_ids(segments) == tokenize("sysA docAnotherQ?")
+    assert segment_offsets(segments) == [0, 3, 8, 15]
+    assert from_texts(tokenize, ["d1", ""], "q", prefix="p") == [
+        Segment((ord("p"),)),
+        Segment((ord("d"), ord("1"))),
+        Segment((ord("q"),), reuse=False),
+    ]
+    assert [s.reuse for s in split_text(tokenize, "just a question")] == [False]
+    with pytest.raises(ConfigError):
+        split_text(tokenize, "a|b", separator="")
+    with pytest.raises(ConfigError):
+        Segment(())
+
+
+def test_segment_keys_ignore_position_and_never_match_prefix_keys(store: TieredStore) -> None:
+    layout = KVLayout(2, 2, 4, DType.FLOAT32)
+    engine = CacheEngine(store, layout, "model-a", chunk_size_tokens=8)
+    doc = list(range(100, 120))
+    as_segment = engine.chunk_keys(doc, include_partial=True, segment=True)
+    assert len(as_segment) == 3
+    assert as_segment != engine.chunk_keys(doc, include_partial=True)  # prefix keys differ
+    kv = torch.randn(layout.chunk_shape(len(doc)))
+    assert engine.store(doc, kv, segment=True) == 20
+    assert engine.lookup(doc, segment=True) == 20
+    assert engine.lookup(doc) == 0  # not a prefix hit
+    assert torch.equal(engine.retrieve(doc, segment=True), kv)
+    for other in (
+        CacheEngine(store, layout, "model-b", chunk_size_tokens=8),  # another model
+        CacheEngine(store, KVLayout(2, 2, 4, DType.FLOAT16), "model-a", chunk_size_tokens=8),
+    ):
+        assert other.lookup(doc, segment=True) == 0
+    assert engine.lookup(doc, segment=True, tenant_salt=b"tenant-2") == 0
+
+
+# ---- RoPE moves and the recompute pass ------------------------------------------------
+
+
+def test_rerotate_moves_keys_to_a_later_position() -> None:
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    ids = list(range(30, 70))
+    delta = 977
+    at_zero = full_kv(model, ids)[0, 0]  # layer 0: keys depend on the token and position only
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(
+            input_ids=torch.tensor([ids]),
+            position_ids=torch.arange(delta, delta + len(ids)).unsqueeze(0),
+            past_key_values=cache,
+        )
+        moved = adapter.rerotate(at_zero.clone(), delta)
+    assert not torch.allclose(at_zero, cache.layers[0].keys[0], atol=1e-3)
+    torch.testing.assert_close(moved, cache.layers[0].keys[0], atol=2e-5, rtol=1e-4)
+    assert torch.equal(adapter.rerotate(at_zero.clone(), 0), at_zero)
+
+
+def test_select_tokens_takes_the_highest_deviation_and_the_forced() -> None:
+    deviation = torch.tensor([9.0, 1.0, 5.0, 7.0, 3.0, 8.0])
+    candidates = torch.tensor([False, True, True, True, True, True])
+    forced = torch.tensor([False, False, False, False, True, False])
+    chosen = select_tokens(deviation, candidates, forced, ratio=0.4)  # 2 of 5 candidates
+    assert chosen.tolist() == [3, 4, 5]
+    assert select_tokens(deviation, candidates, forced, ratio=0.0).tolist() == [4]
+
+
+def blended_kv(model: LlamaForCausalLM, segments: list[Segment], ratio: float) -> torch.Tensor:
+    """The context's KV after moving each segment's own KV and blending at `ratio`."""
+    adapter = adapter_for(model)
+    context = [s for s in segments if s.reuse]
+    ids = prompt_ids(context)
+    parts = []
+    for segment, offset in zip(context, segment_offsets(context), strict=True):
+        own = full_kv(model, list(segment.token_ids))
+        adapter.rerotate(own[:, 0], offset)
+        parts.append(own)
+    kv = torch.cat(parts, dim=3)
+    candidates = torch.ones(len(ids), dtype=torch.bool)
+    candidates[: len(context[0])] = False
+    with torch.inference_mode():
+        stats = blend(
+            adapter,
+            torch.tensor(ids),
+            kv,
+            candidates=candidates,
+            forced=torch.zeros(len(ids), dtype=torch.bool),
+            ratio=ratio,
+        )
+    assert stats.num_selected == round(ratio * int(candidates.sum()))
+    return kv
+
+
+def test_full_recompute_equals_prefill_and_partial_recompute_beats_none() -> None:
+    model = tiny_llama()
+    segments = three_docs()
+    truth = full_kv(model, prompt_ids([s for s in segments if s.reuse]))
+    errors = {}
+    for ratio in (0.0, 0.3, 1.0):
+        kv = blended_kv(model, segments, ratio)
+        errors[ratio] = float((kv - truth).square().mean())
+    assert errors[1.0] < 1e-9
+    assert errors[0.3] < errors[0.0]
+    # The first segment sits at its own position 0: its KV is exact even unblended.
+    naive = blended_kv(model, segments, 0.0)
+    torch.testing.assert_close(naive[:, :, :, :20], truth[:, :, :, :20], atol=1e-5, rtol=1e-4)
+
+
+def test_blend_rejects_bad_arguments() -> None:
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    kv = torch.zeros(4, 2, 2, 10, 16)
+    mask = torch.zeros(10, dtype=torch.bool)
+    ids = torch.arange(10)
+    for kwargs in ({"ratio": 1.5}, {"ratio": 0.1, "check_layer": 4}):
+        with pytest.raises(ConfigError):
+            blend(adapter, ids, kv, candidates=mask, forced=mask, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        blend(adapter, ids[:5], kv, candidates=mask, forced=mask, ratio=0.1)
+
+
+# ---- BlendGenerator ---------------------------------------------------------------------
+
+
+def test_generator_stores_missing_segments_then_reuses_them_in_any_order(
+    store: TieredStore,
+) -> None:
+    model = tiny_llama()
+    generator = BlendGenerator.for_generator(
+        KVDepotGenerator.for_model(model, store, chunk_size_tokens=16),
+        BlendConfig(recompute_ratio=1.0),
+    )
+    segments = three_docs()
+    first = generator.generate(segments, max_new_tokens=6)
+    assert first.fallback_reason is None
+    assert (first.num_reused_tokens, first.num_computed_tokens) == (0, 115)
+    assert first.token_ids == greedy(model, prompt_ids(segments), 6)  # ratio 1: a prefill
+
+    shuffled = [segments[0], segments[3], segments[1], segments[2], segments[4]]
+    second = generator.generate(shuffled, max_new_tokens=6)
+    assert (second.num_reused_tokens, second.num_computed_tokens) == (115, 0)
+    assert second.num_recomputed_tokens == 95  # every moved token, at ratio 1
+    assert second.token_ids == greedy(model, prompt_ids(shuffled), 6)
+
+    naive = generator.generate(shuffled, max_new_tokens=6, recompute_ratio=0.0)
+    assert naive.num_recomputed_tokens == 0
+    metrics = generator.engine.metrics
+    assert metrics.counter_value("kvdepot_blend_requests_total", {"outcome": "blended"}) == 3
+    assert metrics.counter_value("kvdepot_blend_tokens_total", {"kind": "reused"}) == 230
+
+
+def test_a_question_segment_inside_the_context_is_always_computed(store: TieredStore) -> None:
+    model = tiny_llama()
+    generator = BlendGenerator(model, CacheEngine(store, KVLayout(4, 2, 16, DType.FLOAT32), "m"))
+    segments = three_docs()
+    segments.insert(2, Segment((11, 12, 13), reuse=False))  # e.g. a per-request instruction
+    result = generator.generate(segments, max_new_tokens=4, recompute_ratio=0.0)
+    assert result.fallback_reason is None
+    assert result.num_recomputed_tokens == 3
+    with pytest.raises(ConfigError, match="question"):
+        generator.generate(segments[:-1], max_new_tokens=4)
+
+
+def test_unsupported_models_and_tier_failures_fall_back_to_a_full_prefill(
+    store: TieredStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_llama()
+    segments = three_docs()
+    expected = greedy(model, prompt_ids(segments), 5)
+    generator = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, store))
+
+    monkeypatch.setattr(model.config, "model_type", "no-such-family")
+    with caplog.at_level(logging.WARNING):
+        result = generator.generate(segments, max_new_tokens=5)
+    assert result.fallback_reason is not None and "no-such-family" in result.fallback_reason
+    assert result.token_ids == expected
+    assert "full prefill" in caplog.text
+    monkeypatch.undo()
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise StorageError("tier down")
+
+    generator = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, store))
+    monkeypatch.setattr(generator.engine, "lookup", broken)
+    result = generator.generate(segments, max_new_tokens=5)
+    assert result.fallback_reason == "StorageError: tier down"
+    assert result.token_ids == expected
+    count = generator.engine.metrics.counter_value
+    assert count("kvdepot_blend_requests_total", {"outcome": "fallback"}) == 2
+
+
+def test_rope_variants_that_do_not_compose_are_refused() -> None:
+    model = tiny_llama()
+    model.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(BlendUnsupported, match="dynamic"):
+        adapter_for(model)
+
+
+# ---- the real model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[torch.nn.Module, object]:
+    model_dir: Path = prepare_model(default_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train(False)
+    return model, AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def test_real_model_blend_quality(smollm2: tuple[torch.nn.Module, object]) -> None:
+    """Ratio 1 answers as a full prefill does; 15 % recompute is closer to it than none."""
+    model, tokenizer = smollm2
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+
+    docs, questions = make_multidoc_qa(
+        5, num_documents=3, docs_per_prompt=3, num_questions=2, products_per_doc=1
+    )
+    store = TieredStore(
+        MemoryTier(HostBuffer.allocate(512 << 20, prefault=False)), metrics=Metrics()
+    )
+    generator = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, store))  # type: ignore[arg-type]
+    kl = {0.0: 0.0, 0.15: 0.0}
+    for question in questions:
+        segments = from_texts(
+            tokenize,
+            [f"Document:\n{docs[i].text}\n\n" for i in question.order],
+            f"Question: {question.question}<|im_end|>\n<|im_start|>assistant\n",
+            prefix="<|im_start|>system\nAnswer from the documents.<|im_end|>\n<|im_start|>user\n",
+        )
+        ids = prompt_ids(segments)
+        full = generator.generate(segments, max_new_tokens=8, recompute_ratio=1.0)
+        assert full.token_ids == greedy(model, ids, 8)
+        with torch.inference_mode():
+            reference = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            for ratio in kl:
+                blended = generator.blended_cache(segments, ratio)
+                assert blended.num_reused == blended.num_context_tokens
+                logits = model(
+                    torch.tensor([ids[blended.num_context_tokens :]]),
+                    past_key_values=blended.cache,
+                ).logits[0, -1]
+                kl[ratio] += float((reference.exp() * (reference - logits.log_softmax(-1))).sum())
+    assert kl[0.15] < kl[0.0]
+    store.close()
