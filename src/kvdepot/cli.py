@@ -186,6 +186,26 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0 if all(met for _, met in codecs.goal_lines(results)) or not args.strict else 1
 
 
+def _cmd_bench_blend(args: argparse.Namespace) -> int:
+    from kvdepot.bench import blend
+    from kvdepot.connectors.model import prepare_model
+
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    bench = blend.run(
+        prepare_model(args.model_dir), seed=args.seed, num_documents=args.documents,
+        docs_per_prompt=args.docs_per_prompt, num_questions=args.questions,
+        products_per_doc=args.products_per_doc, filler_per_product=args.filler,
+        ratios=ratios, max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens,
+        goal_ratio=args.goal_ratio, progress=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(blend.report(bench))
+    if args.plot:
+        blend.plot(bench, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in bench.results], indent=2))
+    return 0 if all(met for _, met in blend.goal_lines(bench)) or not args.strict else 1
+
+
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
     # Runs in the vLLM environment (see kvdepot.bench.vllm); it owns its flags.
     from kvdepot.bench import vllm
@@ -288,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     codec_bench.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     codec_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
     codec_bench.set_defaults(func=_cmd_bench_codecs)
+    blend_bench = benches.add_parser(
+        "blend", help="CacheBlend: quality and TTFT on multi-document QA vs full prefill"
+    )
+    blend_bench.add_argument("--documents", type=int, default=6, help="documents in the pool")
+    blend_bench.add_argument("--docs-per-prompt", type=int, default=4, help="documents per prompt")
+    blend_bench.add_argument("--questions", type=int, default=24, help="questions")
+    blend_bench.add_argument("--products-per-doc", type=int, default=2, help="~300 tok each")
+    blend_bench.add_argument("--filler", type=int, default=14, help="filler sentences per product")
+    blend_bench.add_argument("--ratios", default="0.05,0.15,0.3", help="recompute ratios")
+    blend_bench.add_argument("--goal-ratio", type=float, default=0.15, help="ratio of the goals")
+    blend_bench.add_argument("--max-new-tokens", type=int, default=12, help="tokens per answer")
+    blend_bench.add_argument("--kl-tokens", type=int, default=4, help="answer tokens in the KL")
+    blend_bench.add_argument("--seed", type=int, default=7, help="workload seed")
+    blend_bench.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
+    blend_bench.add_argument("--plot", type=Path, default=None, help="write the chart (PNG)")
+    blend_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
+    blend_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+    blend_bench.set_defaults(func=_cmd_bench_blend)
     vllm_bench = benches.add_parser(
         "vllm",
         help="vLLM head-to-head: TTFT with kvdepot vs peers (flags: kvdepot bench vllm -h)",

@@ -181,6 +181,19 @@ class BlendGenerator:
             total_s=time.perf_counter() - start,
         )
 
+    def index(self, segments: Sequence[Segment], tenant_salt: bytes = b"") -> int:
+        """Compute and store every reusable segment not cached yet (e.g. a RAG corpus, ahead
+        of its questions); returns the tokens computed."""
+        num_computed = 0
+        for segment in segments:
+            tokens = list(segment.token_ids)
+            if segment.reuse and self.engine.lookup(
+                tokens, tenant_salt=tenant_salt, segment=True
+            ) < len(tokens):
+                self._compute_and_store(tokens, tenant_salt)
+                num_computed += len(tokens)
+        return num_computed
+
     def blended_cache(
         self, segments: Sequence[Segment], ratio: float, tenant_salt: bytes = b""
     ) -> BlendedCache:
@@ -272,8 +285,11 @@ class BlendGenerator:
             if kv.shape[2] == len(tokens):
                 context.num_reused += len(tokens)
                 return kv
-        kv = self._compute_own_kv(tokens)
         context.num_computed += len(tokens)
+        return self._compute_and_store(tokens, salt)
+
+    def _compute_and_store(self, tokens: list[int], salt: bytes) -> torch.Tensor:
+        kv = self._compute_own_kv(tokens)
         try:
             self.engine.store(tokens, kv, tenant_salt=salt, segment=True)
         except Exception as exc:  # not cached this time; the request goes on

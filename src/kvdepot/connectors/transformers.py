@@ -188,7 +188,7 @@ class KVDepotGenerator:
         num_cached, cache = 0, None
         if use_cache:
             try:
-                num_cached, cache = self._load_prefix(ids[0], tenant_salt)
+                num_cached, cache = self.load_prefix(ids[0], tenant_salt)
             except Exception as exc:
                 reason = f"cache load failed: {exc}"
                 self._log.warning("load", "kvdepot: %s; running a full prefill", reason)
@@ -215,9 +215,7 @@ class KVDepotGenerator:
             fallback_reason=reason,
         )
 
-    def _load_prefix(
-        self, ids: torch.Tensor, tenant_salt: bytes
-    ) -> tuple[int, DynamicCache | None]:
+    def load_prefix(self, ids: torch.Tensor, tenant_salt: bytes) -> tuple[int, DynamicCache | None]:
         """(tokens loaded, cache holding them); the last prompt token is always recomputed.
 
         A full hit (the same prompt again) loads every token but the last: KV of token i

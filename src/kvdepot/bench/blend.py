@@ -1,0 +1,269 @@
+"""`kvdepot bench blend`: CacheBlend's quality and TTFT on multi-document QA, offline.
+
+Runs in the caller's process, on CPU, with SmolLM2-135M-Instruct in fp32 (this CPU has no bf16
+instructions) and an embedded RAM-tier store. The workload comes from
+`workloads.make_multidoc_qa`: a pool of product handbooks with planted facts; each question
+gets a system prompt, `docs_per_prompt` documents in a shuffled order and the question (one
+planted fact, or a comparison across two documents). Every document is indexed (its own KV
+stored) before the timed runs, as a RAG corpus would be. Per question, modes:
+- `full`: a plain prefill of the whole prompt (the reference);
+- `prefix`: kvdepot prefix caching only (what earlier questions left in the cache);
+- `naive`: each document's own KV moved to its position (RoPE), nothing recomputed;
+- `blend@r`: the same plus CacheBlend's selective recompute of a fraction r.
+Measured per mode: TTFT (call to first-token logits, fetch and blend included), accuracy
+(the answer contains the planted fact), agreement (greedy output token-identical to `full`'s)
+and the mean KL divergence from `full` of the next-token distributions over the first
+`kl_tokens` answer tokens (teacher-forced on `full`'s answer). Goals (issue: 4 documents of
+~512-1024 tokens): blend TTFT <= full / 2.5; >= 90 % identical answers; better than naive on
+accuracy, agreement and KL.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvdepot.bench.timing import format_table
+
+SYSTEM = (
+    "<|im_start|>system\nYou answer questions about product handbooks. Answer briefly, "
+    "using only the documents.<|im_end|>\n<|im_start|>user\n"
+)
+
+
+@dataclass(slots=True)
+class ModeResult:
+    """One mode over the whole question set."""
+
+    mode: str
+    ttft_s: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    identical: list[bool] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    recomputed_tokens: list[int] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def ttft_median(self) -> float:
+        return statistics.median(self.ttft_s)
+
+    @property
+    def ttft_p90(self) -> float:
+        ordered = sorted(self.ttft_s)
+        return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def agreement(self) -> float:
+        return sum(self.identical) / len(self.identical)
+
+    @property
+    def mean_kl(self) -> float:
+        return statistics.fmean(self.kl)
+
+
+@dataclass(frozen=True, slots=True)
+class BlendBench:
+    """Everything `report` and `plot` need."""
+
+    results: list[ModeResult]
+    num_questions: int
+    context_tokens: float
+    doc_tokens: tuple[int, ...]
+    goal_ratio: float
+
+
+def _modes(ratios: list[float]) -> list[str]:
+    return ["full", "prefix", "naive", *[f"blend@{r:g}" for r in ratios]]
+
+
+def run(
+    model_dir: Path,
+    *,
+    seed: int = 7,
+    num_documents: int = 6,
+    docs_per_prompt: int = 4,
+    num_questions: int = 24,
+    products_per_doc: int = 2,
+    filler_per_product: int = 14,
+    ratios: tuple[float, ...] = (0.05, 0.15, 0.3),
+    max_new_tokens: int = 12,
+    kl_tokens: int = 4,
+    goal_ratio: float = 0.15,
+    progress: Callable[[str], None] = lambda line: None,
+) -> BlendBench:
+    """Every mode on every question (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvdepot.blend import BlendGenerator, from_texts, prompt_ids
+    from kvdepot.config import BlendConfig, KVDepotConfig
+    from kvdepot.connectors.transformers import (
+        FirstTokenClock,
+        KVDepotGenerator,
+        generate_from_cache,
+    )
+    from kvdepot.metrics import Metrics
+    from kvdepot.store import open_store
+    from kvdepot.workloads import make_multidoc_qa
+
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train(False)
+    docs, questions = make_multidoc_qa(
+        seed, num_documents=num_documents, docs_per_prompt=docs_per_prompt,
+        num_questions=num_questions, products_per_doc=products_per_doc,
+        filler_per_product=filler_per_product,
+    )  # fmt: skip
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    config = KVDepotConfig()
+    config.memory.capacity_bytes = 3 << 30
+    results = {mode: ModeResult(mode) for mode in _modes(list(ratios))}
+    context_sizes = []
+    with open_store(config, Metrics()) as store:
+        plain = KVDepotGenerator.for_model(model, store, fingerprint="bench-blend")
+        blender = BlendGenerator.for_generator(plain, BlendConfig())
+        texts = [f"Document {d.title}:\n{d.text}\n\n" for d in docs]
+        blender.index(from_texts(tokenize, texts, "?"))
+        for n, question in enumerate(questions):
+            segments = from_texts(
+                tokenize,
+                [texts[i] for i in question.order],
+                f"Question: {question.question}<|im_end|>\n<|im_start|>assistant\n",
+                prefix=SYSTEM,
+            )
+            ids = prompt_ids(segments)
+            num_context = len(ids) - len(segments[-1])
+            context_sizes.append(num_context)
+            prompt = torch.tensor([ids])
+
+            clock = FirstTokenClock()
+            start = time.perf_counter()
+            output, _ = generate_from_cache(model, prompt, None, clock, max_new_tokens)
+            reference = output[len(ids) :].tolist()
+            answers: dict[str, tuple[list[int], float, int]] = {
+                "full": (reference, (clock.first_s or time.perf_counter()) - start, 0)
+            }
+            prefix = plain.generate(ids, max_new_tokens=max_new_tokens)
+            answers["prefix"] = (prefix.token_ids, prefix.ttft_s, 0)
+            for mode, ratio in [("naive", 0.0), *[(f"blend@{r:g}", r) for r in ratios]]:
+                got = blender.generate(
+                    segments, max_new_tokens=max_new_tokens, recompute_ratio=ratio
+                )
+                if got.fallback_reason is not None:
+                    raise RuntimeError(f"{mode} fell back: {got.fallback_reason}")
+                answers[mode] = (got.token_ids, got.ttft_s, got.num_recomputed_tokens)
+
+            forced = reference[: max(1, kl_tokens) - 1]
+            with torch.inference_mode():
+                full_logits = model(torch.tensor([ids + forced])).logits[0, -len(forced) - 1 :]
+                caches: dict[str, tuple[Any, int]] = {"full": (None, 0)}
+                num_cached, cache = plain.load_prefix(torch.tensor(ids), b"")
+                caches["prefix"] = (cache, num_cached)
+                for mode, ratio in [("naive", 0.0), *[(f"blend@{r:g}", r) for r in ratios]]:
+                    blended = blender.blended_cache(segments, ratio)
+                    caches[mode] = (blended.cache, blended.num_context_tokens)
+                for mode, (token_ids, ttft_s, recomputed) in answers.items():
+                    cache, start_token = caches[mode]
+                    if cache is None:
+                        logits = full_logits
+                    else:
+                        tail = torch.tensor([(ids + forced)[start_token:]])
+                        out = model(tail, past_key_values=cache).logits[0]
+                        logits = out[-len(forced) - 1 :]
+                    result = results[mode]
+                    result.ttft_s.append(ttft_s)
+                    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+                    result.answers.append(text)
+                    result.correct.append(question.answer.lower() in text.lower())
+                    result.identical.append(token_ids == reference)
+                    result.kl.append(_kl(full_logits, logits))
+                    result.recomputed_tokens.append(recomputed)
+            progress(
+                f"question {n + 1}/{len(questions)} ({num_context} context tokens): "
+                + ", ".join(f"{m} {a[1]:.2f}s" for m, a in answers.items())
+            )
+    doc_tokens = tuple(len(tokenize(t)) for t in texts)
+    return BlendBench(
+        list(results.values()), len(questions), statistics.fmean(context_sizes), doc_tokens,
+        goal_ratio,
+    )  # fmt: skip
+
+
+def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || logits), from raw logits `[n, vocab]`."""
+    p = reference.float().log_softmax(-1)
+    q = logits.float().log_softmax(-1)
+    return max(0.0, float((p.exp() * (p - q)).sum(-1).mean()))  # >= 0 but for rounding
+
+
+def goal_lines(bench: BlendBench) -> list[tuple[str, bool]]:
+    """(description with numbers, met) for the issue's goals."""
+    by_mode = {r.mode: r for r in bench.results}
+    full, naive = by_mode["full"], by_mode["naive"]
+    blend = by_mode.get(f"blend@{bench.goal_ratio:g}")
+    if blend is None:
+        return []
+    speedup = full.ttft_median / blend.ttft_median
+    return [
+        (f"{blend.mode} TTFT <= full / 2.5: {speedup:.2f}x faster", speedup >= 2.5),
+        (f"{blend.mode} identical to full on >= 90 %: {blend.agreement:.0%}",
+         blend.agreement >= 0.9),
+        (f"{blend.mode} better than naive: accuracy {blend.accuracy:.0%} vs {naive.accuracy:.0%}, "
+         f"identical {blend.agreement:.0%} vs {naive.agreement:.0%}, "
+         f"KL {blend.mean_kl:.3f} vs {naive.mean_kl:.3f}",
+         blend.accuracy > naive.accuracy and blend.agreement > naive.agreement
+         and blend.mean_kl < naive.mean_kl),
+    ]  # fmt: skip
+
+
+def report(bench: BlendBench) -> str:
+    full = next(r for r in bench.results if r.mode == "full")
+    header = ["mode", "TTFT med s", "TTFT p90 s", "vs full", "accuracy", "identical",
+              "mean KL", "recomputed tok"]  # fmt: skip
+    rows = [
+        [r.mode, r.ttft_median, r.ttft_p90, r.ttft_median / full.ttft_median,
+         f"{r.accuracy:.0%}", f"{r.agreement:.0%}", f"{r.mean_kl:.4f}",
+         round(statistics.fmean(r.recomputed_tokens))]
+        for r in bench.results
+    ]  # fmt: skip
+    lines = [
+        f"{bench.num_questions} questions, {bench.context_tokens:.0f} context tokens on average "
+        f"(documents of {min(bench.doc_tokens)}-{max(bench.doc_tokens)} tokens)",
+        format_table(header, rows),
+    ]
+    lines += [f"goal {'met' if met else 'MISSED'}: {text}" for text, met in goal_lines(bench)]
+    return "\n".join(lines)
+
+
+def plot(bench: BlendBench, path: Path) -> None:
+    """Quality (identical answers, and 1/(1+KL)) against TTFT, one point per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in bench.results:
+        ax.scatter(r.ttft_median, 100 * r.agreement, s=60)
+        ax.annotate(f"{r.mode}\nKL {r.mean_kl:.3f}", (r.ttft_median, 100 * r.agreement),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("TTFT, median (s)")
+    ax.set_ylabel("answers identical to full prefill (%)")
+    ax.set_title(f"CacheBlend on SmolLM2-135M, {bench.num_questions} multi-document questions")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
