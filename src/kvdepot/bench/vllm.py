@@ -39,9 +39,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from kvdepot.bench.vllm_report import ChildResult, report
 
@@ -64,8 +63,9 @@ LMCACHE_ENV = {
 DAEMON_CAPACITY = "2GiB"
 
 
-def _child(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """One setup, in this process (a child of `run_setup`)."""
+def _child(args: argparse.Namespace, model_dir: Path) -> None:
+    """One setup, in this process (a child of `run_setup`); writes its samples to `args.out`
+    after each workload, so a setup that fails half-way still reports what it measured."""
     from kvdepot.bench.vllm_engine import BenchEngine
     from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
 
@@ -73,18 +73,22 @@ def _child(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket)
     low, high = args.doc_tokens
     qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
-    chat = chat_requests(
-        engine.tokenizer, doc_sizes(args.chat_conversations, low, high), args.chat_turns
-    )
+    chat_sizes = doc_sizes(args.chat_conversations, low, high)
+    chat = chat_requests(engine.tokenizer, chat_sizes, args.chat_turns)
+    result = ChildResult(args.child, engine.startup_s, [])
     engine.warm_up()
-    samples = engine.run(qa, args.max_tokens) + engine.run(chat, args.max_tokens)
-    if args.child.startswith("kvdepot") and args.paired:
-        samples += engine.paired_cold(args.paired, args.paired_tokens, args.max_tokens)
-    return {
-        "setup": args.child,
-        "startup_s": engine.startup_s,
-        "samples": [asdict(s) for s in samples],
-    }
+    try:
+        for requests in (qa, chat):
+            result.samples.extend(engine.run(requests, args.max_tokens))
+            args.out.write_text(json.dumps(result.to_json()))
+        if args.child.startswith("kvdepot") and args.paired:
+            paired = engine.paired_cold(args.paired, args.paired_tokens, args.max_tokens)
+            result.samples.extend(paired)
+    except Exception as exc:
+        result = replace(result, error=f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    finally:
+        args.out.write_text(json.dumps(result.to_json()))
 
 
 def _start_daemon(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -117,31 +121,29 @@ def _start_daemon(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
 
 
 def run_setup(setup: str, child_args: list[str]) -> ChildResult:
-    """One setup in its own child process (and its daemon); its samples."""
+    """One setup in its own child process (and its daemon); its samples, and its error if it
+    failed (the samples it took until then are kept)."""
     with tempfile.TemporaryDirectory(prefix="kvdepot-bench-vllm-") as tmp:
         out = Path(tmp) / "result.json"
         env = {**os.environ, **ENGINE_ENV, **(LMCACHE_ENV if setup == "lmcache" else {})}
-        args = [
-            sys.executable,
-            "-m",
-            "kvdepot.bench.vllm",
-            "--child",
-            setup,
-            "--out",
-            str(out),
-            *child_args,
-        ]
+        args = [sys.executable, "-m", "kvdepot.bench.vllm", "--child", setup, "--out", str(out),
+                *child_args]  # fmt: skip
         daemon = None
         if setup == "kvdepot-daemon":
             daemon, socket_path = _start_daemon(Path(tmp))
             args += ["--socket", str(socket_path)]
         try:
-            subprocess.run(args, check=True, env=env)
+            returncode = subprocess.run(args, env=env).returncode
         finally:
             if daemon is not None:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(timeout=30)
-        return ChildResult.from_json(json.loads(out.read_text()))
+        result = ChildResult(setup, float("nan"), [])
+        if out.exists():
+            result = ChildResult.from_json(json.loads(out.read_text()))
+        if returncode and result.error is None:
+            result = replace(result, error=f"the engine process exited with {returncode}")
+        return result
 
 
 def _parser(prog: str | None) -> argparse.ArgumentParser:
@@ -186,15 +188,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     model_dir = prepare_model(args.model_dir)
     if args.child:
-        args.out.write_text(json.dumps(_child(args, model_dir)))
+        _child(args, model_dir)
         return 0
     setups = tuple(args.setups.split(","))
     if "vllm" not in setups or not set(setups) <= set(SETUPS):
         parser.error(f"--setups: a list of {SETUPS} that includes vllm (the baseline)")
-    results = [run_setup(setup, _child_args(args, model_dir)) for setup in setups]
+    results = []
+    for setup in setups:
+        results.append(run_setup(setup, _child_args(args, model_dir)))
+        if args.json:  # after each setup: a long run that is cut short keeps what it measured
+            args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
+    if results[0].error is not None:
+        print(f"the baseline failed: {results[0].error}", file=sys.stderr)
+        return 1
     print(report(results))
-    if args.json:
-        args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
     return 0
 
 

@@ -75,6 +75,9 @@ class BenchEngine:
             model=model_dir,
             dtype="float32",
             max_model_len=8192,
+            # One prefill step per prompt: ExampleConnector saves only the first step of a
+            # chunked prefill, then fails to load it (a shape mismatch that kills the engine).
+            max_num_batched_tokens=8192,
             enable_prefix_caching=True,
             enforce_eager=True,
             kv_transfer_config=transfer_config(setup, work_dir, socket_path),

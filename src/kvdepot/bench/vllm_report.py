@@ -39,21 +39,23 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class ChildResult:
-    """All samples of one setup (one engine process)."""
+    """All samples of one setup (one engine process); `error` if it failed part-way."""
 
     setup: str
     startup_s: float
     samples: list[Sample]
+    error: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChildResult:
         samples = [Sample(**s) for s in data["samples"]]
-        return cls(str(data["setup"]), float(data["startup_s"]), samples)
+        return cls(str(data["setup"]), float(data["startup_s"]), samples, data.get("error"))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "setup": self.setup,
             "startup_s": self.startup_s,
+            "error": self.error,
             "samples": [asdict(s) for s in self.samples],
         }
 
@@ -144,13 +146,13 @@ def workload_table(results: Sequence[ChildResult], workload: str) -> str:
 
 def same_outputs(result: ChildResult, base: ChildResult, workload: str) -> str:
     """How many of the workload's greedy outputs equal plain vLLM's, as "k/n"."""
-    pairs = list(zip(result.select(workload), base.select(workload), strict=True))
+    pairs = list(zip(result.select(workload), base.select(workload), strict=False))
     return f"{sum(a.output_ids == b.output_ids for a, b in pairs)}/{len(pairs)}"
 
 
 def cold_ratio(ours: ChildResult, base: ChildResult) -> float:
     """Median over cold prompts (QA and chat) of our TTFT / the baseline's, prompt by prompt."""
-    pairs = zip(_cold(ours), _cold(base), strict=True)
+    pairs = zip(_cold(ours), _cold(base), strict=False)
     return p50([a.ttft_s / b.ttft_s for a, b in pairs if a.num_prompt == b.num_prompt])
 
 
@@ -239,5 +241,7 @@ def report(results: Sequence[ChildResult]) -> str:
                 f"{copy_limit_s(num):.3f} s"
             )
     parts.append("startup s: " + ", ".join(f"{r.setup} {r.startup_s:.0f}" for r in results))
+    parts += [f"{r.setup} FAILED (its table rows cover what it ran before): {r.error}"
+              for r in results if r.error is not None]  # fmt: skip
     parts += goal_lines(results)
     return "\n\n".join(parts[:2]) + "\n\n" + "\n".join(parts[2:])
