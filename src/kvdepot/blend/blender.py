@@ -108,11 +108,10 @@ def blend(
     device = kv.device
     cache = _BlendKV(kv, check_layer)
     positions = torch.arange(num_tokens, device=device).unsqueeze(0)
-    mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
     hidden = adapter.embed(input_ids.to(device).unsqueeze(0))
     selected = torch.arange(num_tokens, device=device)
+    rows: torch.Tensor | None = None  # None: every token in flight, plain causal attention
     for index, layer in enumerate(layers):
-        rows = mask if cache.selected is None else mask.index_select(0, selected)
         hidden = _call_layer(layer, hidden, rows, positions, adapter, cache)
         if index == check_layer:
             assert cache.deviation is not None
@@ -124,20 +123,23 @@ def blend(
             cache.selected = selected
             hidden = hidden.index_select(1, selected)
             positions = positions.index_select(1, selected)
+            # A selected token at position p attends to every context position <= p.
+            keys = torch.arange(num_tokens, device=device)
+            rows = (keys.unsqueeze(0) <= selected.unsqueeze(1))[None, None]
     return BlendStats(int(selected.numel()), int(candidates.sum()), check_layer)
 
 
 def _call_layer(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
-    mask_rows: torch.Tensor,
+    mask: torch.Tensor | None,
     positions: torch.Tensor,
     adapter: BlendAdapter,
     cache: _BlendKV,
 ) -> torch.Tensor:
     out = layer(
         hidden,
-        attention_mask=mask_rows[None, None],
+        attention_mask=mask,
         position_ids=positions,
         position_embeddings=adapter.position_embeddings(hidden, positions),
         past_key_values=cache,

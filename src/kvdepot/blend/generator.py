@@ -118,8 +118,6 @@ class BlendGenerator:
         self._log = RateLimitedLog(logger)
         self._adapter: BlendAdapter | BlendUnsupported | None = None
         self._scratch_kv: torch.Tensor | None = None
-        self.sink_tokens = 0
-        self.anchor: list[int] = []
 
     @classmethod
     def for_generator(
@@ -268,11 +266,9 @@ class BlendGenerator:
             own = self._segment_kv(segment, tenant_salt, context)  # [L, 2, n, H, D]
             target = kv[:, :, :, span]
             target.copy_(own.permute(0, 1, 3, 2, 4))
-            adapter.rerotate(target[:, 0], offset - len(self.anchor))
+            adapter.rerotate(target[:, 0], offset)
             # At offset 0 a segment's own KV is its true KV: nothing to fix there.
             context.candidates[span] = offset > 0
-            if offset > 0 and self.sink_tokens:
-                context.forced[offset : offset + min(self.sink_tokens, len(segment))] = True
         return context
 
     def _segment_kv(self, segment: Segment, salt: bytes, context: _Context) -> torch.Tensor:
@@ -309,14 +305,13 @@ class BlendGenerator:
         device = self.model.device
         with torch.inference_mode():
             self.model(
-                input_ids=torch.as_tensor([self.anchor + tokens], device=device),
+                input_ids=torch.as_tensor([tokens], device=device),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            a = len(self.anchor)
-            layers = [torch.stack(layer_kv(layer, a + len(tokens))) for layer in cache.layers]
-            return torch.stack(layers)[:, :, :, a:].permute(0, 1, 3, 2, 4).cpu()
+            layers = [torch.stack(layer_kv(layer, len(tokens))) for layer in cache.layers]
+            return torch.stack(layers).permute(0, 1, 3, 2, 4).cpu()
 
     def _fallback(
         self,
