@@ -370,3 +370,32 @@ def test_transformers_generation_through_the_daemon(daemon: Daemon) -> None:
     assert torch.is_tensor(torch.tensor(result.token_ids))
     first.close()
     second.close()
+
+
+def test_blend_segments_through_the_daemon(daemon: Daemon) -> None:
+    """A document stored by one engine's blend is reused, moved elsewhere, by another's."""
+    from kvdepot import load_config
+    from kvdepot.blend import BlendGenerator, Segment, prompt_ids
+    from kvdepot.connectors.transformers import KVDepotGenerator
+    from kvdepot.deployment import open_cache
+
+    from .test_blend import greedy, tiny_llama
+
+    config = load_config(
+        overrides={"mode": "daemon", "daemon.socket_path": str(daemon.socket_path),
+                   "chunk_size_tokens": 16}
+    )  # fmt: skip
+    model = tiny_llama()
+    doc_a, doc_b = Segment(tuple(range(100, 140))), Segment(tuple(range(150, 170)))
+    question = Segment((7, 8, 9), reuse=False)
+    first, second = open_cache(config), open_cache(config)
+    writer = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, first))
+    assert writer.index([doc_a, doc_b]) == 60
+    reader = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, second))
+    segments = [Segment((5, 6)), doc_b, doc_a, question]
+    result = reader.generate(segments, max_new_tokens=4, recompute_ratio=1.0)
+    assert result.fallback_reason is None
+    assert (result.num_reused_tokens, result.num_computed_tokens) == (60, 2)
+    assert result.token_ids == greedy(model, prompt_ids(segments), 4)
+    first.close()
+    second.close()
