@@ -42,7 +42,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from kvdepot.bench.vllm_report import ChildResult, report
+from kvdepot.bench.vllm_report import ChildResult, merge_runs, report
 
 SETUPS = ("vllm", "kvdepot", "kvdepot-daemon", "lmcache", "example")
 ENGINE_ENV = {
@@ -170,6 +170,13 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     add("--paired", type=int, default=6, help="cold pairs with and without kvdepot")
     add("--paired-tokens", type=int, default=2048, help="prompt length of the cold pairs")
     add("--json", type=Path, help="also write every sample here")
+    add(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: report the samples of these --json files, merged setup by setup",
+    )
     add("--child", choices=SETUPS, help=argparse.SUPPRESS)
     add("--out", type=Path, help=argparse.SUPPRESS)
     add("--socket", type=Path, help=argparse.SUPPRESS)
@@ -184,6 +191,11 @@ def _pair(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog)
     args = parser.parse_args(argv)
+    if args.report:
+        runs = [[ChildResult.from_json(r) for r in json.loads(path.read_text())]
+                for path in args.report]  # fmt: skip
+        print(report(merge_runs(runs)))
+        return 0
     from kvdepot.connectors.model import prepare_model
 
     model_dir = prepare_model(args.model_dir)
@@ -198,8 +210,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         results.append(run_setup(setup, _child_args(args, model_dir)))
         if args.json:  # after each setup: a long run that is cut short keeps what it measured
             args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
-    if results[0].error is not None:
-        print(f"the baseline failed: {results[0].error}", file=sys.stderr)
+    baseline = next(r for r in results if r.setup == "vllm")
+    if baseline.error is not None:
+        print(f"the baseline failed: {baseline.error}", file=sys.stderr)
         return 1
     print(report(results))
     return 0

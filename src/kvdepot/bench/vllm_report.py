@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kvdepot.tables import format_table
@@ -63,6 +63,24 @@ class ChildResult:
         return [
             s for s in self.samples if s.workload == workload and (kind is None or s.kind == kind)
         ]
+
+
+def merge_runs(runs: Sequence[Sequence[ChildResult]]) -> list[ChildResult]:
+    """Several runs' results as one, setup by setup (in the first run's order); run k's
+    groups are renumbered so that its cold pairs stay pairs."""
+    merged: dict[str, ChildResult] = {}
+    for k, run in enumerate(runs):
+        for result in run:
+            samples = [replace(s, group=s.group + 1000 * k) for s in result.samples]
+            if result.setup not in merged:
+                merged[result.setup] = replace(result, samples=samples)
+                continue
+            before = merged[result.setup]
+            error = before.error or result.error
+            startup_s = min(before.startup_s, result.startup_s)
+            merged[result.setup] = ChildResult(result.setup, startup_s,
+                                               before.samples + samples, error)  # fmt: skip
+    return list(merged.values())
 
 
 def p50(values: Sequence[float]) -> float:
