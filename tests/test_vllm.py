@@ -354,6 +354,31 @@ def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> Non
     assert strict.kv_transfer_config.kv_load_failure_policy == "recompute"
 
 
+@pytest.mark.parametrize(
+    ("block_size", "extra", "expected"),
+    [
+        (128, {}, 128),  # vLLM's CPU backend: one block per chunk
+        (16, {}, 128),  # GPU backends: 8 blocks
+        (96, {}, 192),
+        (16, {"chunk_size_tokens": 256}, 256),  # an explicit size wins
+        (128, {"chunk-size-tokens": 384}, 384),
+    ],
+)
+def test_chunk_size_follows_vllms_block_size_unless_set(
+    block_size: int, extra: dict[str, object], expected: int
+) -> None:
+    config, _ = connector_config(extra, block_size)
+    assert config.chunk_size_tokens == expected
+
+
+def test_explicit_chunk_size_must_be_a_multiple_of_the_block_size(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="multiple of vLLM's KV block size 128"):
+        connector_config({"chunk_size_tokens": 192}, 128)
+    config = vllm_config(tmp_path, chunk_size_tokens=48)
+    with pytest.raises(ConfigError, match="block size 32"):
+        KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config())
+
+
 # ---- real engines (one process each) ---------------------------------------------------------
 
 ENGINE_ENV = {
@@ -438,8 +463,11 @@ def test_cold_runs_store_the_models_kv_in_token_order(
     prompt = populated["prompts"]["full"]
     client = DaemonClient(socket_path=daemon.socket_path)
     try:
-        cache = CacheEngine(
-            client, KVLayout(30, 3, 64, DType.FLOAT32), model_fingerprint(str(model_dir))
+        cache = CacheEngine(  # the connector's default chunk with vLLM's 128-token CPU blocks
+            client,
+            KVLayout(30, 3, 64, DType.FLOAT32),
+            model_fingerprint(str(model_dir)),
+            chunk_size_tokens=128,
         )
         kv = cache.retrieve(prompt)
     finally:
@@ -478,9 +506,9 @@ def test_embedded_engine_hits_fully_partly_and_not_at_all(
         "no_store": (0, 0),
         "after_no_store": (0, 0),  # the request before opted out of stores
         "cold": (0, 0),
-        "warm_full": (1299, 6),  # 5 chunks and the tail; the last token is computed
-        "partial": (1024, 4),
-        "local_then_kvdepot": (1299, 6),  # vLLM had 1024 tokens; kvdepot loaded the rest
+        "warm_full": (1299, 11),  # 10 chunks of 128 and the tail; the last token is computed
+        "partial": (1024, 8),
+        "local_then_kvdepot": (1299, 11),  # vLLM had 1024 tokens; kvdepot loaded the rest
         "miss": (0, 0),
         "other_tenant": (0, 0),
     }
@@ -502,7 +530,7 @@ def test_fresh_engine_reads_the_daemon_and_outlives_it(
     result = run_engine("fresh", spec, tmp_path_factory.mktemp("fresh"))
     steps = result["steps"]
     got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
-    assert got == {"warm_full": (1299, 6), "warm_partial": (1036, 5), "other_tenant": (0, 0)}
+    assert got == {"warm_full": (1299, 11), "warm_partial": (1036, 9), "other_tenant": (0, 0)}
     assert daemon.proc.poll() is not None, "the daemon was to be killed mid-run"
     assert [r["num_cached"] for r in result["after_kill"]] == [0, 0]
     novel, *rest = result["during_kill"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_TOKENS = 16
+CHUNK_TOKENS = 128  # kvdepot's default chunk with vLLM's 128-token CPU blocks
 
 
 def prompts(tokenizer: Any) -> dict[str, list[int]]:
@@ -185,7 +186,7 @@ def fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     engine.llm.reset_prefix_cache()
     batch = ["novel", "full", "partial"]
     record: dict[str, float] = {}
-    num_keys = sum(-(-len(engine.prompts[name]) // 256) for name in batch)
+    num_keys = sum(-(-len(engine.prompts[name]) // CHUNK_TOKENS) for name in batch)
     kill_after_lookups(engine, spec["daemon_pid"], num_keys, record)
     during = engine.generate(batch)
     after = [engine.one(name) for name in ("full", "partial")]

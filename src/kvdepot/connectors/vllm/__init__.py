@@ -9,7 +9,20 @@ Load it with vLLM's standard `kv_transfer_config`::
 `kv_connector_extra_config` holds kvdepot config overrides (dotted paths of `KVDepotConfig`,
 or nested mappings), validated by `load_config`; one more key, `model_fingerprint`, names the
 weights when they are not a local folder (default: config.json and samples of the weight
-files). vLLM creates two instances, in two processes (modules: `connector`, `scheduler`,
+files).
+
+Chunk size: by default a chunk is the smallest multiple of vLLM's KV block size with at least
+128 tokens (`aligned_chunk_size`: 128 with the CPU backend's 128-token blocks, 128 = 8 blocks
+of 16 on GPU). Why: a new prompt that shares a prefix with a stored one (a new question on the
+same document, a chat's next turn) recomputes the tokens past the last whole chunk it shares,
+so with the CPU backend a warm prompt recomputes at most one block, as vLLM's own prefix
+cache does (with 256-token chunks: up to 255 tokens, ~3-4 ms each on CPU, while loading the
+hit costs one copy). On GPU the 128-token floor (at most 127 recomputed tokens, cheap there)
+keeps the number of keys per prompt bounded. An explicit `chunk_size_tokens` wins and must be
+a multiple of the block size. Engines that share a daemon share chunks only when their chunk
+sizes agree.
+
+vLLM creates two instances, in two processes (modules: `connector`, `scheduler`,
 `worker`, `pages`, `metadata`, `settings`):
 
 - **scheduler side** (EngineCore process): `get_num_new_matched_tokens` looks the prompt up
@@ -67,7 +80,9 @@ from kvdepot.connectors.vllm.pages import (
     scatter_pages,
 )
 from kvdepot.connectors.vllm.settings import (
+    MIN_CHUNK_TOKENS,
     ConnectorSettings,
+    aligned_chunk_size,
     connector_config,
     embedded_socket_path,
     model_fingerprint,
@@ -75,11 +90,13 @@ from kvdepot.connectors.vllm.settings import (
 
 __all__ = [
     "LAYOUTS",
+    "MIN_CHUNK_TOKENS",
     "ConnectorSettings",
     "KVDepotConnector",
     "KVDepotMetadata",
     "PagedLayout",
     "RequestTransfer",
+    "aligned_chunk_size",
     "connector_config",
     "detect_layout",
     "embedded_socket_path",

@@ -2,6 +2,13 @@
 
 Runs in both vLLM processes (scheduler and worker); each side builds the same
 `ConnectorSettings` from vLLM's config, so keys agree across processes.
+
+Chunk size: unless `kv_connector_extra_config` sets `chunk_size_tokens`, a chunk is the
+smallest multiple of vLLM's KV block size that holds at least `MIN_CHUNK_TOKENS` (128 tokens
+with the CPU backend's 128-token blocks, 8 blocks of 16 on GPU). A new prompt that shares a
+prefix with a stored one recomputes the tokens past its last whole shared chunk: on CPU at
+most one block, as vLLM's own prefix cache does. An explicit size wins, and must be a
+multiple of the block size, so that chunk boundaries fall on block boundaries.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +39,10 @@ if TYPE_CHECKING:
 CONNECTOR_KEYS = ("model_fingerprint",)
 """Keys of `kv_connector_extra_config` that are not `KVDepotConfig` overrides."""
 _SAMPLE_BYTES = 1 << 20
+MIN_CHUNK_TOKENS = 128
+"""The default chunk is the smallest multiple of vLLM's block size with at least this many
+tokens: smaller chunks mean more keys per prompt, larger ones more recompute on a shared
+prefix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,17 +80,13 @@ class ConnectorSettings:
         parallel = vllm_config.parallel_config
         if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
             raise ConfigError("kvdepot's vLLM connector needs tensor and pipeline parallel 1")
-        config, fingerprint = connector_config(transfer.kv_connector_extra_config)
         layout, layer_names, spec = kv_layout(kv_cache_config)
         block_size = int(spec.block_size)
+        extra = transfer.kv_connector_extra_config
+        config, fingerprint = connector_config(extra, block_size)
         cpu_isa = cpu_attention_isa(spec.dtype, block_size, int(spec.head_size))
         # Off CPU (NHD/HND), and with CPU_ATTN's fp32 "vec" kernels, a page row is a token.
         is_token_exact = cpu_isa is None or (cpu_isa == "vec" and spec.dtype == torch.float32)
-        if not is_token_exact and config.chunk_size_tokens % block_size:
-            raise ConfigError(
-                f"chunk_size_tokens must be a multiple of the block size {block_size} "
-                f"with CPU attention kernels {cpu_isa!r}"
-            )
         model = (vllm_config.model_config.model, vllm_config.model_config.revision)
         socket_path = embedded_socket_path(config, str(transfer.engine_id))
         return cls(config, layout, sorted(layer_names, key=layer_order), block_size, cpu_isa,
@@ -99,8 +106,16 @@ class ConnectorSettings:
         )
 
 
-def connector_config(extra: Mapping[str, object]) -> tuple[KVDepotConfig, str | None]:
-    """(kvdepot config, explicit model fingerprint) from `kv_connector_extra_config`."""
+def connector_config(
+    extra: Mapping[str, object], block_size: int | None = None
+) -> tuple[KVDepotConfig, str | None]:
+    """(kvdepot config, explicit model fingerprint) from `kv_connector_extra_config`.
+
+    Args:
+        extra: vLLM's `kv_connector_extra_config`.
+        block_size: vLLM's KV block size in tokens; when given, `chunk_size_tokens` defaults
+            to `aligned_chunk_size(block_size)`, and an explicit one must be a multiple of it.
+    """
     overrides: dict[str, object] = {}
 
     def flatten(tree: Mapping[str, object], prefix: str) -> None:
@@ -114,7 +129,24 @@ def connector_config(extra: Mapping[str, object]) -> tuple[KVDepotConfig, str | 
     fingerprint = extra.get("model_fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise ConfigError("kv_connector_extra_config.model_fingerprint must be a string")
-    return load_config(overrides=overrides), fingerprint
+    config = load_config(overrides=overrides)
+    if block_size is None:
+        return config, fingerprint
+    is_explicit = any(k.replace("-", "_") == "chunk_size_tokens" for k in overrides)
+    if not is_explicit:
+        return replace(config, chunk_size_tokens=aligned_chunk_size(block_size)), fingerprint
+    if config.chunk_size_tokens % block_size:
+        raise ConfigError(
+            f"chunk_size_tokens {config.chunk_size_tokens} must be a multiple of vLLM's KV "
+            f"block size {block_size} (e.g. {aligned_chunk_size(block_size)}), or left out "
+            "to get that default"
+        )
+    return config, fingerprint
+
+
+def aligned_chunk_size(block_size: int) -> int:
+    """The default chunk size: the smallest multiple of `block_size` >= `MIN_CHUNK_TOKENS`."""
+    return cdiv(MIN_CHUNK_TOKENS, block_size) * block_size
 
 
 def model_fingerprint(model: str, revision: str | None = None) -> str:
