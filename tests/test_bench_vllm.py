@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvdepot.bench.vllm_report import ChildResult, Sample, report
+from kvdepot.bench.vllm_report import ChildResult, Sample, merge_runs, report
 from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
 
 
@@ -62,12 +62,29 @@ def test_report_states_each_goal_with_its_numbers() -> None:
                 sample("paired-store", 4.12, "paired"),
                 sample("paired-skip", 4.0, "paired"),
             ]
-        return ChildResult(setup, 20.0, samples)
+        return ChildResult(setup, 20.0, samples, chunk_size_tokens=0 if setup == "vllm" else 128)
 
     results = [result("vllm", 4.0, 0.4), result("kvdepot", 4.4, 0.5), result("lmcache", 4.0, 1.2)]
     text = report(results)
+    assert text.startswith("chunk size (tokens): kvdepot 128, lmcache 128\n")
     assert "goal kvdepot warm TTFT <= 0.5 x LMCache (qa): 0.42 (limit 0.50) -> met" in text
     assert "goal kvdepot warm TTFT <= 1.5 x vLLM prefix-cache hit (chat): 1.25" in text
     assert "cold slowdown <= 5 % vs vllm, separate engines: 0.10 (limit 0.05) -> MISSED" in text
     assert "paired in one engine: 0.03 (limit 0.05) -> met; 1 pairs" in text
     assert "3/3" in text  # every greedy output equals plain vLLM's
+
+
+def test_merged_runs_keep_their_chunk_size_unless_it_differs() -> None:
+    def run(chunk_tokens: int) -> list[ChildResult]:
+        cold = [sample("cold", 4.0)]
+        return [
+            ChildResult("vllm", 20.0, cold),
+            ChildResult("lmcache", 20.0, cold, None, chunk_tokens),
+        ]
+
+    same = merge_runs([run(128), run(128)])
+    assert [(r.setup, r.chunk_size_tokens, len(r.samples)) for r in same] == [
+        ("vllm", 0, 2),
+        ("lmcache", 128, 2),
+    ]
+    assert merge_runs([run(128), run(256)])[1].chunk_size_tokens == 0  # reported as "?"

