@@ -259,6 +259,10 @@ def test_a_question_segment_inside_the_context_is_always_computed(store: TieredS
     assert result.num_recomputed_tokens == 3
     with pytest.raises(ConfigError, match="question"):
         generator.generate(segments[:-1], max_new_tokens=4)
+    only_question = [Segment((7, 8, 9, 10), reuse=False)]
+    plain = generator.generate(only_question, max_new_tokens=4)
+    assert plain.fallback_reason == "no reusable segment"
+    assert plain.token_ids == greedy(model, [7, 8, 9, 10], 4)
 
 
 def test_unsupported_models_and_tier_failures_fall_back_to_a_full_prefill(

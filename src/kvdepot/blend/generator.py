@@ -149,6 +149,8 @@ class BlendGenerator:
             raise ConfigError(f"recompute ratio must be within 0..1, got {ratio}")
         start = time.perf_counter()
         ids = prompt_ids(segments)
+        if not any(segment.reuse for segment in segments):  # nothing to blend: not a failure
+            return self._fallback(ids, None, start, max_new_tokens, generation_config, tenant_salt)
         reason: str | None = None
         clock = FirstTokenClock()
         output: torch.Tensor | None = None
@@ -161,6 +163,7 @@ class BlendGenerator:
         except Exception as exc:  # a blend problem must never cost the user the answer
             reason = f"{type(exc).__name__}: {exc}"
         if output is None or reason is not None:
+            reason = reason or "blend produced no output"
             return self._fallback(
                 ids, reason, start, max_new_tokens, generation_config, tenant_salt
             )
@@ -247,7 +250,8 @@ class BlendGenerator:
     ) -> _Context:
         """Each context segment's own KV, moved to its position, in one `[L, 2, H, T, D]`."""
         layout = self.engine.layout
-        kv = torch.zeros(
+        # Every position is written below: a moved segment's KV, or a forced token's in the pass.
+        kv = torch.empty(
             (layout.num_layers, 2, layout.num_kv_heads, num_context, layout.head_dim),
             dtype=self.model.dtype,
         )
@@ -322,8 +326,10 @@ class BlendGenerator:
         generation_config: GenerationConfig | None,
         tenant_salt: bytes,
     ) -> BlendResult:
-        reason = reason or "blend produced no output"
-        self._log.warning("fallback", "kvdepot: blend not possible (%s); full prefill", reason)
+        if reason is None:
+            reason = "no reusable segment"
+        else:
+            self._log.warning("fallback", "kvdepot: blend not possible (%s); full prefill", reason)
         self.engine.metrics.blend_requests.labels("fallback").inc()
         result = self.plain.generate(
             ids,
