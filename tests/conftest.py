@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+from kvdepot import Metrics, TieredStore
 from kvdepot.codec import EncodedChunk, RawCodec, encode_chunk
 from kvdepot.keys import ChunkHash, ChunkKey
 from kvdepot.layout import DType
@@ -44,3 +45,11 @@ def memory_tier() -> Iterator[Callable[[int], MemoryTier]]:
     yield make
     for tier in made:
         tier.close()
+
+
+@pytest.fixture
+def store() -> Iterator[TieredStore]:
+    """A RAM-only TieredStore of 256 MiB (not prefaulted)."""
+    s = TieredStore(MemoryTier(HostBuffer.allocate(256 << 20, prefault=False)), metrics=Metrics())
+    yield s
+    s.close()

@@ -7,7 +7,6 @@ a full prefill, and recomputing the most deviating tokens beats reusing them as 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -43,23 +41,13 @@ from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
 from kvdepot.workloads import make_multidoc_qa
 
-
-@pytest.fixture
-def store() -> Iterator[TieredStore]:
-    s = TieredStore(MemoryTier(HostBuffer.allocate(256 << 20, prefault=False)), metrics=Metrics())
-    yield s
-    s.close()
+from .test_transformers import plain_generate as greedy
+from .test_transformers import tiny_llama as transformers_tiny_llama
 
 
-def tiny_llama(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.train(False)
-    return model
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Four layers, so that layers past the check layer (1) are left to blend."""
+    return transformers_tiny_llama(seed, num_layers=4)
 
 
 def full_kv(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
@@ -68,17 +56,6 @@ def full_kv(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
     return torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in cache.layers])
-
-
-def greedy(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(  # type: ignore[operator]
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-    return list(out[0, len(ids) :].tolist())
 
 
 def three_docs() -> list[Segment]:
@@ -285,7 +262,7 @@ def test_unsupported_models_and_tier_failures_fall_back_to_a_full_prefill(
         raise StorageError("tier down")
 
     generator = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, store))
-    monkeypatch.setattr(generator.engine, "lookup", broken)
+    monkeypatch.setattr(generator.engine, "retrieve", broken)
     result = generator.generate(segments, max_new_tokens=5)
     assert result.fallback_reason == "StorageError: tier down"
     assert result.token_ids == expected

@@ -7,14 +7,13 @@ machine, ~20 s); the others use tiny random-weight Llamas.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from kvdepot import Metrics, TieredStore
+from kvdepot import TieredStore
 from kvdepot.connectors.model import default_model_dir, prepare_model
 from kvdepot.connectors.transformers import (
     KVDepotGenerator,
@@ -23,16 +22,7 @@ from kvdepot.connectors.transformers import (
 )
 from kvdepot.errors import ConfigError, StorageError
 from kvdepot.layout import DType
-from kvdepot.tiers.arena import HostBuffer
-from kvdepot.tiers.memory import MemoryTier
 from kvdepot.workloads import make_document
-
-
-@pytest.fixture
-def store() -> Iterator[TieredStore]:
-    s = TieredStore(MemoryTier(HostBuffer.allocate(256 << 20, prefault=False)), metrics=Metrics())
-    yield s
-    s.close()
 
 
 def plain_generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -136,10 +126,12 @@ def test_real_model_retrieve_failure_falls_back_to_full_prefill(
 # ---- tiny random Llamas ---------------------------------------------------------------
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 2
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
     )  # fmt: skip
     model = LlamaForCausalLM(config).to(dtype)

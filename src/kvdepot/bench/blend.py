@@ -104,7 +104,7 @@ def run(
     """Every mode on every question (see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvdepot.blend import BlendGenerator, from_texts, prompt_ids
+    from kvdepot.blend import BlendGenerator, Segment, prompt_ids
     from kvdepot.config import BlendConfig, KVDepotConfig
     from kvdepot.connectors.transformers import (
         FirstTokenClock,
@@ -134,15 +134,19 @@ def run(
     with open_store(config, Metrics()) as store:
         plain = KVDepotGenerator.for_model(model, store, fingerprint="bench-blend")
         blender = BlendGenerator.for_generator(plain, BlendConfig())
-        texts = [f"Document {d.title}:\n{d.text}\n\n" for d in docs]
-        blender.index(from_texts(tokenize, texts, "?"))
+        # Tokenized once: a document's tokens (and key) are the same in every prompt.
+        doc_segments = [
+            Segment(tuple(tokenize(f"Document {d.title}:\n{d.text}\n\n"))) for d in docs
+        ]
+        system = Segment(tuple(tokenize(SYSTEM)))
+        blender.index(doc_segments)
         for n, question in enumerate(questions):
-            segments = from_texts(
-                tokenize,
-                [texts[i] for i in question.order],
-                f"Question: {question.question}<|im_end|>\n<|im_start|>assistant\n",
-                prefix=SYSTEM,
-            )
+            asked = f"Question: {question.question}<|im_end|>\n<|im_start|>assistant\n"
+            segments = [
+                system,
+                *[doc_segments[i] for i in question.order],
+                Segment(tuple(tokenize(asked)), reuse=False),
+            ]
             ids = prompt_ids(segments)
             num_context = len(ids) - len(segments[-1])
             context_sizes.append(num_context)
@@ -194,7 +198,7 @@ def run(
                 f"question {n + 1}/{len(questions)} ({num_context} context tokens): "
                 + ", ".join(f"{m} {a[1]:.2f}s" for m, a in answers.items())
             )
-    doc_tokens = tuple(len(tokenize(t)) for t in texts)
+    doc_tokens = tuple(len(segment) for segment in doc_segments)
     return BlendBench(
         list(results.values()), len(questions), statistics.fmean(context_sizes), doc_tokens,
         goal_ratio,

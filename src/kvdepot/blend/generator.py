@@ -151,9 +151,7 @@ class BlendGenerator:
         ids = prompt_ids(segments)
         if not any(segment.reuse for segment in segments):  # nothing to blend: not a failure
             return self._fallback(ids, None, start, max_new_tokens, generation_config, tenant_salt)
-        reason: str | None = None
         clock = FirstTokenClock()
-        output: torch.Tensor | None = None
         try:
             blended = self.blended_cache(segments, ratio, tenant_salt)
             prompt = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
@@ -162,8 +160,6 @@ class BlendGenerator:
             )
         except Exception as exc:  # a blend problem must never cost the user the answer
             reason = f"{type(exc).__name__}: {exc}"
-        if output is None or reason is not None:
-            reason = reason or "blend produced no output"
             return self._fallback(
                 ids, reason, start, max_new_tokens, generation_config, tenant_salt
             )
@@ -278,13 +274,13 @@ class BlendGenerator:
     def _segment_kv(self, segment: Segment, salt: bytes, context: _Context) -> torch.Tensor:
         """`[L, 2, n, H, D]`: the segment's own KV, from the cache or computed (and stored)."""
         tokens = list(segment.token_ids)
-        if self.engine.lookup(tokens, tenant_salt=salt, segment=True) == len(tokens):
-            kv = self.engine.retrieve(
-                tokens, tenant_salt=salt, out=self._scratch(len(tokens)), segment=True
-            )
-            if kv.shape[2] == len(tokens):
-                context.num_reused += len(tokens)
-                return kv
+        # retrieve answers the leading cached tokens: one read, no separate lookup.
+        kv = self.engine.retrieve(
+            tokens, tenant_salt=salt, out=self._scratch(len(tokens)), segment=True
+        )
+        if kv.shape[2] == len(tokens):
+            context.num_reused += len(tokens)
+            return kv
         context.num_computed += len(tokens)
         return self._compute_and_store(tokens, salt)
 
