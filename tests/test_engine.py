@@ -65,7 +65,8 @@ def test_round_trip_is_bit_exact(store: TieredStore, dtype: torch.dtype) -> None
 
 
 def test_partial_tail_serves_only_the_exact_same_tokens(store: TieredStore) -> None:
-    engine = make_engine(store)
+    """Without partial matching (tests/test_partial_match.py has it on)."""
+    engine = make_engine(store, partial_match=False)
     tokens = list(range(2 * CHUNK + 5))
     kv = kv_for(engine, len(tokens))
     engine.store(tokens, kv)

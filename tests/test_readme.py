@@ -29,6 +29,6 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     namespace: dict[str, object] = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["num_cached"] == 1000
-    assert namespace["num_longer"] == 768
+    assert namespace["num_shared"] == 900
     assert tuple(namespace["cached_kv"].shape) == (30, 2, 1000, 3, 64)  # type: ignore[attr-defined]
     assert any((tmp_path / "c").rglob("*.kvc"))

@@ -223,15 +223,16 @@ def test_whole_prompt_is_loaded_but_its_last_token(engine: Engine) -> None:
     assert engine.holds(again, blocks, 0, 200)
 
 
-def test_shared_prefix_loads_whole_chunks_after_vllms_own_hit(engine: Engine) -> None:
+def test_shared_prefix_loads_the_shared_tokens_after_vllms_own_hit(engine: Engine) -> None:
     engine.lookup(first := request("a", PROMPT))
     engine.step([(first, list(range(7)), 0, 200)])
     engine.scribble()
     other = request("b", [*PROMPT[:150], *range(5, 55)])
-    assert engine.lookup(other, num_local=32) == 128 - 32  # chunks 0-1; vLLM holds block 0
+    # Chunks 0-1 and the first 22 tokens of chunk 2 (partial matching); vLLM holds block 0.
+    assert engine.lookup(other, num_local=32) == 150 - 32
     blocks = [0, *range(10, 16)]  # block 0 is vLLM's shared, cached block: never written
     before = engine.caches[NAMES[0]][0].clone()
-    engine.step([(other, blocks, 128, 72)])
+    engine.step([(other, blocks, 150, 50)])
     assert torch.equal(engine.caches[NAMES[0]][0], before)
     assert engine.holds(other, blocks, 0, 200)
     assert engine.lookup(request("c", other.prompt_token_ids)) == 199  # its tail was stored
@@ -508,6 +509,7 @@ def test_embedded_engine_hits_fully_partly_and_not_at_all(
         "cold": (0, 0),
         "warm_full": (1299, 11),  # 10 chunks of 128 and the tail; the last token is computed
         "partial": (1024, 8),
+        "resume": (1100, 8),  # 8 chunks, then 76 tokens of the stored 9th (partial match)
         "local_then_kvdepot": (1299, 11),  # vLLM had 1024 tokens; kvdepot loaded the rest
         "miss": (0, 0),
         "other_tenant": (0, 0),
@@ -530,7 +532,12 @@ def test_fresh_engine_reads_the_daemon_and_outlives_it(
     result = run_engine("fresh", spec, tmp_path_factory.mktemp("fresh"))
     steps = result["steps"]
     got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
-    assert got == {"warm_full": (1299, 11), "warm_partial": (1036, 9), "other_tenant": (0, 0)}
+    assert got == {
+        "warm_full": (1299, 11),
+        "warm_partial": (1036, 9),
+        "warm_resume": (1100, 8),  # a partial match answered by the daemon's index
+        "other_tenant": (0, 0),
+    }
     assert daemon.proc.poll() is not None, "the daemon was to be killed mid-run"
     assert [r["num_cached"] for r in result["after_kill"]] == [0, 0]
     novel, *rest = result["during_kill"]

@@ -91,6 +91,10 @@ class KVDepotConfig:
     hash_algorithm: str = _doc(
         "chunk hash: blake2b-128 (multi-tenant safe) or xxh3-128 (trusted, faster)", "blake2b-128"
     )
+    partial_match: bool = _doc(
+        "reuse the leading tokens of a stored chunk that follows the same prefix", True
+    )
+    partial_match_min_tokens: int = _doc("shorter partial matches are ignored", 16)
     write_back_queue_chunks: int = _doc("chunks waiting for write-back before drops", 64)
     codec_plugins: str = _doc("extra codecs: comma-separated 'package.module:Factory'", "")
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
@@ -111,6 +115,8 @@ class KVDepotConfig:
             raise ConfigError(f"mode {self.mode!r}: choose one of {list(MODES)}")
         if self.daemon.lease_ttl_s <= 0 or self.daemon.request_timeout_s <= 0:
             raise ConfigError("daemon.lease_ttl_s and daemon.request_timeout_s must be > 0")
+        if self.partial_match_min_tokens < 1:
+            raise ConfigError("partial_match_min_tokens must be >= 1")
         if self.write_back_queue_chunks < 0:
             raise ConfigError("write_back_queue_chunks must be >= 0")
         for section in ("memory", "disk"):

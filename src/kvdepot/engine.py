@@ -2,9 +2,13 @@
 
 Runs in the inference engine's process; talks to a store (the embedded `TieredStore`, or a
 daemon client with the same interface). It owns chunking and prefix semantics:
-- only whole chunks of `chunk_size_tokens` are stored and served;
-- `lookup` and `retrieve` answer the leading run of cached chunks (a prefix);
-- `store` writes only the chunks the cache does not already hold.
+- chunks of `chunk_size_tokens` are the unit of storage (a prompt's partial tail too);
+- `lookup` and `retrieve` answer a cached prefix: the leading run of cached chunks, then
+  (partial matching, on by default) the leading tokens of a stored chunk that follows the
+  same prefix, found through the store's continuation index (`kvdepot.continuations`); KV
+  of token j depends only on tokens 0..j, so those tokens' KV is exactly this prompt's;
+- `store` writes only the chunks the cache does not already hold, and tells the index which
+  chunk follows which prefix.
 
 KV tensors use the layout `[num_layers, 2 (K, V), num_tokens, num_kv_heads, head_dim]`, any
 float dtype; they are copied once between the tensor and the store's memory.
@@ -20,8 +24,17 @@ import torch
 
 from kvdepot.codec import Codec, CodecRegistry, RawCodec, decode_chunk_into, default_registry
 from kvdepot.codec.base import encode_chunk
+from kvdepot.codec.format import open_blob
+from kvdepot.continuations import Continuation
 from kvdepot.errors import CorruptChunk, LayoutMismatch
-from kvdepot.keys import CacheNamespace, ChunkKey, HashAlgorithm, TokenIds, chunk_hashes
+from kvdepot.keys import (
+    CacheNamespace,
+    ChunkKey,
+    HashAlgorithm,
+    TokenIds,
+    chunk_hashes,
+    token_bytes,
+)
 from kvdepot.layout import DType, KVLayout
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
@@ -77,7 +90,17 @@ class CacheEngine:
         codec: Codec | None = None,
         registry: CodecRegistry | None = None,
         metrics: Metrics | None = None,
+        partial_match: bool = True,
+        min_partial_tokens: int = 16,
     ) -> None:
+        """A cache engine over `backend` for chunks of `layout` keyed by `model_fingerprint`.
+
+        Args:
+            partial_match: also reuse the leading tokens of a stored chunk that follows the
+                same prefix; off for engines whose pages cannot be filled in part.
+            min_partial_tokens: a partial match shorter than this is ignored (reading a
+                whole chunk to save a few tokens of prefill is no gain).
+        """
         self.backend = backend
         self.layout = layout
         self.model_fingerprint = model_fingerprint
@@ -87,6 +110,8 @@ class CacheEngine:
         self.codec = codec if codec is not None else RawCodec()
         self.registry = registry if registry is not None else default_registry()
         self.metrics = metrics if metrics is not None else backend.metrics
+        self.partial_match = partial_match
+        self.min_partial_tokens = max(min_partial_tokens, 1)
         self._namespaces: dict[bytes, CacheNamespace] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(logger)
@@ -132,11 +157,16 @@ class CacheEngine:
         """Number of leading tokens of `tokens` whose KV is cached.
 
         Whole chunks, plus the partial tail when exactly this tail was stored before (the
-        same prompt again); so the answer is a multiple of the chunk size or `len(tokens)`.
-        `segment=True` looks `tokens` up as a segment (see `chunk_keys`).
+        same prompt again), else (partial matching) the leading tokens that the next stored
+        chunk of this prefix shares with `tokens`. `segment=True` looks `tokens` up as a
+        segment (see `chunk_keys`): whole chunks and the exact tail only.
         """
         keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
-        num_hit = min(self.backend.lookup(keys) * self.chunk_size_tokens, len(tokens))
+        num_chunks = self.backend.lookup(keys)
+        num_hit = min(num_chunks * self.chunk_size_tokens, len(tokens))
+        if num_chunks < len(keys) and self.partial_match and not segment:
+            found = self._continuation(tokens, keys, num_chunks, tenant_salt)
+            num_hit += found[1] if found is not None else 0
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
         return num_hit
@@ -174,7 +204,7 @@ class CacheEngine:
             tokens[:num_tokens], tenant_salt, include_partial=store_partial, segment=segment
         )
         first = kv_start_token // c
-        keys = keys[first:]
+        all_keys, keys = keys, keys[first:]
         present = self.backend.contains(keys)
         bits = as_numpy_bits(kv.detach().cpu())
         items = []
@@ -188,6 +218,10 @@ class CacheEngine:
             items = [item for item, is_held in zip(items, held, strict=True) if is_held]
         num_written = sum(chunk.header.shape[2] for _, chunk in items)
         self.metrics.stored_tokens.inc(num_written)
+        if self.partial_match and not segment:
+            stored = {key for key, _ in items}
+            kept = [first + i for i, key in enumerate(keys) if present[i] or key in stored]
+            self._remember(tokens, all_keys, kept, tenant_salt)
         return num_written
 
     def retrieve(
@@ -204,7 +238,8 @@ class CacheEngine:
 
         Args:
             out: optional CPU tensor with room for all of `tokens` (reused memory is much
-                faster to fill than fresh memory); the result is a view of it.
+                faster to fill than fresh memory); the result is a view of it. Rows past
+                the result may be overwritten.
             segment: retrieve `tokens` as a segment (see `chunk_keys`).
         """
         keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
@@ -212,12 +247,16 @@ class CacheEngine:
         bad_key: ChunkKey | None = None
         with self.backend.read(keys) as blobs:
             num_hit = min(len(blobs) * c, len(tokens))
+            found = None
+            if len(blobs) < len(keys) and self.partial_match and not segment:
+                found = self._continuation(tokens, keys, len(blobs), tenant_salt)
+            num_room = num_hit + (found[1] if found is not None else 0)
             if out is None:
                 out = torch.empty(
-                    self.layout.chunk_shape(num_hit), dtype=torch_dtype(self.layout.dtype)
+                    self.layout.chunk_shape(num_room), dtype=torch_dtype(self.layout.dtype)
                 )
             else:
-                self._check_kv(out, min_tokens=num_hit)
+                self._check_kv(out, min_tokens=num_room)
                 if out.device.type != "cpu":
                     raise LayoutMismatch("out must be a CPU tensor; copy to the device after")
             bits = as_numpy_bits(out)
@@ -227,13 +266,80 @@ class CacheEngine:
                     decode_chunk_into(blob, span, self.registry, verify=False)
                 except CorruptChunk as exc:
                     self._log.warning("decode", "chunk %d unusable, deleted: %s", i, exc)
-                    bad_key = keys[i]
+                    bad_key, found = keys[i], None
                     num_hit = i * c
                     break
+        if found is not None and self._read_partial(found[0], found[1], out, num_hit):
+            num_hit += found[1]
         if bad_key is not None:
             self.backend.delete([bad_key])  # a miss from now on, so it can be stored again
         self.metrics.retrieved_tokens.inc(num_hit)
         return out[:, :, :num_hit]
+
+    def _continuation(
+        self, tokens: Tokens, keys: list[ChunkKey], num_chunks: int, tenant_salt: bytes
+    ) -> tuple[ChunkKey, int] | None:
+        """(stored child, m) whose first m tokens continue the cached run of `num_chunks`
+        chunks of `tokens`; None when none does (or the index cannot be asked)."""
+        c = self.chunk_size_tokens
+        if num_chunks == 0:
+            ns = self.namespace(tenant_salt)
+            parent = ChunkKey(ns.digest, ns.root_hash())
+        else:
+            parent = keys[num_chunks - 1]
+        rest = tokens[num_chunks * c : (num_chunks + 1) * c]
+        if isinstance(rest, torch.Tensor):
+            rest = rest.detach().cpu().numpy()
+        try:
+            found = self.backend.continuation(parent, token_bytes(rest))
+        except Exception as exc:  # a hint only: a failure is a miss
+            self._log.warning("continuation", "continuation lookup failed, a miss: %s", exc)
+            return None
+        return found if found is not None and found[1] >= self.min_partial_tokens else None
+
+    def _read_partial(self, key: ChunkKey, num_tokens: int, out: torch.Tensor, start: int) -> bool:
+        """Decode the first `num_tokens` of chunk `key` into `out` at `start`; False when the
+        chunk vanished or is unusable (then deleted), so nothing of it counts."""
+        with self.backend.read([key]) as blobs:
+            if not blobs:
+                return False
+            try:
+                n = open_blob(blobs[0], verify=False)[0].shape[2]
+                if n < num_tokens:
+                    raise CorruptChunk(f"chunk holds {n} tokens, {num_tokens} expected")
+                if n <= out.shape[2] - start:
+                    span = as_numpy_bits(out)[:, :, start : start + n]
+                    decode_chunk_into(blobs[0], span, self.registry, verify=False)
+                else:
+                    scratch = torch.empty(self.layout.chunk_shape(n), dtype=out.dtype)
+                    decode_chunk_into(blobs[0], as_numpy_bits(scratch), self.registry, verify=False)
+                    out[:, :, start : start + num_tokens].copy_(scratch[:, :, :num_tokens])
+                return True
+            except CorruptChunk as exc:
+                self._log.warning("decode", "continuation chunk unusable, deleted: %s", exc)
+        self.backend.delete([key])
+        return False
+
+    def _remember(
+        self, tokens: Tokens, keys: list[ChunkKey], held: list[int], tenant_salt: bytes
+    ) -> None:
+        """Tell the store's continuation index that chunk `keys[i]` follows `keys[i - 1]`
+        (the namespace root for i = 0), for each i in `held`."""
+        if not held:
+            return
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        ns = self.namespace(tenant_salt)
+        root = ChunkKey(ns.digest, ns.root_hash())
+        c = self.chunk_size_tokens
+        entries: list[Continuation] = [
+            (keys[i - 1] if i else root, keys[i], token_bytes(tokens[i * c : (i + 1) * c]))
+            for i in held
+        ]
+        try:
+            self.backend.remember(entries)
+        except Exception as exc:  # a hint only
+            self._log.warning("remember", "continuation index update failed: %s", exc)
 
     def _check_kv(self, kv: torch.Tensor, min_tokens: int = 0) -> None:
         expected = self.layout.chunk_shape(kv.shape[2] if kv.dim() == 5 else -1)

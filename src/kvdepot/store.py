@@ -8,6 +8,8 @@ otherwise. Data flow:
 - `read` serves a prefix chain: RAM first, then each lower tier for what is still missing;
   lower-tier hits are promoted into RAM. It yields the leading run of hits only.
 - `lookup` counts the leading run of keys present in any tier.
+- `remember` / `continuation` keep and query the continuation index (`kvdepot.continuations`):
+  which stored chunk shares the longest leading run of tokens with a prompt after a prefix.
 
 Failure policy: a lower tier that raises is logged (rate-limited) and treated as a miss or a
 dropped write; nothing from a lower tier's failure reaches the caller.
@@ -36,6 +38,7 @@ from kvdepot.codec import (
 )
 from kvdepot.codec.format import HEADER_NBYTES, ChunkHeader, EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
+from kvdepot.continuations import Continuation, ContinuationIndex
 from kvdepot.errors import TierUnavailable
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
@@ -65,6 +68,10 @@ class ChunkStore(Protocol):
     ) -> AbstractContextManager[list[memoryview | bytes]]: ...
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int: ...
+
+    def remember(self, entries: Sequence[Continuation]) -> None: ...
+
+    def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None: ...
 
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
 
@@ -104,6 +111,7 @@ class TieredStore:
         self._queued_bytes = 0
         self._writer: threading.Thread | None = None
         self._log = RateLimitedLog(logger)
+        self.continuations = ContinuationIndex()
 
     def start(self) -> TieredStore:
         """Start the write-back thread (only needed with lower tiers); returns self."""
@@ -273,6 +281,15 @@ class TieredStore:
             self.metrics.dropped_writes.labels("ram_full").inc(len(items) - num_stored)
         return num_stored
 
+    def remember(self, entries: Sequence[Continuation]) -> None:
+        """Note which chunks follow which parents (see `kvdepot.continuations`)."""
+        self.continuations.add(entries)
+
+    def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None:
+        """(child, m): a stored chunk after `parent` whose first m tokens equal the first m
+        of `tokens` (int32 bytes), for the largest m >= 1; None when there is none."""
+        return self.continuations.best(parent, tokens, self.contains)
+
     def commit(self, slots: Sequence[WriteSlot]) -> int:
         """Make RAM slots reserved with `memory.reserve` and filled by the caller visible,
         and queue their write-back (the daemon's two-phase store); returns how many."""
@@ -363,6 +380,7 @@ class TieredStore:
     def clear(self) -> None:
         """Drop every chunk from every tier (after pending write-backs)."""
         self.flush()
+        self.continuations.clear()
         self.memory.clear()
         for tier in self.lower:
             tier.clear()

@@ -29,8 +29,9 @@ CHUNK_TOKENS = 128  # kvdepot's default chunk with vLLM's 128-token CPU blocks
 
 
 def prompts(tokenizer: Any) -> dict[str, list[int]]:
-    """Prompts of 1000+ tokens: "full" and "partial" share their first 1024 tokens; "novel"
-    is only ever computed by the engine that kills the daemon."""
+    """Prompts of 1000+ tokens: "full" and "partial" share their first 1024 tokens (8 whole
+    chunks), "resume" its first 1100 (partial matching); "novel" is only ever computed by the
+    engine that kills the daemon."""
     from kvdepot.workloads import make_document
 
     doc = tokenizer(make_document(seed=5, num_products=6).text)["input_ids"]
@@ -40,6 +41,7 @@ def prompts(tokenizer: Any) -> dict[str, list[int]]:
     return {
         "full": doc[:1300],
         "partial": doc[:1024] + question + doc[2000:2040],
+        "resume": doc[:1100] + question,
         "miss": other[:1000],
         "novel": novel[:1200],
     }
@@ -141,8 +143,9 @@ class Engine:
 
 def populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     cold = [engine.one(name) for name in ("full", "partial")]
-    names = ["full", "partial", "miss"]
-    reference = {r["name"]: r for r in engine.generate(names, bypass=True)}
+    names = ["full", "partial", "resume", "miss"]
+    no_store = {"kvdepot.store": False}  # "resume" must reach the daemon as a new prompt
+    reference = {r["name"]: r for r in engine.generate(names, bypass=True, kv_params=no_store)}
     return {"reference": reference, "cold": cold}
 
 
@@ -153,6 +156,7 @@ def embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
         "cold": engine.one("full"),
         "warm_full": engine.one("full"),
         "partial": engine.one("partial"),
+        "resume": engine.one("resume"),  # 8 chunks + the first 76 tokens of full's 9th
         # No reset: vLLM still holds the 1024 shared tokens, kvdepot supplies the rest.
         "local_then_kvdepot": engine.one("full", reset=False),
         "miss": engine.one("miss"),
@@ -181,6 +185,7 @@ def fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     steps = {
         "warm_full": engine.one("full"),
         "warm_partial": engine.one("partial"),
+        "warm_resume": engine.one("resume"),
         "other_tenant": engine.one("full", salt="tenant-b"),
     }
     engine.llm.reset_prefix_cache()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kvdepot.codec.format import EncodedChunk
 from kvdepot.config import KVDepotConfig
+from kvdepot.continuations import Continuation
 from kvdepot.daemon import protocol as p
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
@@ -190,6 +191,20 @@ class DaemonClient:
         committed = self._call(p.Commit(written, aborted), "put")
         num_present = sum(offset == -1 for offset in reply.offsets)
         return num_present + (committed.count if isinstance(committed, p.Count) else 0)
+
+    def remember(self, entries: Sequence[Continuation]) -> None:
+        if entries:
+            parents, children, tokens = zip(*entries, strict=True)
+            request = p.Remember(
+                [k.to_bytes() for k in parents], [k.to_bytes() for k in children], list(tokens)
+            )
+            self._call(request, "remember")
+
+    def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None:
+        response = self._call(p.Continue(parent.to_bytes(), tokens), "continue")
+        if not isinstance(response, p.Match) or response.num_tokens <= 0:
+            return None
+        return ChunkKey.from_bytes(response.key), response.num_tokens
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         self._call(p.Delete([k.to_bytes() for k in keys]), "delete")

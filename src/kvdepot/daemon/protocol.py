@@ -16,7 +16,7 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Remember / Continue (the continuation index)
 MAX_FRAME_BYTES = 1 << 20
 _LENGTH = struct.Struct(">I")
 
@@ -74,6 +74,21 @@ class Flush(msgspec.Struct, tag="flush"):
     timeout_s: float = 30.0
 
 
+class Remember(msgspec.Struct, tag="remember"):
+    """Continuations: `children[i]` (holding `tokens[i]`, int32 bytes) follows `parents[i]`."""
+
+    parents: list[bytes]
+    children: list[bytes]
+    tokens: list[bytes]
+
+
+class Continue(msgspec.Struct, tag="continue"):
+    """The stored chunk after `parent` sharing the most leading tokens with `tokens`."""
+
+    parent: bytes
+    tokens: bytes
+
+
 class Stats(msgspec.Struct, tag="stats"):
     pass
 
@@ -83,7 +98,19 @@ class Clear(msgspec.Struct, tag="clear"):
 
 
 Request = (
-    Hello | Contains | Lookup | Reserve | Commit | Read | Release | Delete | Flush | Stats | Clear
+    Hello
+    | Contains
+    | Lookup
+    | Reserve
+    | Commit
+    | Read
+    | Release
+    | Delete
+    | Remember
+    | Continue
+    | Flush
+    | Stats
+    | Clear
 )
 
 
@@ -116,6 +143,13 @@ class Done(msgspec.Struct, tag="done"):
     ok: bool = True
 
 
+class Match(msgspec.Struct, tag="match"):
+    """Answer to `Continue`: `num_tokens` 0 means none."""
+
+    key: bytes = b""
+    num_tokens: int = 0
+
+
 class StatsReply(msgspec.Struct, tag="stats_reply"):
     stats: dict[str, object]
 
@@ -124,7 +158,7 @@ class Failure(msgspec.Struct, tag="failure"):
     message: str
 
 
-Response = Welcome | Found | Count | Slots | Extents | Done | StatsReply | Failure
+Response = Welcome | Found | Count | Slots | Extents | Done | Match | StatsReply | Failure
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)

@@ -233,6 +233,12 @@ class DaemonServer:
             case p.Delete(keys=keys):
                 store.delete(_keys(keys))
                 return p.Done()
+            case p.Remember(parents=parents, children=children, tokens=tokens):
+                store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
+                return p.Done()
+            case p.Continue(parent=parent, tokens=tokens):
+                found = store.continuation(ChunkKey.from_bytes(parent), tokens)
+                return p.Match() if found is None else p.Match(found[0].to_bytes(), found[1])
             case p.Flush(timeout_s=timeout_s):
                 return p.Done(store.flush(timeout_s))
             case p.Stats():

@@ -92,6 +92,8 @@ class SchedulerSide:
         state = self._requests.get(request.request_id)
         if state is None:
             is_storing = opts_in(request, "store", self._log)
+            if num_hit < len(tokens):  # a partial match is another prompt's chunk: not ours
+                num_hit -= num_hit % self.settings.config.chunk_size_tokens
             state = RequestState(tokens, tenant_salt(request), num_hit, is_storing)
             self._requests[request.request_id] = state
         state.num_load_tokens = num_external_tokens

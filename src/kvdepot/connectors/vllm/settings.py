@@ -103,6 +103,8 @@ class ConnectorSettings:
             fingerprint,
             chunk_size_tokens=self.config.chunk_size_tokens,
             hash_algorithm=HashAlgorithm(self.config.hash_algorithm),
+            partial_match=self.config.partial_match and self.is_token_exact,
+            min_partial_tokens=self.config.partial_match_min_tokens,
         )
 
 

@@ -1,0 +1,133 @@
+"""Continuation index: which stored chunks follow a prefix, so a chunk can be reused in part.
+
+Runs in the process that owns the cache (the embedded `TieredStore`, or the daemon), beside
+the tiers. Prefix keys are exact: chunk i's key stands for every token up to its end, so a
+prompt that shares a stored prompt's first 3,000 tokens but differs inside the 24th chunk
+matches 23 chunks only. Yet KV of token j depends only on tokens 0..j, so the stored 24th
+chunk's first m tokens are valid for any prompt whose 24th chunk begins with the same m
+tokens. This index remembers, per parent (the key of the chain position a chunk follows),
+the chunks stored after it and their tokens, and answers "which child shares the longest
+leading run of tokens with these?" - a new question on a cached document then recomputes
+only the question, not the whole last chunk.
+
+Invariants:
+- It is a hint, never the truth: an answer names a child key, and the caller reads that key
+  from the tiers like any other (checksummed; a miss if it is gone). Children no longer in
+  any tier are dropped when found.
+- Bounded: at most `max_children` children per parent (the newest kept) and `max_entries`
+  children in all (least recently used parents go first). Memory: ~`max_entries` x
+  (4 bytes x chunk tokens + ~200 bytes).
+- Keys carry the namespace digest (model, layout, tenant salt), so a parent in one namespace
+  never lists a child of another.
+- Not persisted: after a restart, and for chunks another machine put in a shared tier,
+  matching falls back to whole chunks until the chunks are stored again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from kvdepot.keys import ChunkKey
+
+Continuation = tuple[ChunkKey, ChunkKey, bytes]
+"""(parent key, child key, the child's token ids as little-endian int32 bytes)."""
+
+
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the leading run of equal elements of two 1-D arrays."""
+    n = min(a.size, b.size)
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+class ContinuationIndex:
+    """parent key -> the chunks stored after it, with their tokens (thread-safe)."""
+
+    def __init__(self, max_entries: int = 65536, max_children: int = 8) -> None:
+        if max_entries < 1 or max_children < 1:
+            raise ValueError("max_entries and max_children must be >= 1")
+        self.max_entries = max_entries
+        self.max_children = max_children
+        self._parents: OrderedDict[ChunkKey, OrderedDict[ChunkKey, np.ndarray]] = OrderedDict()
+        self._num_entries = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._num_entries
+
+    def add(self, entries: Sequence[Continuation]) -> None:
+        """Remember that each child key (holding these tokens) follows its parent."""
+        with self._lock:
+            for parent, child, raw in entries:
+                tokens = np.frombuffer(raw, dtype="<i4")
+                children = self._parents.get(parent)
+                if children is None:
+                    children = self._parents[parent] = OrderedDict()
+                else:
+                    self._parents.move_to_end(parent)
+                if child in children:
+                    children.move_to_end(child)
+                    continue
+                children[child] = tokens
+                self._num_entries += 1
+                if len(children) > self.max_children:
+                    children.popitem(last=False)
+                    self._num_entries -= 1
+            while self._num_entries > self.max_entries:
+                _, oldest = self._parents.popitem(last=False)
+                self._num_entries -= len(oldest)
+
+    def best(
+        self,
+        parent: ChunkKey,
+        raw_tokens: bytes,
+        is_present: Callable[[Sequence[ChunkKey]], list[bool]],
+    ) -> tuple[ChunkKey, int] | None:
+        """(child, m): the present child whose first m >= 1 tokens equal `raw_tokens`' first m,
+        for the largest m; None when no child shares even the first token.
+
+        `is_present` is asked about the candidates (outside the lock); absent ones are dropped.
+        """
+        tokens = np.frombuffer(raw_tokens, dtype="<i4")
+        with self._lock:
+            children = self._parents.get(parent)
+            if not children:
+                return None
+            self._parents.move_to_end(parent)
+            ranked = sorted(
+                ((common_prefix_len(t, tokens), child) for child, t in children.items()),
+                key=lambda item: -item[0],
+            )
+        candidates = [(m, child) for m, child in ranked if m > 0]
+        if not candidates:
+            return None
+        present = is_present([child for _, child in candidates])
+        gone = [child for (_, child), ok in zip(candidates, present, strict=True) if not ok]
+        if gone:
+            self._forget(parent, gone)
+        for (m, child), ok in zip(candidates, present, strict=True):
+            if ok:
+                return child, m
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._parents.clear()
+            self._num_entries = 0
+
+    def _forget(self, parent: ChunkKey, children: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            known = self._parents.get(parent)
+            if known is None:
+                return
+            for child in children:
+                if known.pop(child, None) is not None:
+                    self._num_entries -= 1
+            if not known:
+                del self._parents[parent]
