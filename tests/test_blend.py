@@ -142,6 +142,28 @@ def test_select_tokens_takes_the_highest_deviation_and_the_forced() -> None:
     assert select_tokens(deviation, candidates, forced, ratio=0.0).tolist() == [4]
 
 
+def test_query_attention_equals_the_models_own_attention() -> None:
+    model = tiny_llama()
+    model.set_attn_implementation("eager")  # the one that returns its weights
+    adapter = adapter_for(model)
+    ids = list(range(40, 90))
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(
+            input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+            output_attentions=True, output_hidden_states=True,
+        )  # fmt: skip
+        positions = torch.arange(len(ids)).unsqueeze(0)
+        for index in (0, 2):
+            got = adapter.query_attention(
+                adapter.layers[index], out.hidden_states[index][:, -7:], positions[:, -7:],
+                cache.layers[index].keys[0],
+            )  # fmt: skip
+            want = out.attentions[index][0, :, -7:].mean(dim=(0, 1))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            assert float(got.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
 def blended_kv(model: LlamaForCausalLM, segments: list[Segment], ratio: float) -> torch.Tensor:
     """The context's KV after moving each segment's own KV and blending at `ratio`."""
     adapter = adapter_for(model)
@@ -224,6 +246,37 @@ def test_generator_stores_missing_segments_then_reuses_them_in_any_order(
     metrics = generator.engine.metrics
     assert metrics.counter_value("kvdepot_blend_requests_total", {"outcome": "blended"}) == 3
     assert metrics.counter_value("kvdepot_blend_tokens_total", {"kind": "reused"}) == 230
+
+
+def test_query_aware_selection_runs_the_question_in_the_pass(store: TieredStore) -> None:
+    model = tiny_llama()
+    plain = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+    generator = BlendGenerator.for_generator(plain, BlendConfig(selection="query"))
+    segments = three_docs()
+    generator.index(segments)
+    shuffled = [segments[0], segments[3], segments[1], segments[2], segments[4]]
+    ids = prompt_ids(shuffled)
+    full = generator.generate(shuffled, max_new_tokens=6, recompute_ratio=1.0)
+    assert full.fallback_reason is None
+    assert full.token_ids == greedy(model, ids, 6)  # ratio 1: a prefill
+    blended = generator.blended_cache(shuffled, 0.3)
+    assert blended.num_context_tokens == len(ids) - 1  # the question but its last token
+    assert blended.num_recomputed == round(0.3 * 95) + 3  # 30 % of the moved, 3 question
+    # Closer to the truth than naive reuse, like deviation ranking.
+    truth = full_kv(model, ids[:-1])
+    naive = generator.blended_cache(shuffled, 0.0)
+    kv = torch.stack(
+        [torch.stack((layer.keys[0], layer.values[0])) for layer in blended.cache.layers]
+    )
+    kv0 = torch.stack(
+        [torch.stack((layer.keys[0], layer.values[0])) for layer in naive.cache.layers]
+    )
+    n = naive.num_context_tokens
+    assert float((kv[..., :n, :] - truth[..., :n, :]).square().mean()) < float(
+        (kv0 - truth[..., :n, :]).square().mean()
+    )
+    with pytest.raises(ConfigError):
+        BlendGenerator.for_generator(plain, BlendConfig(selection="random"))
 
 
 def test_a_question_segment_inside_the_context_is_always_computed(store: TieredStore) -> None:

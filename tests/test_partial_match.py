@@ -93,6 +93,7 @@ def test_a_new_prompt_reuses_the_shared_tokens_of_a_stored_chunk(store: TieredSt
     kv = kv_for(engine, len(stored))
     engine.store(stored, kv)
     assert engine.lookup(new) == 2 * CHUNK + 10
+    assert engine.metrics.partial_hit_tokens._value.get() == 10
     out = engine.retrieve(new)
     assert out.shape[2] == 2 * CHUNK + 10
     assert torch.equal(out, kv[:, :, : 2 * CHUNK + 10])  # bit-exact: the stored prefix's KV

@@ -196,7 +196,8 @@ def _cmd_bench_blend(args: argparse.Namespace) -> int:
         docs_per_prompt=args.docs_per_prompt, num_questions=args.questions,
         products_per_doc=args.products_per_doc, filler_per_product=args.filler,
         ratios=ratios, max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens,
-        goal_ratio=args.goal_ratio, progress=lambda line: print(line, file=sys.stderr),
+        goal_ratio=args.goal_ratio, selections=tuple(args.selections.split(",")),
+        progress=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     print(blend.report(bench))
     if args.plot:
@@ -318,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     blend_bench.add_argument("--filler", type=int, default=14, help="filler sentences per product")
     blend_bench.add_argument("--ratios", default="0.05,0.15,0.3", help="recompute ratios")
     blend_bench.add_argument("--goal-ratio", type=float, default=0.15, help="ratio of the goals")
+    blend_bench.add_argument(
+        "--selections", default="deviation",
+        help="token rankings, comma-separated: deviation (blend@r), query (query@r); the "
+        "first is the one the goals judge",
+    )  # fmt: skip
     blend_bench.add_argument("--max-new-tokens", type=int, default=12, help="tokens per answer")
     blend_bench.add_argument("--kl-tokens", type=int, default=4, help="answer tokens in the KL")
     blend_bench.add_argument("--seed", type=int, default=7, help="workload seed")

@@ -30,6 +30,7 @@ ENV_PREFIX = "KVDEPOT_"
 MODES = ("embedded", "daemon")
 DEFAULT_SOCKET_PATH = f"/tmp/kvdepot-{os.getuid()}/daemon.sock"
 EVICTION_POLICIES = ("prefix-aware", "lru")
+BLEND_SELECTIONS = ("deviation", "query")
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -80,6 +81,11 @@ class BlendConfig:
     recompute_ratio: float = _doc("fraction of reused tokens recomputed (highest deviation)", 0.15)
     check_layer: int = _doc("layer whose KV deviation selects the tokens to recompute", 1)
     separator: str = _doc("string that splits a prompt text into segments", "<|kvdepot-segment|>")
+    selection: str = _doc(
+        "how tokens to recompute are ranked: deviation (CacheBlend) or query (deviation x "
+        "the question's attention)",
+        "deviation",
+    )
 
 
 @dataclass(slots=True)
@@ -130,6 +136,10 @@ class KVDepotConfig:
                 )
         if not 0.0 <= self.blend.recompute_ratio <= 1.0:
             raise ConfigError("blend.recompute_ratio must be within 0..1")
+        if self.blend.selection not in BLEND_SELECTIONS:
+            raise ConfigError(
+                f"blend.selection {self.blend.selection!r}: choose one of {list(BLEND_SELECTIONS)}"
+            )
         if self.blend.check_layer < 0 or not self.blend.separator:
             raise ConfigError("blend.check_layer must be >= 0 and blend.separator non-empty")
         self.valkey.validate()

@@ -166,7 +166,9 @@ class CacheEngine:
         num_hit = min(num_chunks * self.chunk_size_tokens, len(tokens))
         if num_chunks < len(keys) and self.partial_match and not segment:
             found = self._continuation(tokens, keys, num_chunks, tenant_salt)
-            num_hit += found[1] if found is not None else 0
+            if found is not None:
+                num_hit += found[1]
+                self.metrics.partial_hit_tokens.inc(found[1])
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
         return num_hit

@@ -28,6 +28,11 @@ class Metrics:
         self.hit_tokens = Counter(
             "kvdepot_engine_hit_tokens", "Looked-up tokens found in the cache", registry=r
         )
+        self.partial_hit_tokens = Counter(
+            "kvdepot_engine_partial_hit_tokens",
+            "Hit tokens found by partial matching (part of a chunk that follows the prefix)",
+            registry=r,
+        )
         self.stored_tokens = Counter(
             "kvdepot_engine_stored_tokens", "Tokens whose KV was newly stored", registry=r
         )

@@ -9,7 +9,10 @@ stored) before the timed runs, as a RAG corpus would be. Per question, modes:
 - `full`: a plain prefill of the whole prompt (the reference);
 - `prefix`: kvdepot prefix caching only (what earlier questions left in the cache);
 - `naive`: each document's own KV moved to its position (RoPE), nothing recomputed;
-- `blend@r`: the same plus CacheBlend's selective recompute of a fraction r.
+- `blend@r`: the same plus CacheBlend's selective recompute of a fraction r (tokens ranked
+  by KV deviation);
+- `query@r`: the same ranked by deviation x the question's attention (`blend.selection:
+  query`), when `selections` includes "query".
 Measured per mode: TTFT (call to first-token logits, fetch and blend included), accuracy
 (the answer contains the planted fact), agreement (greedy output token-identical to `full`'s)
 and the mean KL divergence from `full` of the next-token distributions over the first
@@ -80,10 +83,21 @@ class BlendBench:
     context_tokens: float
     doc_tokens: tuple[int, ...]
     goal_ratio: float
+    goal_selection: str = "deviation"
 
 
-def _modes(ratios: list[float]) -> list[str]:
-    return ["full", "prefix", "naive", *[f"blend@{r:g}" for r in ratios]]
+def mode_name(selection: str, ratio: float) -> str:
+    """`blend@r` (deviation, CacheBlend's ranking) or `query@r` (query-aware)."""
+    return f"{'blend' if selection == 'deviation' else selection}@{ratio:g}"
+
+
+def _blend_modes(
+    selections: tuple[str, ...], ratios: tuple[float, ...]
+) -> list[tuple[str, str, float]]:
+    """(mode, selection, ratio) of every reuse mode: naive first."""
+    return [("naive", "deviation", 0.0)] + [
+        (mode_name(sel, r), sel, r) for sel in selections for r in ratios
+    ]
 
 
 def run(
@@ -99,6 +113,7 @@ def run(
     max_new_tokens: int = 12,
     kl_tokens: int = 4,
     goal_ratio: float = 0.15,
+    selections: tuple[str, ...] = ("deviation",),
     progress: Callable[[str], None] = lambda line: None,
 ) -> BlendBench:
     """Every mode on every question (see the module docstring)."""
@@ -129,17 +144,21 @@ def run(
 
     config = KVDepotConfig()
     config.memory.capacity_bytes = 3 << 30
-    results = {mode: ModeResult(mode) for mode in _modes(list(ratios))}
+    modes = _blend_modes(selections, ratios)
+    results = {mode: ModeResult(mode) for mode in ["full", "prefix", *[m for m, _, _ in modes]]}
     context_sizes = []
     with open_store(config, Metrics()) as store:
         plain = KVDepotGenerator.for_model(model, store, fingerprint="bench-blend")
-        blender = BlendGenerator.for_generator(plain, BlendConfig())
+        blenders = {
+            sel: BlendGenerator.for_generator(plain, BlendConfig(selection=sel))
+            for sel in {"deviation", *selections}
+        }
         # Tokenized once: a document's tokens (and key) are the same in every prompt.
         doc_segments = [
             Segment(tuple(tokenize(f"Document {d.title}:\n{d.text}\n\n"))) for d in docs
         ]
         system = Segment(tuple(tokenize(SYSTEM)))
-        blender.index(doc_segments)
+        blenders["deviation"].index(doc_segments)
         for n, question in enumerate(questions):
             asked = f"Question: {question.question}<|im_end|>\n<|im_start|>assistant\n"
             segments = [
@@ -161,8 +180,8 @@ def run(
             }
             prefix = plain.generate(ids, max_new_tokens=max_new_tokens)
             answers["prefix"] = (prefix.token_ids, prefix.ttft_s, 0)
-            for mode, ratio in [("naive", 0.0), *[(f"blend@{r:g}", r) for r in ratios]]:
-                got = blender.generate(
+            for mode, sel, ratio in modes:
+                got = blenders[sel].generate(
                     segments, max_new_tokens=max_new_tokens, recompute_ratio=ratio
                 )
                 if got.fallback_reason is not None:
@@ -175,8 +194,8 @@ def run(
                 caches: dict[str, tuple[Any, int]] = {"full": (None, 0)}
                 num_cached, cache = plain.load_prefix(torch.tensor(ids), b"")
                 caches["prefix"] = (cache, num_cached)
-                for mode, ratio in [("naive", 0.0), *[(f"blend@{r:g}", r) for r in ratios]]:
-                    blended = blender.blended_cache(segments, ratio)
+                for mode, sel, ratio in modes:
+                    blended = blenders[sel].blended_cache(segments, ratio)
                     caches[mode] = (blended.cache, blended.num_context_tokens)
                 for mode, (token_ids, ttft_s, recomputed) in answers.items():
                     cache, start_token = caches[mode]
@@ -201,7 +220,7 @@ def run(
     doc_tokens = tuple(len(segment) for segment in doc_segments)
     return BlendBench(
         list(results.values()), len(questions), statistics.fmean(context_sizes), doc_tokens,
-        goal_ratio,
+        goal_ratio, selections[0],
     )  # fmt: skip
 
 
@@ -216,7 +235,7 @@ def goal_lines(bench: BlendBench) -> list[tuple[str, bool]]:
     """(description with numbers, met) for the issue's goals."""
     by_mode = {r.mode: r for r in bench.results}
     full, naive = by_mode["full"], by_mode["naive"]
-    blend = by_mode.get(f"blend@{bench.goal_ratio:g}")
+    blend = by_mode.get(mode_name(bench.goal_selection, bench.goal_ratio))
     if blend is None:
         return []
     speedup = 1 / statistics.median(_paired_ratios(blend, full))

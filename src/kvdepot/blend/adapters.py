@@ -52,6 +52,15 @@ class BlendAdapter(Protocol):
         """`[..., n, head_dim]` post-RoPE keys moved `delta` positions later, in place."""
         ...
 
+    def query_attention(
+        self, layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Mean attention weight each key gets from the query rows `hidden` (`[1, n, hidden]`,
+        the layer's input, at `[1, n]` positions) in `layer`, over `keys` (`[H_kv, T, D]`,
+        post-RoPE): `[T]`; keys after a row's position get nothing from it."""
+        ...
+
 
 @dataclass
 class LlamaAdapter:
@@ -93,6 +102,27 @@ class LlamaAdapter:
         moved = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         keys.copy_(moved)
         return keys
+
+    def query_attention(
+        self, layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        block: Any = layer
+        attn = block.self_attn
+        num_kv_heads, num_keys, head_dim = keys.shape
+        projected: torch.Tensor = attn.q_proj(block.input_layernorm(hidden))
+        q = projected.view(hidden.shape[1], -1, head_dim).transpose(0, 1)  # [H, n, D]
+        cos, sin = self.position_embeddings(hidden, positions)
+        half = head_dim // 2
+        rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+        q = q * cos[0] + rotated * sin[0]
+        # Grouped-query attention: the query heads of one KV head share its keys.
+        q = q.reshape(num_kv_heads, -1, head_dim).float()
+        scores = q @ keys.float().transpose(1, 2) * float(attn.scaling)  # [H_kv, g * n, T]
+        rows = positions[0].repeat(q.shape[1] // positions.shape[1])
+        future = torch.arange(num_keys, device=keys.device)[None] > rows[:, None]
+        scores.masked_fill_(future[None], float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=(0, 1))
 
     def _rotation(self, delta: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._rotations.get((delta, device))

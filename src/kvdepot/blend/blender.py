@@ -7,8 +7,11 @@ EuroSys 2025) runs the model's own decoder layers:
 - layers `0..check_layer` on every context token, replacing their KV with the true KV; at the
   check layer it measures each token's KV deviation (squared L2 of K and V over heads);
 - from the next layer on, only the selected tokens (the `ratio` of candidates with the
-  highest deviation, plus the forced ones) go through; their fresh KV is written over the
+  highest score, plus the forced ones) go through; their fresh KV is written over the
   reused KV, and they attend to the whole blended context (reused KV for everyone else).
+Scores: the deviation (CacheBlend), or, when the context ends with the question's tokens
+(`num_query`, forced), the deviation times the attention the question pays each token at the
+check layer ("query-aware": a token's error matters as much as the question looks at it).
 Invariants: tokens not selected keep their reused KV from the layer after the check layer
 on; with ratio 1 the result is a full prefill's KV up to float rounding; the cost is about
 `(check_layer + 1 + ratio * (L - check_layer - 1)) / L` of a prefill's layer compute.
@@ -65,11 +68,11 @@ class _BlendKV:
 
 
 def select_tokens(
-    deviation: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, ratio: float
+    score: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, ratio: float
 ) -> torch.Tensor:
-    """Sorted positions: the `ratio` of `candidates` with the highest deviation, and `forced`."""
+    """Sorted positions: the `ratio` of `candidates` with the highest score, and `forced`."""
     num_select = round(ratio * int(candidates.sum()))
-    score = deviation.float().masked_fill(~candidates, float("-inf"))
+    score = score.float().masked_fill(~candidates, float("-inf"))
     chosen = forced.clone()
     if num_select > 0:
         chosen[torch.topk(score, num_select).indices] = True
@@ -85,6 +88,7 @@ def blend(
     forced: torch.Tensor,
     ratio: float,
     check_layer: int = 1,
+    num_query: int = 0,
 ) -> BlendStats:
     """Recompute part of the context's KV in place (see the module docstring).
 
@@ -96,6 +100,8 @@ def blend(
         ratio: fraction of the candidates to recompute, 0..1.
         check_layer: layer at which deviations are measured; layers up to it are computed
             for every token.
+        num_query: the context's last `num_query` tokens are the question (forced): weigh
+            each token's deviation by the attention they pay it (0: deviation alone).
     """
     layers = adapter.layers
     num_tokens = input_ids.shape[0]
@@ -103,6 +109,8 @@ def blend(
         raise ConfigError(f"recompute ratio must be within 0..1, got {ratio}")
     if not 0 <= check_layer < len(layers):
         raise ConfigError(f"check_layer must be within 0..{len(layers) - 1}, got {check_layer}")
+    if not 0 <= num_query <= num_tokens or not bool(forced[num_tokens - num_query :].all()):
+        raise ConfigError("the last num_query context tokens must exist and be forced")
     if kv.shape[0] != len(layers) or kv.shape[3] != num_tokens:
         raise ConfigError(f"KV {list(kv.shape)} does not cover {num_tokens} tokens of the model")
     device = kv.device
@@ -112,12 +120,16 @@ def blend(
     selected = torch.arange(num_tokens, device=device)
     rows: torch.Tensor | None = None  # None: every token in flight, plain causal attention
     for index, layer in enumerate(layers):
+        layer_input = hidden
         hidden = _call_layer(layer, hidden, rows, positions, adapter, cache)
         if index == check_layer:
             assert cache.deviation is not None
-            selected = select_tokens(
-                cache.deviation, candidates.to(device), forced.to(device), ratio
-            )
+            score = cache.deviation
+            if num_query > 0:
+                score = score * adapter.query_attention(
+                    layer, layer_input[:, -num_query:], positions[:, -num_query:], kv[index, 0]
+                )
+            selected = select_tokens(score, candidates.to(device), forced.to(device), ratio)
             if selected.numel() == 0:
                 break
             cache.selected = selected

@@ -2,6 +2,8 @@
 
 Runs in the process that holds the model (transformers). For each request `generate`:
 1. finds the context: every segment before the trailing non-reusable ones (the question);
+   with `blend.selection: query`, the question too but its last token (forced in the pass,
+   its attention ranks the tokens to recompute);
 2. fetches each reusable segment's own KV by its segment key (`CacheEngine(segment=True)`);
    a segment not cached yet is computed on its own (positions 0..n-1) and stored;
 3. moves each segment's keys to its position in the prompt (`BlendAdapter.rerotate`);
@@ -31,7 +33,7 @@ from transformers import DynamicCache, GenerationConfig
 from kvdepot.blend.adapters import BlendAdapter, BlendUnsupported, adapter_for
 from kvdepot.blend.blender import BlendStats, blend
 from kvdepot.blend.segments import Segment, prompt_ids, segment_offsets
-from kvdepot.config import BlendConfig
+from kvdepot.config import BLEND_SELECTIONS, BlendConfig
 from kvdepot.connectors.transformers import (
     FirstTokenClock,
     KVDepotGenerator,
@@ -114,6 +116,10 @@ class BlendGenerator:
         self.model = model
         self.engine = engine
         self.config = config if config is not None else BlendConfig()
+        if self.config.selection not in BLEND_SELECTIONS:
+            raise ConfigError(
+                f"blend selection {self.config.selection!r}: one of {BLEND_SELECTIONS}"
+            )
         self.plain = KVDepotGenerator(model, engine, store_generated=False)
         self._log = RateLimitedLog(logger)
         self._adapter: BlendAdapter | BlendUnsupported | None = None
@@ -197,10 +203,14 @@ class BlendGenerator:
         """The context's blended KV as a `DynamicCache` (steps 1-4 of the module docstring).
 
         Raises on any failure (`generate` turns that into a fallback); the cache covers every
-        token before the trailing non-reusable segments.
+        token before the trailing non-reusable segments (query-aware selection: every prompt
+        token but the last).
         """
         ids = prompt_ids(segments)
-        num_context = len(ids) - sum(len(s) for s in _trailing_questions(segments))
+        num_question = sum(len(s) for s in _trailing_questions(segments))
+        # Query-aware selection runs the question (but its last token) in the pass, forced.
+        num_query = num_question - 1 if self.config.selection == "query" and ratio > 0 else 0
+        num_context = len(ids) - num_question + num_query
         adapter = self._adapter_or_raise()
         context = self._assemble(adapter, segments, num_context, tenant_salt)
         stats: BlendStats | None = None
@@ -214,6 +224,7 @@ class BlendGenerator:
                     forced=context.forced,
                     ratio=ratio,
                     check_layer=min(self.config.check_layer, context.kv.shape[0] - 1),
+                    num_query=num_query,
                 )
         cache = DynamicCache(
             ddp_cache_data=[(layer[0][None], layer[1][None]) for layer in context.kv],
@@ -259,7 +270,7 @@ class BlendGenerator:
         for segment, offset in zip(segments, segment_offsets(segments), strict=False):
             if offset >= num_context:
                 break
-            span = slice(offset, offset + len(segment))
+            span = slice(offset, min(offset + len(segment), num_context))
             if not segment.reuse:
                 context.forced[span] = True
                 continue
