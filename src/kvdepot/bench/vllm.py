@@ -39,6 +39,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,7 @@ def _child(args: argparse.Namespace, model_dir: Path) -> None:
         raise
     finally:
         args.out.write_text(json.dumps(result.to_json()))
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _start_daemon(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
