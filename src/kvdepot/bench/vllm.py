@@ -36,10 +36,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
