@@ -16,7 +16,7 @@ Invariants:
   any tier are dropped when found.
 - Bounded: at most `max_children` children per parent (the newest kept) and `max_entries`
   children in all (least recently used parents go first). Memory: ~`max_entries` x
-  (4 bytes x chunk tokens + ~200 bytes).
+  (4 bytes x chunk tokens + ~250 bytes), ~12 MB at the defaults with 128-token chunks.
 - Keys carry the namespace digest (model, layout, tenant salt), so a parent in one namespace
   never lists a child of another.
 - Not persisted: after a restart, and for chunks another machine put in a shared tier,
@@ -49,7 +49,7 @@ def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
 class ContinuationIndex:
     """parent key -> the chunks stored after it, with their tokens (thread-safe)."""
 
-    def __init__(self, max_entries: int = 65536, max_children: int = 8) -> None:
+    def __init__(self, max_entries: int = 16384, max_children: int = 8) -> None:
         if max_entries < 1 or max_children < 1:
             raise ValueError("max_entries and max_children must be >= 1")
         self.max_entries = max_entries
