@@ -71,11 +71,12 @@ def test_real_model_greedy_outputs_identical(
     generator = KVDepotGenerator.for_model(model, store)
     full = prompt_ids
     aligned = prompt_ids[:768]  # a whole number of chunks: the last chunk must be recomputed
-    partial = prompt_ids[:300] + prompt_ids[300:][::-1]  # shares one chunk with `full`
+    partial = prompt_ids[:300] + prompt_ids[300:][::-1]  # shares 300 tokens with `full`
     cases = [  # prompt, tokens cached on its first and on its second request
         (full, 0, len(full) - 1),  # miss, then all but the last token
         (aligned, 767, 767),  # whole chunks of `full`: hit at once
-        (partial, 256, len(partial) - 1),  # one chunk shared with `full`, then its own
+        (partial, 300, len(partial) - 1),  # a chunk and 44 tokens of `full`'s next (partial
+        # matching), then its own
     ]
     for ids, first_cached, second_cached in cases:
         reference = plain_generate(model, ids, 12)
