@@ -190,6 +190,7 @@ def test_partial_match_through_the_daemon(tmp_path: Path) -> None:
         a.store(stored, kv)
         assert b.lookup(new) == 2 * CHUNK + 10
         assert torch.equal(b.retrieve(new), kv[:, :, : 2 * CHUNK + 10])
+        assert reader.stats()["continuations"] == 4  # 3 chunks + the tail, each after its parent
         daemon.kill()  # a dead daemon: misses, never errors
         assert b.lookup(new) == 0
         writer.close()

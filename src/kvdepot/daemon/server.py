@@ -298,6 +298,7 @@ class DaemonServer:
             },
             "lookup_chunks": self.metrics.counter_value("kvdepot_store_lookup_chunks_total"),
             "hit_chunks": self.metrics.counter_value("kvdepot_store_hit_chunks_total"),
+            "continuations": len(self.store.continuations),
             "clients": clients,
         }
 
