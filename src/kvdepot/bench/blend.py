@@ -13,6 +13,8 @@ stored) before the timed runs, as a RAG corpus would be. Per question, modes:
   by KV deviation);
 - `query@r`: the same ranked by deviation x the question's attention (`blend.selection:
   query`), when `selections` includes "query".
+A selection may name its check layer, `query:2` or `deviation:1`; without one it gets
+`blend.check_layer`'s default.
 Measured per mode: TTFT (call to first-token logits, fetch and blend included), accuracy
 (the answer contains the planted fact), agreement (greedy output token-identical to `full`'s)
 and the mean KL divergence from `full` of the next-token distributions over the first
@@ -87,8 +89,21 @@ class BlendBench:
 
 
 def mode_name(selection: str, ratio: float) -> str:
-    """`blend@r` (deviation, CacheBlend's ranking) or `query@r` (query-aware)."""
-    return f"{'blend' if selection == 'deviation' else selection}@{ratio:g}"
+    """`blend@r` (deviation, CacheBlend's ranking) or `query@r` (query-aware); a selection
+    that names its check layer keeps it: `query:2@r`."""
+    name, colon, layer = selection.partition(":")
+    return f"{'blend' if name == 'deviation' else name}{colon}{layer}@{ratio:g}"
+
+
+def blend_config(selection: str) -> Any:
+    """The `BlendConfig` of a selection spec, `name[:check_layer]`."""
+    from kvdepot.config import BlendConfig
+
+    name, _, layer = selection.partition(":")
+    config = BlendConfig(selection=name)
+    if layer:
+        config.check_layer = int(layer)
+    return config
 
 
 def _blend_modes(
@@ -120,7 +135,7 @@ def run(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvdepot.blend import BlendGenerator, Segment, prompt_ids
-    from kvdepot.config import BlendConfig, KVDepotConfig
+    from kvdepot.config import KVDepotConfig
     from kvdepot.connectors.transformers import (
         FirstTokenClock,
         KVDepotGenerator,
@@ -150,7 +165,7 @@ def run(
     with open_store(config, Metrics()) as store:
         plain = KVDepotGenerator.for_model(model, store, fingerprint="bench-blend")
         blenders = {
-            sel: BlendGenerator.for_generator(plain, BlendConfig(selection=sel))
+            sel: BlendGenerator.for_generator(plain, blend_config(sel))
             for sel in {"deviation", *selections}
         }
         # Tokenized once: a document's tokens (and key) are the same in every prompt.
