@@ -38,3 +38,21 @@ def test_goals_met_and_missed(tmp_path: Path) -> None:
     bad = bench([True, True, False], 0.2, [2.0, 2.0, 2.0])
     assert [met for _, met in goal_lines(bad)] == [False, False, False]
     assert "MISSED" in report(bad)
+
+
+def test_selection_specs_name_their_modes_and_configs() -> None:
+    from kvdepot.bench.blend import blend_config, mode_name
+
+    assert mode_name("deviation", 0.15) == "blend@0.15"
+    assert mode_name("query:2", 0.3) == "query:2@0.3"
+    config = blend_config("query:3")
+    assert (config.selection, config.check_layer) == ("query", 3)
+    assert blend_config("deviation").selection == "deviation"
+    # The goals judge the first selection's mode at the goal ratio.
+    judged = BlendBench(
+        [mode("full", [4.0], [True], 0.0), mode("naive", [0.3], [False], 0.1),
+         mode("query:2@0.15", [1.0], [True], 0.01)],
+        num_questions=1, context_tokens=2400.0, doc_tokens=(600,), goal_ratio=0.15,
+        goal_selection="query:2",
+    )  # fmt: skip
+    assert goal_lines(judged)[0][0].startswith("query:2@0.15 TTFT")
