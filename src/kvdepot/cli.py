@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     blend_bench.add_argument("--ratios", default="0.05,0.15,0.3", help="recompute ratios")
     blend_bench.add_argument("--goal-ratio", type=float, default=0.15, help="ratio of the goals")
     blend_bench.add_argument(
-        "--selections", default="deviation",
+        "--selections", default="query,deviation:1",
         help="token rankings, comma-separated: deviation (blend@r), query (query@r); the "
         "first is the one the goals judge",
     )  # fmt: skip

@@ -79,12 +79,12 @@ class BlendConfig:
     """CacheBlend: reuse of documents' KV wherever they appear in a prompt."""
 
     recompute_ratio: float = _doc("fraction of reused tokens recomputed (highest deviation)", 0.15)
-    check_layer: int = _doc("layer whose KV deviation selects the tokens to recompute", 1)
+    check_layer: int = _doc("layer whose KV deviation selects the tokens to recompute", 2)
     separator: str = _doc("string that splits a prompt text into segments", "<|kvdepot-segment|>")
     selection: str = _doc(
-        "how tokens to recompute are ranked: deviation (CacheBlend) or query (deviation x "
-        "the question's attention)",
-        "deviation",
+        "how tokens to recompute are ranked: query (deviation x the question's attention) "
+        "or deviation (CacheBlend's own ranking)",
+        "query",
     )
 
 

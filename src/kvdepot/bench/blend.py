@@ -128,7 +128,7 @@ def run(
     max_new_tokens: int = 12,
     kl_tokens: int = 4,
     goal_ratio: float = 0.15,
-    selections: tuple[str, ...] = ("deviation",),
+    selections: tuple[str, ...] = ("query", "deviation:1"),
     progress: Callable[[str], None] = lambda line: None,
 ) -> BlendBench:
     """Every mode on every question (see the module docstring)."""

@@ -235,7 +235,7 @@ class BlendGenerator:
             num_context,
             context.num_reused,
             context.num_computed,
-            stats.num_selected if stats is not None else 0,
+            stats.num_selected - num_query if stats is not None else 0,  # the question: computed
         )
 
     def _adapter_or_raise(self) -> BlendAdapter:
