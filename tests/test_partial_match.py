@@ -212,3 +212,25 @@ def test_generation_on_a_partial_match_equals_a_plain_run(store: TieredStore) ->
     result = generator.generate(question, max_new_tokens=6)
     assert result.num_cached_tokens == len(document)
     assert result.token_ids == plain_generate(model, question, 6)
+
+
+def test_a_prefix_too_short_to_pay_off_is_not_loaded(store: TieredStore) -> None:
+    """Prefilling on top of a cache is slower per token than a plain prefill: a hit below
+    `min_reuse_fraction` of the prompt is left unused (and the output is the same)."""
+    from kvdepot.connectors.transformers import KVDepotGenerator
+
+    from .test_transformers import plain_generate, tiny_llama
+
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+    system = list(range(20, 52))  # 2 chunks
+    generator.generate([*system, *range(60, 100)], max_new_tokens=2)
+    long = [*system, *range(100, 300)]  # 32 of 232 tokens cached: 14 %
+    result = generator.generate(long, max_new_tokens=4)
+    assert result.num_cached_tokens == 0
+    assert result.token_ids == plain_generate(model, long, 4)
+    eager = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16, min_reuse_fraction=0)
+    other = [*system, *reversed(range(100, 280))]
+    assert eager.generate(other, max_new_tokens=4).num_cached_tokens == len(system)
+    with pytest.raises(ValueError):
+        KVDepotGenerator.for_model(model, store, min_reuse_fraction=1.5)

@@ -130,10 +130,23 @@ class KVDepotGenerator:
         engine: CacheEngine,
         *,
         store_generated: bool = True,
+        min_reuse_fraction: float = 0.2,
     ) -> None:
+        """Args:
+        store_generated: also store the KV of generated tokens (whole chunks), for the
+            next turn of a chat.
+        min_reuse_fraction: load a cached prefix only when it covers at least this share
+            of the prompt. Prefilling the rest on top of a cache goes through a masked,
+            non-causal attention kernel: on CPU, a 2,428-token prefill after 32 cached
+            tokens took 1.2x as long as a plain prefill of all 2,460, and the two broke
+            even near 20 %.
+        """
+        if not 0.0 <= min_reuse_fraction <= 1.0:
+            raise ConfigError(f"min_reuse_fraction must be within 0..1, got {min_reuse_fraction}")
         self.model = model
         self.engine = engine
         self.store_generated = store_generated
+        self.min_reuse_fraction = min_reuse_fraction
         self._log = RateLimitedLog(logger)
         self._kv_buffer: torch.Tensor | None = None
 
@@ -147,6 +160,7 @@ class KVDepotGenerator:
         hash_algorithm: HashAlgorithm = HashAlgorithm.BLAKE2B_128,
         store_generated: bool = True,
         fingerprint: str | None = None,
+        min_reuse_fraction: float = 0.2,
     ) -> KVDepotGenerator:
         """A generator with a cache engine keyed by `model`'s fingerprint and layout.
 
@@ -161,7 +175,9 @@ class KVDepotGenerator:
             chunk_size_tokens=chunk_size_tokens,
             hash_algorithm=hash_algorithm,
         )
-        return cls(model, engine, store_generated=store_generated)
+        return cls(
+            model, engine, store_generated=store_generated, min_reuse_fraction=min_reuse_fraction
+        )
 
     def generate(
         self,
@@ -220,9 +236,12 @@ class KVDepotGenerator:
 
         A full hit (the same prompt again) loads every token but the last: KV of token i
         depends only on tokens up to i, so a cached chunk can be cut anywhere.
+        A hit below `min_reuse_fraction` of the prompt is not loaded (a plain prefill is
+        faster).
         """
         num_hit = self.engine.lookup(ids, tenant_salt=tenant_salt)  # counts the whole prompt
-        if min(num_hit, ids.shape[0] - 1) <= 0:
+        num_usable = min(num_hit, ids.shape[0] - 1)
+        if num_usable <= 0 or num_usable < self.min_reuse_fraction * ids.shape[0]:
             return 0, None
         kv = self.engine.retrieve(ids, tenant_salt=tenant_salt, out=self._buffer(ids.shape[0]))
         num_cached = min(kv.shape[2], ids.shape[0] - 1)
