@@ -175,13 +175,9 @@ def test_hit_rate_counts_tokens(store: TieredStore) -> None:
     assert f"kvdepot_engine_lookup_tokens_total {float(looked_up)}" in text
 
 
-def test_undecodable_chunk_is_served_as_a_shorter_prefix(
-    store: TieredStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    engine = make_engine(store)
-    tokens = list(range(3 * CHUNK))
-    kv = kv_for(engine, len(tokens))
-    engine.store(tokens, kv)
+def fail_decode_call(monkeypatch: pytest.MonkeyPatch, n: int) -> object:
+    """Make the engine's `n`-th chunk decode from now on raise CorruptChunk (a fault a real
+    tier does not produce on demand); returns the real decoder."""
     import kvdepot.engine as engine_module
 
     real = engine_module.decode_chunk_into
@@ -189,17 +185,28 @@ def test_undecodable_chunk_is_served_as_a_shorter_prefix(
 
     def flaky(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == n:
             raise CorruptChunk("injected")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine_module, "decode_chunk_into", flaky)
+    return real
+
+
+def test_undecodable_chunk_is_served_as_a_shorter_prefix(
+    store: TieredStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(store)
+    tokens = list(range(3 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    real = fail_decode_call(monkeypatch, 2)
     out = engine.retrieve(tokens)
     assert out.shape[2] == CHUNK
     assert torch.equal(out, kv[:, :, :CHUNK])
     # The unusable chunk is deleted: a miss from now on, so it can be stored afresh.
     assert engine.lookup(tokens) == CHUNK
-    monkeypatch.setattr(engine_module, "decode_chunk_into", real)
+    monkeypatch.setattr("kvdepot.engine.decode_chunk_into", real)
     assert engine.store(tokens, kv) == CHUNK
     assert torch.equal(engine.retrieve(tokens), kv)
 

@@ -15,11 +15,10 @@ import torch
 
 from kvdepot import CacheEngine, TieredStore
 from kvdepot.continuations import ContinuationIndex, common_prefix_len
-from kvdepot.errors import CorruptChunk
 from kvdepot.keys import token_bytes
 
 from .conftest import random_key
-from .test_engine import LAYOUTS, kv_for
+from .test_engine import LAYOUTS, fail_decode_call, kv_for
 
 CHUNK = 16
 
@@ -150,18 +149,7 @@ def test_a_corrupt_continuation_is_a_miss_and_deleted(
     stored, new = prompts()
     kv = kv_for(engine, len(stored))
     engine.store(stored, kv)
-    import kvdepot.engine as engine_module
-
-    real = engine_module.decode_chunk_into
-    calls = {"n": 0}
-
-    def flaky(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 3:  # the two whole chunks decode; the continuation does not
-            raise CorruptChunk("injected")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine_module, "decode_chunk_into", flaky)
+    fail_decode_call(monkeypatch, 3)  # the two whole chunks decode; the continuation does not
     out = engine.retrieve(new)
     assert torch.equal(out, kv[:, :, : 2 * CHUNK])  # the whole chunks still load
     assert store.contains([engine.chunk_keys(stored)[2]]) == [False]
