@@ -222,3 +222,27 @@ def test_a_prefix_too_short_to_pay_off_is_not_loaded(store: TieredStore) -> None
     assert eager.generate(other, max_new_tokens=4).num_cached_tokens == len(system)
     with pytest.raises(ValueError):
         KVDepotGenerator.for_model(model, store, min_reuse_fraction=1.5)
+
+
+def test_the_index_survives_a_clean_restart_and_ignores_a_bad_file(tmp_path: Path) -> None:
+    """Chunks on disk outlive the process; so does the index that finds partial matches."""
+    from kvdepot import load_config
+    from kvdepot.store import CONTINUATIONS_FILE, open_store
+
+    config = load_config(
+        overrides={"disk.path": str(tmp_path), "memory.capacity_bytes": "64MiB",
+                   "memory.prefault": False}
+    )  # fmt: skip
+    stored, new = prompts()
+    with open_store(config) as first:
+        engine = make_engine(first)
+        kv = kv_for(engine, len(stored))
+        engine.store(stored, kv)
+        first.flush()
+    with open_store(config) as second:
+        engine = make_engine(second)
+        assert engine.lookup(new) == 2 * CHUNK + 10
+        assert torch.equal(engine.retrieve(new), kv[:, :, : 2 * CHUNK + 10])
+    (tmp_path / CONTINUATIONS_FILE).write_bytes(b"\x93not an index")
+    with open_store(config) as third:
+        assert make_engine(third).lookup(new) == 2 * CHUNK  # whole chunks from disk only

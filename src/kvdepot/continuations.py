@@ -19,19 +19,38 @@ Invariants:
   (4 bytes x chunk tokens + ~250 bytes), ~12 MB at the defaults with 128-token chunks.
 - Keys carry the namespace digest (model, layout, tenant salt), so a parent in one namespace
   never lists a child of another.
-- Not persisted: after a restart, and for chunks another machine put in a shared tier,
-  matching falls back to whole chunks until the chunks are stored again.
+- Saved on a clean close and loaded at start when the store has a disk tier (`save`/`load`,
+  beside the chunk files); a crash, or chunks another machine put in a shared tier, leave
+  matching to whole chunks until the chunks are stored again. A file that does not load is
+  ignored (logged): the index is a hint.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from kvdepot.keys import ChunkKey
+
+logger = logging.getLogger(__name__)
+_FILE_VERSION = 1
+
+
+class _Saved(msgspec.Struct):
+    """The index on disk: (parent, child, tokens) triples, least recently used first."""
+
+    version: int
+    parents: list[bytes]
+    children: list[bytes]
+    tokens: list[bytes]
+
 
 Continuation = tuple[ChunkKey, ChunkKey, bytes]
 """(parent key, child key, the child's token ids as little-endian int32 bytes)."""
@@ -115,6 +134,42 @@ class ContinuationIndex:
             if ok:
                 return child, m
         return None
+
+    def save(self, path: Path) -> None:
+        """Write the index to `path` atomically (temp file, then rename)."""
+        with self._lock:
+            triples = [
+                (parent.to_bytes(), child.to_bytes(), tokens.tobytes())
+                for parent, children in self._parents.items()
+                for child, tokens in children.items()
+            ]
+        saved = _Saved(
+            _FILE_VERSION,
+            [t[0] for t in triples],
+            [t[1] for t in triples],
+            [t[2] for t in triples],
+        )
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(msgspec.msgpack.encode(saved))
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> int:
+        """Add the entries saved at `path`; returns how many (0 if it is missing or unusable)."""
+        try:
+            saved = msgspec.msgpack.decode(path.read_bytes(), type=_Saved)
+            if saved.version != _FILE_VERSION:
+                raise ValueError(f"version {saved.version}")
+            entries = [
+                (ChunkKey.from_bytes(p), ChunkKey.from_bytes(c), t)
+                for p, c, t in zip(saved.parents, saved.children, saved.tokens, strict=True)
+            ]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, msgspec.DecodeError) as exc:
+            logger.warning("continuation index %s not loaded (a hint only): %s", path, exc)
+            return 0
+        self.add(entries)
+        return len(entries)
 
     def clear(self) -> None:
         with self._lock:

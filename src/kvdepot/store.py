@@ -52,6 +52,8 @@ from kvdepot.tiers.transcode import CodecTier
 
 logger = logging.getLogger(__name__)
 _STOP = None
+CONTINUATIONS_FILE = "continuations.msgpack"
+"""The saved continuation index, in the disk tier's folder (its scan ignores the file)."""
 
 
 class ChunkStore(Protocol):
@@ -95,7 +97,12 @@ class TieredStore:
         metrics: Metrics | None = None,
         write_back_queue_chunks: int = 64,
         registry: CodecRegistry | None = None,
+        continuations_path: Path | None = None,
     ) -> None:
+        """Args (besides the obvious):
+        continuations_path: where the continuation index is loaded from now and saved
+            to on `close` (beside the disk tier's files); None keeps it in memory only.
+        """
         self.memory = memory
         self.lower = list(lower)
         self.registry = registry if registry is not None else default_registry()
@@ -112,6 +119,9 @@ class TieredStore:
         self._writer: threading.Thread | None = None
         self._log = RateLimitedLog(logger)
         self.continuations = ContinuationIndex()
+        self._continuations_path = continuations_path
+        if continuations_path is not None:
+            self.continuations.load(continuations_path)
 
     def start(self) -> TieredStore:
         """Start the write-back thread (only needed with lower tiers); returns self."""
@@ -396,6 +406,11 @@ class TieredStore:
             self._writer = None
         for tier in [self.memory, *self.lower]:
             tier.close()
+        if self._continuations_path is not None:
+            try:
+                self.continuations.save(self._continuations_path)
+            except OSError as exc:  # a hint only: the next start matches whole chunks
+                self._log.warning("save-index", "continuation index not saved: %s", exc)
 
     def __enter__(self) -> TieredStore:
         return self.start()
@@ -428,6 +443,7 @@ def open_store(
     )
     registry = load_registry([p.strip() for p in config.codec_plugins.split(",") if p.strip()])
     lower: list[Tier] = []
+    continuations_path: Path | None = None
     if config.disk.path:
         try:
             disk = DiskTier.open(
@@ -438,6 +454,7 @@ def open_store(
                 metrics=metrics.tier("disk"),
             )
             lower.append(_with_codec(disk, config.disk.codec, registry))
+            continuations_path = Path(config.disk.path) / CONTINUATIONS_FILE
         except TierUnavailable as exc:
             # Fail open: a cache without its disk tier still serves from RAM.
             logger.error("running without the disk tier: %s", exc)
@@ -457,6 +474,7 @@ def open_store(
         metrics=metrics,
         write_back_queue_chunks=config.write_back_queue_chunks,
         registry=registry,
+        continuations_path=continuations_path,
     )
     return store.start()
 
