@@ -113,6 +113,17 @@ def test_a_stored_tail_continues_into_a_longer_prompt(store: TieredStore) -> Non
     assert torch.equal(engine.retrieve(longer), kv)
 
 
+def test_the_index_holds_only_the_tokens_the_kv_covered(store: TieredStore) -> None:
+    """Tokens past the end of the stored KV never reach the index (they have no KV)."""
+    engine = make_engine(store)
+    tokens = list(range(100, 100 + 2 * CHUNK + 12))
+    kv = kv_for(engine, 2 * CHUNK + 6)  # the KV stops 6 tokens short of the prompt
+    engine.store(tokens, kv)
+    longer = [*tokens, 1, 2, 3]
+    assert engine.lookup(longer) == 2 * CHUNK + 6
+    assert torch.equal(engine.retrieve(longer), kv)
+
+
 def test_prompts_sharing_less_than_a_chunk_match_at_the_root(store: TieredStore) -> None:
     engine = make_engine(store)
     system = [5, 6, 7, 8, 9]

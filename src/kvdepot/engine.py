@@ -223,7 +223,7 @@ class CacheEngine:
         if self.partial_match and not segment:
             stored = {key for key, _ in items}
             kept = [first + i for i, key in enumerate(keys) if present[i] or key in stored]
-            self._remember(tokens, all_keys, kept, tenant_salt)
+            self._remember(tokens[:num_tokens], all_keys, kept, tenant_salt)
         return num_written
 
     def retrieve(
