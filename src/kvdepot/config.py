@@ -87,6 +87,18 @@ class BlendConfig:
         "query",
     )
 
+    def validate(self) -> BlendConfig:
+        """Raise ConfigError naming the first invalid field; return self when valid."""
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ConfigError("blend.recompute_ratio must be within 0..1")
+        if self.selection not in BLEND_SELECTIONS:
+            raise ConfigError(
+                f"blend.selection {self.selection!r}: choose one of {list(BLEND_SELECTIONS)}"
+            )
+        if self.check_layer < 0 or not self.separator:
+            raise ConfigError("blend.check_layer must be >= 0 and blend.separator non-empty")
+        return self
+
 
 @dataclass(slots=True)
 class KVDepotConfig:
@@ -134,14 +146,7 @@ class KVDepotConfig:
                     f"{section}.eviction_policy {sub.eviction_policy!r}: "
                     f"choose one of {list(EVICTION_POLICIES)}"
                 )
-        if not 0.0 <= self.blend.recompute_ratio <= 1.0:
-            raise ConfigError("blend.recompute_ratio must be within 0..1")
-        if self.blend.selection not in BLEND_SELECTIONS:
-            raise ConfigError(
-                f"blend.selection {self.blend.selection!r}: choose one of {list(BLEND_SELECTIONS)}"
-            )
-        if self.blend.check_layer < 0 or not self.blend.separator:
-            raise ConfigError("blend.check_layer must be >= 0 and blend.separator non-empty")
+        self.blend.validate()
         self.valkey.validate()
         self.s3.validate()
         return self

@@ -53,6 +53,13 @@ _TORCH_DTYPES = {
 _TORCH_STORAGE = {1: torch.uint8, 2: torch.int16, 4: torch.float32}
 
 
+def _token_ids(tokens: Tokens) -> TokenIds:
+    """`tokens` as a list or numpy array (a tensor is copied to the host)."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens.detach().cpu().numpy()
+    return tokens
+
+
 def dtype_from_torch(dtype: torch.dtype) -> DType:
     """The kvdepot DType of a torch float dtype."""
     try:
@@ -144,12 +151,14 @@ class CacheEngine:
         `segment=True` keys `tokens` as a segment: chained from the namespace's segment root,
         so the key depends on these tokens only, wherever they appear in a prompt.
         """
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach().cpu().numpy()
         ns = self.namespace(tenant_salt)
         parent = ns.segment_root() if segment else None
         hashes = chunk_hashes(
-            tokens, self.chunk_size_tokens, ns, parent=parent, include_partial=include_partial
+            _token_ids(tokens),
+            self.chunk_size_tokens,
+            ns,
+            parent=parent,
+            include_partial=include_partial,
         )
         return [ChunkKey(ns.digest, h) for h in hashes]
 
@@ -284,20 +293,19 @@ class CacheEngine:
         """(stored child, m) whose first m tokens continue the cached run of `num_chunks`
         chunks of `tokens`; None when none does (or the index cannot be asked)."""
         c = self.chunk_size_tokens
-        if num_chunks == 0:
-            ns = self.namespace(tenant_salt)
-            parent = ChunkKey(ns.digest, ns.root_hash())
-        else:
-            parent = keys[num_chunks - 1]
-        rest = tokens[num_chunks * c : (num_chunks + 1) * c]
-        if isinstance(rest, torch.Tensor):
-            rest = rest.detach().cpu().numpy()
+        parent = keys[num_chunks - 1] if num_chunks else self._root_key(tenant_salt)
+        rest = _token_ids(tokens[num_chunks * c : (num_chunks + 1) * c])
         try:
             found = self.backend.continuation(parent, token_bytes(rest))
         except Exception as exc:  # a hint only: a failure is a miss
             self._log.warning("continuation", "continuation lookup failed, a miss: %s", exc)
             return None
         return found if found is not None and found[1] >= self.min_partial_tokens else None
+
+    def _root_key(self, tenant_salt: bytes) -> ChunkKey:
+        """The parent of every chain's first chunk: the namespace's root hash."""
+        ns = self.namespace(tenant_salt)
+        return ChunkKey(ns.digest, ns.root_hash())
 
     def _read_partial(self, key: ChunkKey, num_tokens: int, out: torch.Tensor, start: int) -> bool:
         """Decode the first `num_tokens` of chunk `key` into `out` at `start`; False when the
@@ -329,13 +337,9 @@ class CacheEngine:
         (the namespace root for i = 0), for each i in `held`."""
         if not held:
             return
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach().cpu().numpy()
-        ns = self.namespace(tenant_salt)
-        root = ChunkKey(ns.digest, ns.root_hash())
-        c = self.chunk_size_tokens
+        ids, root, c = _token_ids(tokens), self._root_key(tenant_salt), self.chunk_size_tokens
         entries: list[Continuation] = [
-            (keys[i - 1] if i else root, keys[i], token_bytes(tokens[i * c : (i + 1) * c]))
+            (keys[i - 1] if i else root, keys[i], token_bytes(ids[i * c : (i + 1) * c]))
             for i in held
         ]
         try:

@@ -33,7 +33,7 @@ from transformers import DynamicCache, GenerationConfig
 from kvdepot.blend.adapters import BlendAdapter, BlendUnsupported, adapter_for
 from kvdepot.blend.blender import BlendStats, blend
 from kvdepot.blend.segments import Segment, prompt_ids, segment_offsets
-from kvdepot.config import BLEND_SELECTIONS, BlendConfig
+from kvdepot.config import BlendConfig
 from kvdepot.connectors.transformers import (
     FirstTokenClock,
     KVDepotGenerator,
@@ -115,11 +115,7 @@ class BlendGenerator:
     ) -> None:
         self.model = model
         self.engine = engine
-        self.config = config if config is not None else BlendConfig()
-        if self.config.selection not in BLEND_SELECTIONS:
-            raise ConfigError(
-                f"blend selection {self.config.selection!r}: one of {BLEND_SELECTIONS}"
-            )
+        self.config = (config if config is not None else BlendConfig()).validate()
         self.plain = KVDepotGenerator(model, engine, store_generated=False)
         self._log = RateLimitedLog(logger)
         self._adapter: BlendAdapter | BlendUnsupported | None = None
