@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvdepot.bench.vllm_report import ChildResult, Sample, merge_runs, report
-from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
+from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,24 @@ def test_qa_questions_share_their_document_and_repeat_the_first(tokenizer: objec
 
 
 def test_each_chat_turn_extends_the_previous_prompt(tokenizer: object) -> None:
-    turns = chat_requests(tokenizer, [1500], num_turns=4)
-    assert [r.kind for r in turns] == ["cold", "warm", "warm", "warm"]
+    (script,) = chat_scripts([1500], num_turns=4)
+    assert len(script.questions) == 3 and len(script.scripted_answers) == 4
+    answers = script.scripted_answers
+    turns = [script.prompt(tokenizer, answers[:t]) for t in range(4)]
     for before, after in itertools.pairwise(turns):
-        assert after.token_ids[: len(before.token_ids)] == before.token_ids
-        assert 10 < len(after.token_ids) - len(before.token_ids) < 80
+        assert after[: len(before)] == before
+        assert 10 < len(after) - len(before) < 80
+
+
+def test_a_model_answer_keeps_its_tokens_in_the_next_turn(tokenizer: object) -> None:
+    """The next turn holds the answer's own tokens right after the previous prompt, so the KV
+    the engine computed while generating it can be reused."""
+    (script,) = chat_scripts([1500], num_turns=2)
+    first = script.prompt(tokenizer, [])
+    answer = "The Aurora X2 weighs 3.2 kg, according to the handbook's table."
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    second = script.prompt(tokenizer, [answer])
+    assert second[: len(first) + len(answer_ids)] == first + answer_ids
 
 
 def sample(kind: str, ttft_s: float, workload: str = "qa", group: int = 0) -> Sample:

@@ -114,7 +114,7 @@ class Engine:
         for r, blocks, done, n in reqs:
             for t in range(done, done + n):
                 for i, name in enumerate(NAMES):
-                    kv = true_kv(r.prompt_token_ids, t, i)
+                    kv = true_kv(r.all_token_ids, t, i)
                     write_kv(self.caches[name], blocks[t // self.n], t % self.n, kv)
         self.worker.wait_for_save()
         failed = self.worker.get_block_ids_with_load_errors()
@@ -155,6 +155,7 @@ def request(
     return SimpleNamespace(
         request_id=req_id, prompt_token_ids=tokens, num_tokens=len(tokens), cache_salt=salt,
         mm_features=[], lora_request=None, prompt_embeds=None, kv_transfer_params=params,
+        all_token_ids=list(tokens), num_computed_tokens=0,
     )  # fmt: skip
 
 
@@ -300,6 +301,85 @@ def test_preempted_request_is_planned_again_from_scratch(engine: Engine) -> None
                         num_scheduled_tokens={"a": 1}, preempted_req_ids=None)
     )  # fmt: skip
     assert isinstance(meta, KVDepotMetadata) and meta.requests == []
+
+
+def generate(engine: Engine, req: SimpleNamespace, blocks: list[int], answer: list[int]) -> None:
+    """Decode steps after the prompt: `answer` sampled one token a step; like vLLM, KV is
+    computed for every generated token but the last (never fed back)."""
+    num_prompt = len(req.prompt_token_ids)
+    req.all_token_ids = [*req.prompt_token_ids, *answer]
+    req.num_tokens = len(req.all_token_ids)
+    for t in range(num_prompt, req.num_tokens - 1):
+        decode = cached_reqs(req_ids=[req.request_id], new_block_ids=[None],
+                             num_computed_tokens=[t])  # fmt: skip
+        assert engine.step([(req, blocks, t, 1)], new=[], cached=decode) == set()
+    req.num_computed_tokens = req.num_tokens - 1
+
+
+def idle_step(engine: Engine) -> set[str]:
+    """A step that computes nothing (vLLM still runs the connector); the finished saves."""
+    engine.step([], new=[])
+    finished_sending, finished_recving = engine.worker.get_finished(set())
+    assert finished_recving is None
+    done = set(finished_sending or ())
+    engine.scheduler.update_connector_output(SimpleNamespace(finished_sending=done))
+    return done
+
+
+def test_generated_tokens_are_stored_when_the_request_finishes(engine: Engine) -> None:
+    engine.lookup(req := request("a", PROMPT))
+    blocks = list(range(8))
+    engine.step([(req, blocks, 0, 200)])
+    answer = [7000 + 3 * i for i in range(20)]
+    generate(engine, req, blocks, answer)  # tokens 200-218 computed, not yet stored
+    follow_up = request("b", [*PROMPT, *answer, *range(60, 80)])  # the chat's next turn
+    assert engine.lookup(follow_up) == 192  # the stored prompt tail shares only 8 tokens
+    assert engine.scheduler.request_finished(req, blocks) == (True, None)  # blocks held
+    # The next turn waits (vLLM asks again next step) for the save; other prompts do not.
+    assert engine.scheduler.get_num_new_matched_tokens(follow_up, 0) == (None, False)
+    assert engine.lookup(request("c", PROMPT)) == 199
+    assert idle_step(engine) == {"a"}  # saved: vLLM may free the blocks
+    assert idle_step(engine) == set()
+    assert engine.lookup(follow_up) == 219  # prompt and answer, the last answer token aside
+    new_blocks = list(range(10, 18))
+    engine.step([(follow_up, new_blocks, 219, 20)])
+    assert engine.holds(follow_up, new_blocks, 0, 239)
+
+
+def test_final_save_runs_after_a_failed_load_and_can_be_turned_off(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvdepot.connectors.vllm import scheduler as scheduler_module
+
+    engine.lookup(req := request("a", PROMPT))
+    blocks = list(range(8))
+    engine.step([(req, blocks, 0, 200)])
+    generate(engine, req, blocks, answer := list(range(300, 340)))
+    engine.scheduler.request_finished(req, blocks)
+    engine.worker.worker_side._is_load_failed = True  # as if this step's load had failed
+    nothing = SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached_reqs(),
+                              num_scheduled_tokens={}, preempted_req_ids=None)  # fmt: skip
+    engine.worker.bind_connector_metadata(engine.scheduler.build_connector_meta(nothing))
+    engine.worker.wait_for_save()  # start_load_kv not called: the failure stands
+    assert engine.worker.get_finished(set()) == ({"a"}, None)
+    engine.scheduler.update_connector_output(SimpleNamespace(finished_sending={"a"}))
+    assert engine.lookup(request("b", [*PROMPT, *answer, 1, 2])) == 239
+    # A save the worker never reports stops holding up lookups after SAVE_WAIT_S.
+    monkeypatch.setattr(scheduler_module, "SAVE_WAIT_S", 0.0)
+    engine.lookup(again := request("c", PROMPT))
+    engine.step([(again, list(range(10, 17)), 199, 1)])
+    generate(engine, again, list(range(10, 18)), [9, 8, 7])
+    assert engine.scheduler.request_finished(again, list(range(10, 18)))[0]
+    # It did not wait (None), and the save it passed over is not there: the whole chunks hit.
+    assert engine.lookup(request("d", [*PROMPT, 9, 8, 7, 6])) == 192
+    off = KVDepotConnector(
+        vllm_config(tmp_path / "off", store_generated=False), KVConnectorRole.SCHEDULER,
+        kv_cache_config(),
+    )  # fmt: skip
+    off.get_num_new_matched_tokens(late := request("e", PROMPT), 0)
+    off.update_state_after_alloc(late, None, 0)
+    late.num_tokens, late.num_computed_tokens = 230, 229
+    assert off.request_finished(late, blocks) == (False, None)
 
 
 def test_unverified_cpu_kernels_move_whole_chunks_only(tmp_path: Path) -> None:
@@ -507,6 +587,9 @@ def test_embedded_engine_hits_fully_partly_and_not_at_all(
         "no_store": (0, 0),
         "after_no_store": (0, 0),  # the request before opted out of stores
         "cold": (0, 0),
+        # The prompt and all but the last of its answer's 16 tokens: 10 chunks, then 35 tokens
+        # of the 11th stored at the finish (partial matching, not counted as a chunk hit).
+        "next_turn": (1315, 10),
         "warm_full": (1299, 11),  # 10 chunks of 128 and the tail; the last token is computed
         "partial": (1024, 8),
         "resume": (1100, 8),  # 8 chunks, then 76 tokens of the stored 9th (partial match)
@@ -518,7 +601,8 @@ def test_embedded_engine_hits_fully_partly_and_not_at_all(
     assert got == expected
     assert [r["num_cached"] for r in result["batch"]] == [1299, 1036, 999]
     assert steps["no_store"]["tokens"] == steps["after_no_store"]["tokens"]
-    served = [s for name, s in steps.items() if "no_store" not in name]
+    assert steps["next_turn"]["tokens"] == result["next_turn_reference"]["tokens"]
+    served = [s for name, s in steps.items() if "no_store" not in name and name != "next_turn"]
     assert_same_as_reference(served + result["batch"], populated)
 
 

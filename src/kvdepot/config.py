@@ -113,6 +113,9 @@ class KVDepotConfig:
         "reuse the leading tokens of a stored chunk that follows the same prefix", True
     )
     partial_match_min_tokens: int = _doc("shorter partial matches are ignored", 16)
+    store_generated: bool = _doc(
+        "engine connectors also store the KV of generated tokens, once a request finishes", True
+    )
     write_back_queue_chunks: int = _doc("chunks waiting for write-back before drops", 64)
     codec_plugins: str = _doc("extra codecs: comma-separated 'package.module:Factory'", "")
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})

@@ -7,8 +7,10 @@ this writes (greedy tokens, vLLM's cached-token counts, kvdepot's store statisti
 asserts. Scenarios:
 - populate (daemon mode): cold runs that fill the daemon, then reference outputs with every
   cache read bypassed;
-- embedded: a request that opts out of stores, full, partial and no hits, a local
-  prefix-cache hit topped up by kvdepot, another tenant's salt, a batch;
+- embedded: a request that opts out of stores, full, partial and no hits, a chat's next
+  turn (the prompt, the model's answer and a question: the answer's KV was stored when the
+  request finished), a local prefix-cache hit topped up by kvdepot, another tenant's salt,
+  a batch;
 - fresh (daemon mode, a new process): hits served by the daemon, then the daemon killed as
   soon as it has answered a batch's lookups.
 """
@@ -154,6 +156,11 @@ def embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
         "no_store": engine.one("novel", kv_params={"kvdepot.store": False}),
         "after_no_store": engine.one("novel"),
         "cold": engine.one("full"),
+    }
+    question = engine.prompts["resume"][1100:]
+    engine.prompts["next_turn"] = [*engine.prompts["full"], *steps["cold"]["tokens"], *question]
+    steps |= {
+        "next_turn": engine.one("next_turn"),  # right away: its lookup waits for the save
         "warm_full": engine.one("full"),
         "partial": engine.one("partial"),
         "resume": engine.one("resume"),  # 8 chunks + the first 76 tokens of full's 9th
@@ -163,7 +170,9 @@ def embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
         "other_tenant": engine.one("full", salt="tenant-b"),
     }
     engine.llm.reset_prefix_cache()
-    return {"steps": steps, "batch": engine.generate(["full", "partial", "miss"])}
+    (reference,) = engine.generate(["next_turn"], bypass=True, kv_params={"kvdepot.store": False})
+    batch = engine.generate(["full", "partial", "miss"])
+    return {"steps": steps, "batch": batch, "next_turn_reference": reference}
 
 
 def kill_after_lookups(engine: Engine, pid: int, num_chunks: int, record: dict[str, float]) -> None:

@@ -10,17 +10,20 @@ SmolLM2-135M-Instruct in fp32 (CPUs without bf16 instructions prefill ~6x faster
 - `vllm`: no connector; warm requests hit vLLM's own prefix cache (the reference).
 - `kvdepot`: `KVDepotConnector`, embedded (the store lives in vLLM's worker process).
 - `kvdepot-daemon`: `KVDepotConnector` in daemon mode, a `kvdepot serve` on a private socket.
-- `lmcache`: LMCache 0.5.6's `LMCacheConnectorV1`, local CPU backend (2 GB, its defaults
-  otherwise: whole chunks only), with the CPU page adapter of `kvdepot.bench.lmcache_cpu`.
+- `lmcache`: LMCache 0.5.6's `LMCacheConnectorV1`, local CPU backend (2 GB, decode KV
+  saved, its defaults otherwise: whole chunks only), with the CPU page adapter of
+  `kvdepot.bench.lmcache_cpu`.
 - `example`: vLLM's `ExampleConnector` (safetensors files in a temp folder; it hits only
   when a whole prompt but its last token was seen before).
 
 Workloads (`kvdepot.bench.vllm_workloads`): long-document QA (documents of 2K-4K tokens,
 several questions each) and a multi-turn chat. A group's first request is cold; the later
 ones are warm. Every connector setup empties vLLM's prefix cache before every request, so its
-warm hits come from the connector. Each request generates `--max-tokens` tokens (EOS
-ignored); TTFT is vLLM's arrival-to-first-token time; throughput is requests (and generated
-tokens) per second of the workload's `generate` calls; hit rate is cached / prompt tokens.
+warm hits come from the connector. Each QA request generates `--max-tokens` tokens (EOS
+ignored); a chat answer runs to EOS (at most `--chat-answer-tokens`) and the next turn holds
+it, as in a real chat (`--chat-answers scripted` puts a fixed sentence there instead). TTFT
+is vLLM's arrival-to-first-token time; throughput is requests (and generated tokens) per
+second of the workload's `generate` calls; hit rate is cached / prompt tokens.
 The kvdepot setups also run `--paired` cold pairs: one never-seen prompt with and without
 kvdepot (per-request `kv_transfer_params`) in the same engine (see `vllm_engine`).
 
@@ -60,6 +63,8 @@ LMCACHE_ENV = {
     "LMCACHE_LOCAL_CPU": "True",
     "LMCACHE_MAX_LOCAL_CPU_SIZE": "2",
     "LMCACHE_TRACK_USAGE": "false",
+    # Whole chunks of generated tokens too (off by default): the chat's answers come back.
+    "LMCACHE_SAVE_DECODE_CACHE": "True",
 }
 DAEMON_CAPACITY = "2GiB"
 CHUNK_SETUPS = ("kvdepot", "kvdepot-daemon", "lmcache")
@@ -70,21 +75,23 @@ def _child(args: argparse.Namespace, model_dir: Path) -> None:
     """One setup, in this process (a child of `run_setup`); writes its samples to `args.out`
     after each workload, so a setup that fails half-way still reports what it measured."""
     from kvdepot.bench.vllm_engine import BenchEngine
-    from kvdepot.bench.vllm_workloads import chat_requests, doc_sizes, qa_requests
+    from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests
 
     work_dir = Path(tempfile.mkdtemp(prefix="kvdepot-bench-vllm-"))
     engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket, args.chunk_tokens)
     low, high = args.doc_tokens
     qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
     chat_sizes = doc_sizes(args.chat_conversations, low, high)
-    chat = chat_requests(engine.tokenizer, chat_sizes, args.chat_turns)
+    chat = chat_scripts(chat_sizes, args.chat_turns)
     chunk_tokens = args.chunk_tokens if args.child in CHUNK_SETUPS else 0
     result = ChildResult(args.child, engine.startup_s, [], chunk_size_tokens=chunk_tokens)
     engine.warm_up()
     try:
-        for requests in (qa, chat):
-            result.samples.extend(engine.run(requests, args.max_tokens))
-            args.out.write_text(json.dumps(result.to_json()))
+        result.samples.extend(engine.run(qa, args.max_tokens))
+        args.out.write_text(json.dumps(result.to_json()))
+        scripted = args.chat_answers == "scripted"
+        result.samples.extend(engine.chat(chat, args.chat_answer_tokens, scripted=scripted))
+        args.out.write_text(json.dumps(result.to_json()))
         if args.child.startswith("kvdepot") and args.paired:
             paired = engine.paired_cold(args.paired, args.paired_tokens, args.max_tokens)
             result.samples.extend(paired)
@@ -173,7 +180,19 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         metavar="MIN,MAX",
         help="document lengths before the chat template, spread evenly (default 2000,3800)",
     )
-    add("--max-tokens", type=int, default=16, help="generated tokens per request")
+    add("--max-tokens", type=int, default=16, help="generated tokens per QA request")
+    add(
+        "--chat-answers",
+        choices=("model", "scripted"),
+        default="model",
+        help="what a chat turn's prompt holds of the earlier answers (default: the model's)",
+    )
+    add(
+        "--chat-answer-tokens",
+        type=int,
+        default=64,
+        help="a chat answer ends at EOS or after this many tokens (default 64)",
+    )
     add(
         "--chunk-tokens",
         type=int,
@@ -248,6 +267,10 @@ def _child_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
         f"{low},{high}",
         "--max-tokens",
         str(args.max_tokens),
+        "--chat-answers",
+        args.chat_answers,
+        "--chat-answer-tokens",
+        str(args.chat_answer_tokens),
         "--chunk-tokens",
         str(args.chunk_tokens),
         "--paired",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvdepot.bench.vllm_report import Sample
-from kvdepot.bench.vllm_workloads import BenchRequest, paired_prompts
+from kvdepot.bench.vllm_workloads import BenchRequest, ChatScript, paired_prompts
 
 CONNECTOR_SETUPS = ("kvdepot", "kvdepot-daemon", "lmcache", "example")
 SKIP_KVDEPOT: dict[str, object] = {"kvdepot.load": False, "kvdepot.store": False}
@@ -100,7 +100,12 @@ class BenchEngine:
         return self.llm.get_tokenizer()
 
     def generate(
-        self, token_ids: list[int], max_tokens: int, kv_params: dict[str, object] | None = None
+        self,
+        token_ids: list[int],
+        max_tokens: int,
+        kv_params: dict[str, object] | None = None,
+        *,
+        ignore_eos: bool = True,
     ) -> tuple[int, float, float, list[int]]:
         """(cached tokens, TTFT s, wall s, generated tokens) of one greedy request."""
         from vllm import SamplingParams
@@ -109,7 +114,7 @@ class BenchEngine:
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0,
-            ignore_eos=True,
+            ignore_eos=ignore_eos,
             extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
         start = time.perf_counter()
@@ -139,6 +144,33 @@ class BenchEngine:
                     output,
                 )
             )
+        return samples
+
+    def chat(
+        self, scripts: list[ChatScript], max_answer_tokens: int, *, scripted: bool = False
+    ) -> list[Sample]:
+        """Each conversation turn by turn; a turn's prompt holds the earlier answers: the
+        model's own (greedy, up to EOS or `max_answer_tokens`), or the scripted ones."""
+        samples = []
+        tokenizer = self.tokenizer
+        for script in scripts:
+            answers: list[str] = []
+            for turn in range(len(script.questions) + 1):
+                ids = script.prompt(tokenizer, answers)
+                if turn == 0 or self.setup in CONNECTOR_SETUPS:
+                    self.reset_prefix_cache()
+                cached, ttft_s, wall_s, output = self.generate(
+                    ids, max_answer_tokens, ignore_eos=False
+                )
+                kind = "warm" if turn else "cold"
+                samples.append(
+                    Sample("chat", script.group, kind, len(ids), cached, ttft_s, wall_s, output)
+                )
+                answers.append(
+                    script.scripted_answers[turn]
+                    if scripted
+                    else tokenizer.decode(output, skip_special_tokens=True)
+                )
         return samples
 
     def paired_cold(self, num_pairs: int, num_tokens: int, max_tokens: int) -> list[Sample]:

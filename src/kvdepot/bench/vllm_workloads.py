@@ -10,8 +10,10 @@ later ones are warm (they share a long prefix with an earlier request of their g
   question)`: later questions reuse the document prefix; then the first question again,
   verbatim (a retried or repeated request: the whole prompt is cached).
 - chat: per conversation, the document and a question, then turns that each add the previous
-  answer and a new question; turn t's prompt is turn t-1's prompt + answer + question. The
-  answers are scripted (the planted fact), not generated, so every setup sees the same tokens.
+  answer and a new question; turn t's prompt is turn t-1's messages + answer + question,
+  through the chat template, as a chat server builds it. The answer is the model's own
+  (decoded from its greedy output: the same in every setup whose outputs match vLLM's), or,
+  with `scripted`, a fixed sentence with the planted fact that no cache has seen.
 """
 
 from __future__ import annotations
@@ -76,25 +78,34 @@ def qa_requests(
     return out
 
 
-def chat_requests(
-    tokenizer: Any, sizes: list[int], num_turns: int, seed: int = 500
-) -> list[BenchRequest]:
-    """Per conversation (one per size), `num_turns` prompts, each extending the last."""
+@dataclass(frozen=True, slots=True)
+class ChatScript:
+    """One conversation: its opening message, the question of every later turn, and the
+    scripted answer to each turn (used instead of the model's with `scripted` answers)."""
+
+    group: int
+    opening: str
+    questions: list[str]
+    scripted_answers: list[str]
+
+    def prompt(self, tokenizer: Any, answers: list[str]) -> list[int]:
+        """Turn `len(answers)`'s prompt: the opening, then each answer and the next question."""
+        messages = [{"role": "user", "content": self.opening}]
+        for answer, question in zip(answers, self.questions, strict=False):
+            messages += [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": question}]  # fmt: skip
+        return _encode(tokenizer, messages)
+
+
+def chat_scripts(sizes: list[int], num_turns: int, seed: int = 500) -> list[ChatScript]:
+    """Per conversation (one per size), `num_turns` turns about one handbook."""
     out = []
     for group, size in enumerate(sizes):
         doc = _document(seed + group, size)
         facts = doc.facts[:: max(1, len(doc.facts) // num_turns)][:num_turns]
-        messages = [{"role": "user", "content": f"Here is a handbook.\n\n{doc.text}"}]
-        for index, fact in enumerate(facts):
-            if index:
-                previous = facts[index - 1]
-                answer = f"According to the handbook, the answer is {previous.answer}."
-                messages += [{"role": "assistant", "content": answer},
-                             {"role": "user", "content": fact.question}]  # fmt: skip
-            else:
-                messages[0]["content"] += f"\n\n{fact.question}"
-            kind = "warm" if index else "cold"
-            out.append(BenchRequest("chat", group, kind, _encode(tokenizer, messages)))
+        opening = f"Here is a handbook.\n\n{doc.text}\n\n{facts[0].question}"
+        scripted = [f"According to the handbook, the answer is {f.answer}." for f in facts]
+        out.append(ChatScript(group, opening, [f.question for f in facts[1:]], scripted))
     return out
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
     ) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request, block_ids)
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler_side.update_connector_output(set(connector_output.finished_sending or ()))
+
     def reset_cache(self) -> bool | None:
         return self.scheduler_side.reset_cache()
 
@@ -125,6 +129,10 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
     def wait_for_save(self) -> None:
         if self.has_connector_metadata():
             self.worker_side.wait_for_save(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose final save is done, None: loads are synchronous)."""
+        return self.worker_side.get_finished() or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()

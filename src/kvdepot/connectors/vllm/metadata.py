@@ -24,12 +24,15 @@ class RequestTransfer:
 
     Attributes:
         req_id: vLLM's request id.
-        token_ids: the prompt.
+        token_ids: the prompt; for a finished request, the prompt and the generated tokens
+            whose KV was computed.
         tenant_salt: the request's `cache_salt`, as bytes.
         block_ids: the request's block table (KV cache group 0), in token order.
         load_start, load_end: tokens whose KV to load; empty when equal.
         save_start, save_end: tokens whose KV to store (`save_start` on a chunk boundary,
-            `save_end` too unless it is the end of the prompt); empty when equal.
+            `save_end` too unless it is the end of `token_ids`); empty when equal.
+        is_finished: the request has finished and vLLM holds its blocks until the worker
+            reports this save done (`get_finished`), even if it fails.
     """
 
     req_id: str
@@ -40,6 +43,7 @@ class RequestTransfer:
     load_end: int = 0
     save_start: int = 0
     save_end: int = 0
+    is_finished: bool = False
 
 
 @dataclass

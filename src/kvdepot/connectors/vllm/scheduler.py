@@ -5,12 +5,20 @@ serve`; embedded: the worker's private socket) how much of a prompt is cached, a
 scheduler step into a `KVDepotMetadata` for the worker: per request, the prompt, the block
 table, the token range to load and the whole chunks (and the prompt's partial tail) newly
 computed, to save. Every lookup failure is a miss.
+
+Generated tokens (`store_generated`): when a request finishes, its blocks are held (vLLM's
+delayed free) and the next step's plan saves the KV of the prompt's last chunk onwards,
+generated tokens included; the worker reports the save done and vLLM frees the blocks. A
+chat's next turn contains the answer, so it reuses that KV. A lookup for a prompt that
+continues a finished request whose save is still pending waits for it (vLLM asks again next
+step), at most `SAVE_WAIT_S`: the answer's KV is worth one engine step.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from kvdepot.connectors.vllm.metadata import (
@@ -35,6 +43,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SAVE_WAIT_S = 1.0
+"""The longest a follow-up prompt's lookup waits for its predecessor's final save."""
+
+
+class PendingSave:
+    """A finished request's final save, from `request_finished` until the worker reports it."""
+
+    __slots__ = ("deadline", "prefix")
+
+    def __init__(self, prefix: list[int]) -> None:
+        self.prefix = prefix  # the prompt and the first generated token
+        self.deadline = time.monotonic() + SAVE_WAIT_S
+
 
 class SchedulerSide:
     """The scheduler half of `KVDepotConnector` (vLLM calls it through the connector)."""
@@ -47,6 +68,8 @@ class SchedulerSide:
         self._log = RateLimitedLog(logger)
         self._requests: dict[str, RequestState] = {}
         self._num_hit_tokens: dict[str, int] = {}
+        self._finishing: list[RequestTransfer] = []  # final saves for the next step
+        self._pending: dict[str, PendingSave] = {}
 
     def _engine(self) -> CacheEngine:
         if self._cache is None:
@@ -73,6 +96,8 @@ class SchedulerSide:
         tokens = cacheable_prompt(request)
         if not self.is_loading or tokens is None or not opts_in(request, "load", self._log):
             return 0, False
+        if self._waits_for_save(tokens):
+            return None, False
         try:
             num_hit = self._engine().lookup(tokens, tenant_salt=tenant_salt(request))
         except Exception as exc:  # fail open: a miss
@@ -126,7 +151,29 @@ class SchedulerSide:
                 c = self.settings.config.chunk_size_tokens
                 state.num_saved_tokens = min(state.num_saved_tokens, num_computed // c * c)
             self._plan(meta, req_id, state, num_computed, num_scheduled[req_id])
+        meta.requests.extend(self._finishing)
+        self._finishing = []
         return meta
+
+    def _waits_for_save(self, tokens: list[int]) -> bool:
+        """Whether `tokens` continue a finished request whose final save is still pending."""
+        now = time.monotonic()
+        for req_id, pending in list(self._pending.items()):
+            if now > pending.deadline:
+                self._log.warning(
+                    "save-wait", "kvdepot: a finished request's save took over %.1f s", SAVE_WAIT_S
+                )
+                del self._pending[req_id]
+            elif tokens[: len(pending.prefix)] == pending.prefix and len(tokens) > len(
+                pending.prefix
+            ):
+                return True
+        return False
+
+    def update_connector_output(self, finished_sending: set[str]) -> None:
+        """The worker finished these requests' final saves: vLLM frees their blocks."""
+        for req_id in finished_sending:
+            self._pending.pop(req_id, None)
 
     def _plan(
         self,
@@ -156,10 +203,42 @@ class SchedulerSide:
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; saves are synchronous, so its blocks can be freed now."""
-        self._requests.pop(request.request_id, None)
+        """Forget the request; hold its blocks (True) when its generated KV is to be saved."""
+        state = self._requests.pop(request.request_id, None)
         self._num_hit_tokens.pop(request.request_id, None)
-        return False, None
+        transfer = None if state is None else self._final_save(request, state, block_ids)
+        if transfer is None:
+            return False, None
+        self._finishing.append(transfer)
+        num_prompt = len(state.token_ids) if state is not None else 0
+        self._pending[request.request_id] = PendingSave(transfer.token_ids[: num_prompt + 1])
+        return True, None
+
+    def _final_save(
+        self, request: Request, state: RequestState, block_ids: list[int]
+    ) -> RequestTransfer | None:
+        """The save of a finished request's KV past its last stored chunk: generated tokens
+        included; None when there is nothing new to store."""
+        if not (self.is_saving and state.is_storing and self.settings.config.store_generated):
+            return None
+        num_kv = min(
+            request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0),
+            request.num_tokens - 1,  # the last sampled token was never fed back
+        )
+        c = self.settings.config.chunk_size_tokens
+        end = num_kv if self.settings.is_token_exact else num_kv - num_kv % c
+        end = min(end, len(block_ids) * self.settings.block_size)
+        if end <= max(state.num_saved_tokens, len(state.token_ids)):
+            return None  # no generated token's KV to add
+        return RequestTransfer(
+            request.request_id,
+            list(request.all_token_ids[:end]),
+            state.tenant_salt,
+            list(block_ids),
+            save_start=state.num_saved_tokens - state.num_saved_tokens % c,
+            save_end=end,
+            is_finished=True,
+        )
 
     def reset_cache(self) -> bool | None:
         """Empty the cache (`llm.reset_prefix_cache(reset_connector=True)`)."""

@@ -7,8 +7,10 @@ them. Both are synchronous. Embedded mode: the tiered store lives here, in a sha
 RAM tier, served on a private socket to the scheduler side (and `kvdepot stats`).
 
 Fail open: a load that fails reports its blocks (`get_block_ids_with_load_errors`) and vLLM
-recomputes them; a step with a failed load saves nothing, so KV computed over unloaded
-blocks is never stored; a failed save only costs a future miss.
+recomputes them; a step with a failed load saves nothing it computed, so KV computed over
+unloaded blocks is never stored; a failed save only costs a future miss. A finished request's
+final save (its KV was computed in earlier steps) always runs, and is always reported done
+(`get_finished`), so vLLM frees its blocks whether it worked or not.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class WorkerSide:
         self._buffer: torch.Tensor | None = None
         self._invalid_block_ids: set[int] = set()
         self._is_load_failed = False
+        self._finished_saves: set[str] = set()
         self._server: DaemonServer | None = None
         self._shm: HostBuffer | None = None
 
@@ -175,14 +178,24 @@ class WorkerSide:
             self._invalid_block_ids.update(bad)
 
     def wait_for_save(self, meta: KVDepotMetadata) -> None:
-        """Store the chunks this step completed (nothing after a failed load)."""
-        saves = [t for t in meta.requests if t.save_end > t.save_start]
+        """Store the chunks this step completed (none after a failed load), then the finished
+        requests' final saves."""
+        saves = [t for t in meta.requests if t.save_end > t.save_start and not t.is_finished]
         if saves and self._is_load_failed:
             # Some KV this step computed may rest on blocks that did not load.
             self._log.warning("skip-save", "kvdepot: a load failed, this step stores nothing")
-            return
+            saves = []
         for transfer in saves:
             self._save(transfer)
+        for transfer in meta.requests:
+            if transfer.is_finished:
+                self._save(transfer)
+                self._finished_saves.add(transfer.req_id)
+
+    def get_finished(self) -> set[str]:
+        """The finished requests whose final save is done: vLLM may free their blocks."""
+        done, self._finished_saves = self._finished_saves, set()
+        return done
 
     def _save(self, transfer: RequestTransfer) -> None:
         assert self._cache is not None, "register_kv_caches was not called"
