@@ -111,9 +111,11 @@ class Engine:
         meta = self.scheduler.build_connector_meta(output)
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)
-        for r, blocks, done, n in reqs:
-            for t in range(done, done + n):
-                for i, name in enumerate(NAMES):
+        for i, name in enumerate(NAMES):  # layer by layer, as the model runs
+            if extra.get("wait", True):
+                self.worker.wait_for_layer_load(name)
+            for r, blocks, done, n in reqs:
+                for t in range(done, done + n):
                     kv = true_kv(r.all_token_ids, t, i)
                     write_kv(self.caches[name], blocks[t // self.n], t % self.n, kv)
         self.worker.wait_for_save()
@@ -326,6 +328,50 @@ def idle_step(engine: Engine) -> set[str]:
     return done
 
 
+def test_two_loads_in_one_step_fill_their_own_pages(engine: Engine) -> None:
+    other_prompt = [3000 + 5 * i for i in range(150)]
+    for name, tokens in (("a", PROMPT), ("b", other_prompt)):
+        engine.lookup(req := request(name, tokens))
+        engine.step([(req, list(range(7)), 0, len(tokens))])
+    engine.scribble()
+    first, second = request("c", PROMPT), request("d", other_prompt)
+    assert (engine.lookup(first), engine.lookup(second)) == (199, 149)
+    blocks_a, blocks_b = [12, 3, 17, 8, 20, 5, 0], [9, 1, 14, 22, 6]  # not consecutive
+    assert engine.step([(first, blocks_a, 199, 1), (second, blocks_b, 149, 1)]) == set()
+    assert engine.holds(first, blocks_a, 0, 200)
+    assert engine.holds(second, blocks_b, 0, 150)
+
+
+def test_layers_read_without_waiting_or_a_failed_scatter_are_recomputed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvdepot.connectors.vllm import loader
+
+    engine.lookup(first := request("a", PROMPT))
+    engine.step([(first, list(range(7)), 0, 200)])
+    blocks = list(range(10, 17))
+    # A model that reads its pages without wait_for_layer_load: the blocks filled behind the
+    # forward pass are failed loads (vLLM recomputes them). The partial last page was filled
+    # before the forward pass.
+    engine.lookup(again := request("b", PROMPT))
+    assert engine.step([(again, blocks, 199, 1)], wait=False) == set(blocks[:6])
+    # A scatter that fails half-way releases every layer (the forward pass goes on).
+    calls = []
+
+    def flaky(*args: Any) -> None:
+        calls.append(1)
+        raise RuntimeError("injected scatter fault")
+
+    monkeypatch.setattr(loader, "scatter_layer", flaky)
+    engine.lookup(third := request("c", PROMPT))
+    assert engine.step([(third, blocks, 199, 1)]) == set(blocks[:6])  # the partial page went in
+    assert calls == [1]
+    monkeypatch.undo()
+    engine.lookup(fourth := request("d", PROMPT))
+    assert engine.step([(fourth, blocks, 199, 1)]) == set()
+    assert engine.holds(fourth, blocks, 0, 200)
+
+
 def test_generated_tokens_are_stored_when_the_request_finishes(engine: Engine) -> None:
     engine.lookup(req := request("a", PROMPT))
     blocks = list(range(8))
@@ -399,13 +445,14 @@ def test_unverified_cpu_kernels_move_whole_chunks_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["cpu-vec", "cpu-opaque", "nhd", "hnd"])
-def test_pages_round_trip_in_every_layout(name: str) -> None:
+@pytest.mark.parametrize("blocks", [[5, 2, 9], [2, 3, 4]], ids=["scattered", "consecutive"])
+def test_pages_round_trip_in_every_layout(name: str, blocks: list[int]) -> None:
     layout = LAYOUTS[name]
     shapes = {"nhd": (2, B, N // 2, H, D), "hnd": (B, 2, H, N // 2, D)}
     caches = [torch.randn(shapes.get(name, (B, H, N // 2, 2 * D))) for _ in range(L)]
     layers = [layout.split(cache, D) for cache in caches]
-    ids = torch.tensor(page_ids([5, 2, 9], 1, 6, pages_per_block=2))  # blocks split in 2
-    assert ids.tolist() == [11, 4, 5, 18, 19]
+    ids = torch.tensor(page_ids(blocks, 1, 6, pages_per_block=2))  # blocks split in 2
+    assert ids.tolist() == ([11, 4, 5, 18, 19] if blocks[0] == 5 else [5, 6, 7, 8, 9])
     kv = torch.empty(L, 2, 5 * N // 2, H, D)
     gather_pages(layers, layout, ids, kv)
     copies = [torch.zeros_like(cache) for cache in caches]

@@ -114,12 +114,33 @@ def scatter_pages(
     kv: torch.Tensor, layers: Sequence[KVParts], layout: PagedLayout, page_ids: torch.Tensor
 ) -> None:
     """Copy `kv`, `[L, 2, P*N, H, D]` (token order), into pages `page_ids` of every layer."""
-    num_pages = page_ids.numel()
+    first = first_of_run(page_ids)
     for i, parts in enumerate(layers):
-        for j, part in enumerate(parts):
-            inverse = sorted(range(4), key=layout.to_logical[j].__getitem__)
-            pages = kv[i, j].view(num_pages, -1, *kv.shape[3:]).permute(inverse)
+        scatter_layer(kv[i], parts, layout, page_ids, first)
+
+
+def scatter_layer(
+    kv: torch.Tensor, parts: KVParts, layout: PagedLayout, page_ids: torch.Tensor, first: int
+) -> None:
+    """Copy one layer's `kv`, `[2, P*N, H, D]`, into its pages `page_ids`; `first`: the first
+    page id when they are consecutive (a plain strided copy, ~20 % faster than an indexed
+    one on CPU), else -1 (see `first_of_run`)."""
+    num_pages = page_ids.numel()
+    for j, part in enumerate(parts):
+        inverse = sorted(range(4), key=layout.to_logical[j].__getitem__)
+        pages = kv[j].view(num_pages, -1, *kv.shape[2:]).permute(inverse)
+        if first >= 0:
+            part.narrow(0, first, num_pages).copy_(pages)
+        else:
             part.index_copy_(0, page_ids, pages)
+
+
+def first_of_run(page_ids: torch.Tensor) -> int:
+    """The first page id if `page_ids` are consecutive and ascending, else -1."""
+    if page_ids.numel() == 0:
+        return -1
+    ids = page_ids.tolist()
+    return int(ids[0]) if ids == list(range(ids[0], ids[0] + len(ids))) else -1
 
 
 def page_ids(
