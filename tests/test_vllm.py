@@ -112,8 +112,7 @@ class Engine:
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)
         for i, name in enumerate(NAMES):  # layer by layer, as the model runs
-            if extra.get("wait", True):
-                self.worker.wait_for_layer_load(name)
+            self.worker.wait_for_layer_load(name)
             for r, blocks, done, n in reqs:
                 for t in range(done, done + n):
                     kv = true_kv(r.all_token_ids, t, i)
@@ -340,36 +339,6 @@ def test_two_loads_in_one_step_fill_their_own_pages(engine: Engine) -> None:
     assert engine.step([(first, blocks_a, 199, 1), (second, blocks_b, 149, 1)]) == set()
     assert engine.holds(first, blocks_a, 0, 200)
     assert engine.holds(second, blocks_b, 0, 150)
-
-
-def test_layers_read_without_waiting_or_a_failed_scatter_are_recomputed(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from kvdepot.connectors.vllm import loader
-
-    engine.lookup(first := request("a", PROMPT))
-    engine.step([(first, list(range(7)), 0, 200)])
-    blocks = list(range(10, 17))
-    # A model that reads its pages without wait_for_layer_load: the blocks filled behind the
-    # forward pass are failed loads (vLLM recomputes them). The partial last page was filled
-    # before the forward pass.
-    engine.lookup(again := request("b", PROMPT))
-    assert engine.step([(again, blocks, 199, 1)], wait=False) == set(blocks[:6])
-    # A scatter that fails half-way releases every layer (the forward pass goes on).
-    calls = []
-
-    def flaky(*args: Any) -> None:
-        calls.append(1)
-        raise RuntimeError("injected scatter fault")
-
-    monkeypatch.setattr(loader, "scatter_layer", flaky)
-    engine.lookup(third := request("c", PROMPT))
-    assert engine.step([(third, blocks, 199, 1)]) == set(blocks[:6])  # the partial page went in
-    assert calls == [1]
-    monkeypatch.undo()
-    engine.lookup(fourth := request("d", PROMPT))
-    assert engine.step([(fourth, blocks, 199, 1)]) == set()
-    assert engine.holds(fourth, blocks, 0, 200)
 
 
 def test_generated_tokens_are_stored_when_the_request_finishes(engine: Engine) -> None:

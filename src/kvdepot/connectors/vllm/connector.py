@@ -115,7 +115,7 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
         self.worker_side.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        self.worker_side.wait_for_layer_load(layer_name)
+        return  # loads complete in start_load_kv
 
     def save_kv_layer(
         self,

@@ -1,11 +1,9 @@
 """The connector's worker side: the paged KV tensors, loaded from and saved to the store.
 
 Runs in vLLM's worker process (the one holding the KV tensors). `start_load_kv` retrieves
-the chunks into a staging buffer before the forward pass and scatters them into the paged
-tensors: on CPU the whole pages layer by layer while the forward pass runs (`LayerLoader`,
-each layer's attention waits for its pages in `wait_for_layer_load`), on a GPU all at once;
+the chunks and scatters them, page by page, into the paged tensors before the forward pass;
 `wait_for_save` gathers the pages of the chunks to save into `[L, 2, T, H, D]` and stores
-them, synchronously. Embedded mode: the tiered store lives here, in a shared-memory
+them. Both are synchronous. Embedded mode: the tiered store lives here, in a shared-memory
 RAM tier, served on a private socket to the scheduler side (and `kvdepot stats`).
 
 Fail open: a load that fails reports its blocks (`get_block_ids_with_load_errors`) and vLLM
@@ -25,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from kvdepot.connectors.vllm.loader import LayerLoader, ScatterJob
 from kvdepot.connectors.vllm.metadata import KVDepotMetadata, RequestTransfer
 from kvdepot.connectors.vllm.pages import (
     LAYOUTS,
@@ -64,8 +61,6 @@ class WorkerSide:
         self._invalid_block_ids: set[int] = set()
         self._is_load_failed = False
         self._finished_saves: set[str] = set()
-        self._loader: LayerLoader | None = None
-        self._layer_index = {name: i for i, name in enumerate(settings.layer_names)}
         self._server: DaemonServer | None = None
         self._shm: HostBuffer | None = None
 
@@ -131,101 +126,60 @@ class WorkerSide:
         return torch.tensor(ids, dtype=torch.long, device=self._device)
 
     def start_load_kv(self, meta: KVDepotMetadata) -> None:
-        """Stage this step's granted tokens and fill their pages: on CPU the whole pages
-        layer by layer behind the forward pass (`LayerLoader`), otherwise before it."""
-        self._finish_loads()  # the last step's, normally joined already
+        """Load this step's granted tokens into their pages, before the forward pass."""
         self._is_load_failed = False
-        loads = [t for t in meta.requests if t.load_end > t.load_start]
-        if not loads:
-            return
-        rooms = [self._room(t) for t in loads]
-        buffer = self._staging(sum(rooms))
-        jobs, offset = [], 0
-        for transfer, room in zip(loads, rooms, strict=True):
-            job = self._load(transfer, buffer[:, :, offset : offset + room])
-            offset += room
-            if job is not None:
-                jobs.append(job)
-        if jobs:
-            self._loader = LayerLoader(self._layers, self._paged)
-            self._loader.start(jobs)
+        for transfer in meta.requests:
+            if transfer.load_end > transfer.load_start:
+                self._load(transfer)
 
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._loader is not None:
-            self._loader.wait(self._layer_index[layer_name])
-
-    def _finish_loads(self) -> None:
-        """Join the layer loader; its failed blocks become failed loads."""
-        if self._loader is not None:
-            bad = self._loader.finish()
-            self._loader = None
-            if bad:
-                self._is_load_failed = True
-                self._invalid_block_ids.update(bad)
-
-    def _read_tokens(self, transfer: RequestTransfer) -> list[int]:
-        """The tokens to look up: chunks past the load are not read."""
-        end, c = transfer.load_end, self.settings.config.chunk_size_tokens
-        tokens = transfer.token_ids
-        return tokens[: cdiv(end, c) * c] if end <= len(tokens) // c * c else tokens
-
-    def _room(self, transfer: RequestTransfer) -> int:
-        """Staging rows `_load` needs for `transfer`."""
-        whole_pages = cdiv(transfer.load_end, self._page_size) * self._page_size
-        return max(len(self._read_tokens(transfer)), whole_pages)
-
-    def _load(self, transfer: RequestTransfer, buffer: torch.Tensor) -> ScatterJob | None:
-        """Read the leading run of whole blocks that could be loaded into `buffer` and fill
-        their pages, or return the whole pages to fill layer by layer (CPU); report the
-        rest as failed."""
+    def _load(self, transfer: RequestTransfer) -> None:
+        """Scatter the leading run of whole blocks that could be loaded; report the rest."""
         assert self._cache is not None, "register_kv_caches was not called"
-        start, end, n = transfer.load_start, transfer.load_end, self._page_size
-        valid_end, job = start, None
+        start, end, c = (
+            transfer.load_start,
+            transfer.load_end,
+            self.settings.config.chunk_size_tokens,
+        )
+        tokens = transfer.token_ids
+        if end <= len(tokens) // c * c:
+            tokens = tokens[: cdiv(end, c) * c]  # no need to read chunks past the load
+        valid_end = start
         try:
             t0 = time.perf_counter()
-            tokens = self._read_tokens(transfer)
+            buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
             num_hit = self._cache.retrieve(
                 tokens, tenant_salt=transfer.tenant_salt, out=buffer
             ).shape[2]
             valid_end = (
                 end if num_hit >= end else max(num_hit - num_hit % self.settings.block_size, start)
             )
-            first, last = start - start % n, valid_end - valid_end % n
-            if self._device.type != "cpu":
-                last = cdiv(valid_end, n) * n  # all pages now: device copies are async anyway
-            elif last < valid_end:  # the forward pass writes the new tokens' KV in this page
+            if valid_end > start:
+                first = start - start % self._page_size
+                kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
+                if self._device.type != "cpu":  # blocking: the buffer is reused next
+                    kv = kv.to(self._device)
                 scatter_pages(
-                    buffer[:, :, last : last + n], self._layers, self._paged,
-                    self._page_ids(transfer.block_ids, last, valid_end),
-                )  # fmt: skip
-            if last > first:
-                kv = buffer[:, :, first:last]
-                ids = self._page_ids(transfer.block_ids, first, last)
-                if self._device.type == "cpu":
-                    blocks = transfer.block_ids[
-                        first // self.settings.block_size : cdiv(last, self.settings.block_size)
-                    ]
-                    job = ScatterJob(kv, ids, blocks)
-                else:  # blocking: the buffer is reused next
-                    scatter_pages(kv.to(self._device), self._layers, self._paged, ids)
+                    kv,
+                    self._layers,
+                    self._paged,
+                    self._page_ids(transfer.block_ids, start, valid_end),
+                )
             logger.debug(
-                "kvdepot: staged %d tokens in %.3f s", valid_end - start, time.perf_counter() - t0
+                "kvdepot: loaded %d tokens in %.3f s", valid_end - start, time.perf_counter() - t0
             )
         except Exception as exc:  # fail open: vLLM recomputes the blocks reported below
             self._log.warning("load", "kvdepot: load failed, recomputing: %s", exc)
-            valid_end, job = start, None
+            valid_end = start
         if valid_end < end:
             self._is_load_failed = True
             bad = transfer.block_ids[
                 valid_end // self.settings.block_size : cdiv(end, self.settings.block_size)
             ]
             self._invalid_block_ids.update(bad)
-        return job
 
     def wait_for_save(self, meta: KVDepotMetadata) -> None:
         """Store the chunks this step completed (none after a failed load), then the finished
         requests' final saves."""
-        self._finish_loads()
         saves = [t for t in meta.requests if t.save_end > t.save_start and not t.is_finished]
         if saves and self._is_load_failed:
             # Some KV this step computed may rest on blocks that did not load.
@@ -269,12 +223,10 @@ class WorkerSide:
             self._log.warning("save", "kvdepot: storing KV failed, request unaffected: %s", exc)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        self._finish_loads()
         invalid, self._invalid_block_ids = self._invalid_block_ids, set()
         return invalid
 
     def shutdown(self) -> None:
-        self._finish_loads()
         if self._server is not None:
             self._server.stop()
         if self._cache is not None:
