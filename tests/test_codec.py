@@ -562,3 +562,24 @@ def test_unknown_codec_name_lists_known_names() -> None:
         default_registry().by_name("lzma")
     with pytest.raises(UnknownCodec):
         default_registry().by_id(77)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.uint8])
+def test_large_raw_copies_are_bit_exact_into_strided_views(dtype: type) -> None:
+    from kvdepot.codec.raw import PARALLEL_COPY_BYTES, copy_array
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, size=(4, 2, 64, 3, 1024), dtype=np.uint8).view(dtype)
+    src = src.reshape(4, 2, 64, 3, -1)
+    assert src.nbytes >= PARALLEL_COPY_BYTES  # the torch path
+    if dtype is np.float32:
+        src.reshape(-1)[:4] = [np.nan, -0.0, np.inf, 1e-45]  # bits, not values, must survive
+    big = np.zeros((4, 2, 100, 3, src.shape[-1]), dtype=dtype)
+    out = big[:, :, 10:74]  # strided, like a slice of the staging buffer
+    copy_array(out, src)
+    assert out.tobytes() == src.tobytes()
+    assert not big[:, :, :10].any() and not big[:, :, 74:].any()
+    frozen = src.copy()
+    frozen.flags.writeable = False  # bytes read from disk: numpy's copy
+    copy_array(out, np.zeros_like(frozen))
+    assert not out.any()
