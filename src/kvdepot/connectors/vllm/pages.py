@@ -104,9 +104,14 @@ def gather_pages(
     layers: Sequence[KVParts], layout: PagedLayout, page_ids: torch.Tensor, out: torch.Tensor
 ) -> None:
     """Copy pages `page_ids` of every layer into `out`, `[L, 2, P*N, H, D]` (token order)."""
+    first, num_pages = first_of_run(page_ids), page_ids.numel()
     for i, parts in enumerate(layers):
         for j, part in enumerate(parts):
-            pages = part.index_select(0, page_ids).permute(layout.to_logical[j])
+            # Consecutive pages: one strided copy; else index_select copies them first.
+            picked = (
+                part.narrow(0, first, num_pages) if first >= 0 else part.index_select(0, page_ids)
+            )
+            pages = picked.permute(layout.to_logical[j])
             out[i, j].view(pages.shape).copy_(pages)
 
 
