@@ -399,3 +399,22 @@ def test_blend_segments_through_the_daemon(daemon: Daemon) -> None:
     assert result.token_ids == greedy(model, prompt_ids(segments), 4)
     first.close()
     second.close()
+
+
+def test_posted_releases_and_remembers_keep_replies_in_order(daemon: Daemon) -> None:
+    """Release and Remember are sent without waiting; the next call reads their replies first,
+    so every answer still belongs to its own request, and the leases are gone."""
+    client = daemon.client()
+    client.put(items_for(10))  # type: ignore[arg-type]
+    keys = chain(10)
+    for _ in range(3):
+        with client.read(keys) as views:
+            assert len(views) == 4
+    as_bytes = [np.array(t, dtype="<i4").tobytes() for t in ([1, 2, 3, 4], [1, 2, 3, 9])]
+    client.remember([(keys[0], keys[1], as_bytes[0])])
+    assert client.lookup(keys) == 4  # not a stale Done
+    assert client.continuation(keys[0], as_bytes[1]) == (keys[1], 3)
+    clients = client.stats()["clients"]
+    assert isinstance(clients, list)
+    assert [c["leases"] for c in clients if c["pid"] == os.getpid()] == [0]  # all released
+    client.close()
