@@ -223,7 +223,11 @@ def test_killed_daemon_degrades_clients_then_they_reconnect(daemon: Daemon) -> N
     client.close()
 
 
-def test_four_clients_store_and_read_overlapping_chains(daemon: Daemon) -> None:
+def test_four_clients_store_and_read_overlapping_chains(tmp_path: Path) -> None:
+    # Leases live 30 s here: with the fixture's 1 s, a reader stalled for a second on a
+    # loaded machine loses its lease by design (test_stalled_reader_lease_expires), and the
+    # slot may then hold another chunk.
+    daemon = Daemon(tmp_path, extra=["--daemon-lease-ttl-s", "30"]).start()
     code = """
         import sys
         from tests.test_daemon import Daemon, items_for, chain, payload, blob_payload
@@ -240,10 +244,13 @@ def test_four_clients_store_and_read_overlapping_chains(daemon: Daemon) -> None:
                 bad += len(blobs) == 0
         print(bad)
     """
-    procs = [run_client_script(code, str(daemon.root), str(i)) for i in range(4)]
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+    try:
+        procs = [run_client_script(code, str(daemon.root), str(i)) for i in range(4)]
+        results = [(proc.communicate(timeout=120), proc.returncode) for proc in procs]
+    finally:
+        daemon.stop()
+    for (out, err), returncode in results:
+        assert returncode == 0, err
         assert out.strip() == "0"
 
 
