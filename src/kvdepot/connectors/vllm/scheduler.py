@@ -164,9 +164,7 @@ class SchedulerSide:
                     "save-wait", "kvdepot: a finished request's save took over %.1f s", SAVE_WAIT_S
                 )
                 del self._pending[req_id]
-            elif tokens[: len(pending.prefix)] == pending.prefix and len(tokens) > len(
-                pending.prefix
-            ):
+            elif len(tokens) > (n := len(pending.prefix)) and tokens[:n] == pending.prefix:
                 return True
         return False
 
@@ -206,12 +204,11 @@ class SchedulerSide:
         """Forget the request; hold its blocks (True) when its generated KV is to be saved."""
         state = self._requests.pop(request.request_id, None)
         self._num_hit_tokens.pop(request.request_id, None)
-        transfer = None if state is None else self._final_save(request, state, block_ids)
-        if transfer is None:
+        if state is None or (transfer := self._final_save(request, state, block_ids)) is None:
             return False, None
         self._finishing.append(transfer)
-        num_prompt = len(state.token_ids) if state is not None else 0
-        self._pending[request.request_id] = PendingSave(transfer.token_ids[: num_prompt + 1])
+        prefix = transfer.token_ids[: len(state.token_ids) + 1]  # prompt + first answer token
+        self._pending[request.request_id] = PendingSave(prefix)
         return True, None
 
     def _final_save(
