@@ -255,10 +255,12 @@ class DaemonServer:
             raise p.ProtocolError("reserve: keys and sizes differ in length")
         offsets = []
         for raw, nbytes in zip(keys, sizes, strict=True):
-            key = ChunkKey.from_bytes(raw)
-            slot = None if raw in session.reserved else self.store.memory.reserve(key, nbytes)
-            if slot is None:
-                offsets.append(-1 if self.store.memory.contains([key])[0] else -2)
+            if raw in session.reserved:
+                offsets.append(-1)  # this client is writing it already
+                continue
+            slot, is_present = self.store.memory.try_reserve(ChunkKey.from_bytes(raw), nbytes)
+            if slot is None:  # stored, or being written by another client: skip; else no room
+                offsets.append(-1 if is_present else -2)
                 continue
             session.reserved[raw] = slot
             offsets.append(self.buffer.offset_of(slot.buffer))

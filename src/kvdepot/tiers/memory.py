@@ -173,8 +173,15 @@ class MemoryTier:
     def reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | None:
         """Room for a new chunk, invisible until `commit`; None if `key` is stored or being
         written, or if no room can be made. Write exactly `nbytes` into `slot.buffer`."""
-        offset, _ = self._reserve(key, nbytes)
-        return None if offset is None else WriteSlot(key, offset, self._slice(offset, nbytes))
+        return self.try_reserve(key, nbytes)[0]
+
+    def try_reserve(self, key: ChunkKey, nbytes: int) -> tuple[WriteSlot | None, bool]:
+        """`reserve`, and whether a None means the key is stored or being written (True)
+        rather than that no room could be made (False)."""
+        offset, is_present = self._reserve(key, nbytes)
+        if offset is None:
+            return None, is_present
+        return WriteSlot(key, offset, self._slice(offset, nbytes)), False
 
     def commit(
         self,
