@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kvdepot import CacheEngine, DType, KVLayout, LayoutMismatch, Metrics, TieredStore
-from kvdepot.errors import CorruptChunk
-from kvdepot.keys import HashAlgorithm
+from kvdepot.keys import ChunkKey, HashAlgorithm
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
 
@@ -175,40 +174,73 @@ def test_hit_rate_counts_tokens(store: TieredStore) -> None:
     assert f"kvdepot_engine_lookup_tokens_total {float(looked_up)}" in text
 
 
-def fail_decode_call(monkeypatch: pytest.MonkeyPatch, n: int) -> object:
-    """Make the engine's `n`-th chunk decode from now on raise CorruptChunk (a fault a real
-    tier does not produce on demand); returns the real decoder."""
-    import kvdepot.engine as engine_module
-
-    real = engine_module.decode_chunk_into
-    calls = {"n": 0}
-
-    def flaky(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise CorruptChunk("injected")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(engine_module, "decode_chunk_into", flaky)
-    return real
+def corrupt_header(store: TieredStore, key: ChunkKey) -> None:
+    """Overwrite a stored chunk's magic in RAM, as a stray write would: it no longer parses."""
+    with store.memory.read([key], record=False) as (view,):
+        assert view is not None
+        view[:4] = b"XXXX"
 
 
-def test_undecodable_chunk_is_served_as_a_shorter_prefix(
-    store: TieredStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_undecodable_chunk_is_served_as_a_shorter_prefix(store: TieredStore) -> None:
     engine = make_engine(store)
     tokens = list(range(3 * CHUNK))
     kv = kv_for(engine, len(tokens))
     engine.store(tokens, kv)
-    real = fail_decode_call(monkeypatch, 2)
+    corrupt_header(store, engine.chunk_keys(tokens)[1])
     out = engine.retrieve(tokens)
     assert out.shape[2] == CHUNK
     assert torch.equal(out, kv[:, :, :CHUNK])
     # The unusable chunk is deleted: a miss from now on, so it can be stored afresh.
     assert engine.lookup(tokens) == CHUNK
-    monkeypatch.setattr("kvdepot.engine.decode_chunk_into", real)
     assert engine.store(tokens, kv) == CHUNK
     assert torch.equal(engine.retrieve(tokens), kv)
+
+
+def _num_pins(store: TieredStore) -> int:
+    return sum(entry.pins for entry in store.memory._entries.values())
+
+
+def _inside(tensor: torch.Tensor, memory: memoryview) -> bool:
+    base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    return base <= tensor.data_ptr() < base + len(memory)
+
+
+@pytest.mark.parametrize("dtype", list(LAYOUTS))
+def test_retrieve_views_are_the_stores_own_memory_for_raw_chunks(
+    store: TieredStore, dtype: torch.dtype
+) -> None:
+    engine = make_engine(store, dtype)
+    tokens = list(range(2 * CHUNK + 5))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    with engine.retrieve_views(tokens) as pieces:
+        assert [p.shape[2] for p in pieces] == [CHUNK, CHUNK, 5]
+        assert all(p.dtype == dtype for p in pieces)
+        assert all(_inside(p, store.memory._buffer.view) for p in pieces)  # no copy
+        assert torch.equal(torch.cat(pieces, dim=2), kv)
+        assert _num_pins(store) == 3  # held while viewed
+    assert _num_pins(store) == 0
+
+
+def test_retrieve_views_decode_other_codecs_into_out(store: TieredStore) -> None:
+    from kvdepot.codec import LosslessCodec
+
+    engine = make_engine(store, codec=LosslessCodec())
+    tokens = list(range(2 * CHUNK + 5))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    out = torch.empty(engine.layout.chunk_shape(len(tokens)))
+    with engine.retrieve_views(tokens, out=out) as pieces:
+        assert [p.shape[2] for p in pieces] == [CHUNK, CHUNK, 5]
+        assert [p.data_ptr() for p in pieces] == [out[:, :, i].data_ptr() for i in (0, 16, 32)]
+    assert torch.equal(out, kv)
+    with engine.retrieve_views(tokens) as pieces:  # no out: new memory
+        assert torch.equal(torch.cat(pieces, dim=2), kv)
+    with (
+        pytest.raises(LayoutMismatch, match="room"),
+        engine.retrieve_views(tokens, out=out[:, :, :CHUNK]),
+    ):
+        pass
 
 
 def test_store_with_kv_start_offset(store: TieredStore) -> None:

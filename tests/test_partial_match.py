@@ -18,7 +18,7 @@ from kvdepot.continuations import ContinuationIndex, common_prefix_len
 from kvdepot.keys import token_bytes
 
 from .conftest import random_key
-from .test_engine import LAYOUTS, fail_decode_call, kv_for
+from .test_engine import LAYOUTS, corrupt_header, kv_for
 
 CHUNK = 16
 
@@ -153,14 +153,12 @@ def test_partial_matches_respect_tenants_segments_and_the_switch(store: TieredSt
     assert off.retrieve(new, tenant_salt=b"alice").shape[2] == 2 * CHUNK
 
 
-def test_a_corrupt_continuation_is_a_miss_and_deleted(
-    store: TieredStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_corrupt_continuation_is_a_miss_and_deleted(store: TieredStore) -> None:
     engine = make_engine(store)
     stored, new = prompts()
     kv = kv_for(engine, len(stored))
     engine.store(stored, kv)
-    fail_decode_call(monkeypatch, 3)  # the two whole chunks decode; the continuation does not
+    corrupt_header(store, engine.chunk_keys(stored)[2])  # the continuation
     out = engine.retrieve(new)
     assert torch.equal(out, kv[:, :, : 2 * CHUNK])  # the whole chunks still load
     assert store.contains([engine.chunk_keys(stored)[2]]) == [False]

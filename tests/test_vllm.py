@@ -39,6 +39,7 @@ with warnings.catch_warnings():  # vLLM's imports warn about torch deprecations
         page_ids,
         scatter_pages,
     )
+    from kvdepot.connectors.vllm.pages import _runs, scatter_views, stack_layers
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.engine import CacheEngine
 from kvdepot.errors import ConfigError
@@ -185,10 +186,16 @@ def kv_cache_config(block_size: int = N) -> KVCacheConfig:
     return KVCacheConfig(B, [], [KVCacheGroupSpec(NAMES, spec)])
 
 
-def make_engine(tmp_path: Path, block_size: int = N) -> Engine:
+def make_engine(tmp_path: Path, block_size: int = N, one_allocation: bool = True) -> Engine:
+    """Both connector halves over KV caches allocated as vLLM 0.32 does (all layers in one
+    tensor, at one spacing), or one tensor per layer."""
     config = vllm_config(tmp_path)
     worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_cache_config(block_size))
-    caches = {name: torch.zeros(B, H, block_size, 2 * D) for name in NAMES}
+    shape = (B, H, block_size, 2 * D)
+    if one_allocation:
+        caches = dict(zip(NAMES, torch.zeros(len(NAMES), *shape), strict=True))
+    else:
+        caches = {name: torch.zeros(shape) for name in NAMES}
     worker.register_kv_caches(caches)
     scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config(block_size))
     return Engine(scheduler, worker, caches)
@@ -327,7 +334,17 @@ def idle_step(engine: Engine) -> set[str]:
     return done
 
 
-def test_two_loads_in_one_step_fill_their_own_pages(engine: Engine) -> None:
+@pytest.mark.parametrize("one_allocation", [True, False])
+def test_two_loads_in_one_step_fill_their_own_pages(tmp_path: Path, one_allocation: bool) -> None:
+    engine = make_engine(tmp_path, one_allocation=one_allocation)
+    try:
+        _two_loads_in_one_step(engine)
+    finally:
+        engine.scheduler.shutdown()
+        engine.worker.shutdown()
+
+
+def _two_loads_in_one_step(engine: Engine) -> None:
     other_prompt = [3000 + 5 * i for i in range(150)]
     for name, tokens in (("a", PROMPT), ("b", other_prompt)):
         engine.lookup(req := request(name, tokens))
@@ -415,17 +432,25 @@ def test_unverified_cpu_kernels_move_whole_chunks_only(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["cpu-vec", "cpu-opaque", "nhd", "hnd"])
 @pytest.mark.parametrize("blocks", [[5, 2, 9], [2, 3, 4]], ids=["scattered", "consecutive"])
-def test_pages_round_trip_in_every_layout(name: str, blocks: list[int]) -> None:
+@pytest.mark.parametrize("allocation", ["one", "per-layer"])
+def test_pages_round_trip_in_every_layout(name: str, blocks: list[int], allocation: str) -> None:
     layout = LAYOUTS[name]
-    shapes = {"nhd": (2, B, N // 2, H, D), "hnd": (B, 2, H, N // 2, D)}
-    caches = [torch.randn(shapes.get(name, (B, H, N // 2, 2 * D))) for _ in range(L)]
+    shape = {"nhd": (2, B, N // 2, H, D), "hnd": (B, 2, H, N // 2, D)}.get(
+        name, (B, H, N // 2, 2 * D)
+    )
+    if allocation == "one":  # as vLLM 0.32 allocates them: layers at one spacing
+        caches, copies = list(torch.randn(L, *shape)), list(torch.zeros(L, *shape))
+    else:
+        caches = [torch.randn(shape) for _ in range(L)]
+        copies = [torch.zeros(shape) for _ in range(L)]
     layers = [layout.split(cache, D) for cache in caches]
+    copied = [layout.split(c, D) for c in copies]
     ids = torch.tensor(page_ids(blocks, 1, 6, pages_per_block=2))  # blocks split in 2
     assert ids.tolist() == ([11, 4, 5, 18, 19] if blocks[0] == 5 else [5, 6, 7, 8, 9])
     kv = torch.empty(L, 2, 5 * N // 2, H, D)
-    gather_pages(layers, layout, ids, kv)
-    copies = [torch.zeros_like(cache) for cache in caches]
-    scatter_pages(kv, [layout.split(c, D) for c in copies], layout, ids)
+    gather_pages(layers, layout, ids, kv, stacked=stack_layers(layers))
+    scatter_pages(kv, copied, layout, ids, stacked=stack_layers(copied))
+    assert (stack_layers(copied) is None) == (allocation == "per-layer")
     page_dim = 1 if name == "nhd" else 0
     for cache, copy in zip(caches, copies, strict=True):
         assert torch.equal(copy.index_select(page_dim, ids), cache.index_select(page_dim, ids))
@@ -435,6 +460,51 @@ def test_pages_round_trip_in_every_layout(name: str, blocks: list[int]) -> None:
         token = 3
         assert torch.equal(kv[1, 0, token], k.permute(layout.to_logical[0])[0, token])
         assert torch.equal(kv[1, 1, token], v.permute(layout.to_logical[1])[0, token])
+
+
+@pytest.mark.parametrize("name", ["cpu-vec", "nhd", "hnd"])
+@pytest.mark.parametrize("spacing", ["even", "uneven"])
+@pytest.mark.parametrize("blocks", [[5, 2, 9, 0], [2, 3, 4, 5]], ids=["scattered", "consecutive"])
+@pytest.mark.parametrize("allocation", ["one", "per-layer"])
+def test_views_scatter_straight_from_the_stores_memory(
+    name: str, spacing: str, blocks: list[int], allocation: str
+) -> None:
+    """Chunks lying anywhere in one buffer (as in the store's RAM) land in their pages."""
+    layout, n = LAYOUTS[name], N // 2  # kernel pages of half a block; chunks of a block
+    shape = {"nhd": (2, B, n, H, D), "hnd": (B, 2, H, n, D)}.get(name, (B, H, n, 2 * D))
+    if allocation == "one":  # as vLLM 0.32 allocates them: layers at one spacing
+        caches = list(torch.randn(L + 1, *shape)[1:])
+    else:
+        caches = [torch.randn(shape) for _ in range(L)]
+    layers = [layout.split(cache, D) for cache in caches]
+    stacked = stack_layers(layers)
+    assert (stacked is not None) == (allocation == "one")
+    kv = torch.randn(L, 2, 3 * N + 5, H, D)  # three chunks and a partial one
+    gaps = [0, 64, 64, 64] if spacing == "even" else [0, 16, 80, 48]
+    memory, offsets, at = torch.zeros(4 * L * 2 * N * H * D + 1024), [], 0
+    for gap in gaps:
+        offsets.append(at := at + gap)
+        at += L * 2 * N * H * D
+    pieces = []
+    for c, offset in enumerate(offsets):
+        num = min(N, kv.shape[2] - c * N)
+        piece = memory[offset : offset + L * 2 * num * H * D].view(L, 2, num, H, D)
+        piece.copy_(kv[:, :, c * N : c * N + num])
+        pieces.append(piece)
+    start, end = n, 3 * N + 3  # from mid-chunk to mid-page
+    ids = page_ids(blocks, start // n, -(-end // n), pages_per_block=2)
+    expected = [cache.clone() for cache in caches]
+    for i, (k, v) in enumerate(layout.split(cache, D) for cache in expected):
+        for j, part in enumerate((k, v)):
+            logical = part.permute(layout.to_logical[j])  # [pages, N, H, D]
+            for t in range(start, end):
+                logical[ids[(t - start) // n], (t - start) % n] = kv[i, j, t]
+    runs = _runs([(p.narrow(2, 0, N), 2 * c) for c, p in enumerate(pieces[:3])], ids, n)
+    num_runs = {"even": 1, "uneven": 2}[spacing] if blocks[0] == 2 else 3  # pages in order?
+    assert len(runs) == num_runs
+    scatter_views(pieces, start, end, layers, layout, ids, stacked=stacked)
+    for cache, want in zip(caches, expected, strict=True):
+        assert torch.equal(cache, want)
 
 
 def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> None:

@@ -16,15 +16,18 @@ float dtype; they are copied once between the tensor and the store's memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from kvdepot.codec import Codec, CodecRegistry, RawCodec, decode_chunk_into, default_registry
+from kvdepot.codec import Codec, CodecRegistry, RawCodec, default_registry
 from kvdepot.codec.base import encode_chunk
 from kvdepot.codec.format import open_blob
+from kvdepot.codec.raw import raw_view
 from kvdepot.continuations import Continuation
 from kvdepot.errors import CorruptChunk, LayoutMismatch
 from kvdepot.keys import (
@@ -51,6 +54,7 @@ _TORCH_DTYPES = {
     torch.float8_e5m2: DType.FLOAT8_E5M2,
 }
 _TORCH_STORAGE = {1: torch.uint8, 2: torch.int16, 4: torch.float32}
+_NUMPY_STORAGE = {1: np.uint8, 2: np.int16, 4: np.float32}
 
 
 def _token_ids(tokens: Tokens) -> TokenIds:
@@ -71,6 +75,15 @@ def dtype_from_torch(dtype: torch.dtype) -> DType:
 def torch_dtype(dtype: DType) -> torch.dtype:
     """The torch dtype of a kvdepot DType."""
     return next(t for t, d in _TORCH_DTYPES.items() if d is dtype)
+
+
+def torch_from_bits(bits: np.ndarray, dtype: DType) -> torch.Tensor:
+    """A tensor over the memory of `bits` (DType storage dtype; no copy): `as_numpy_bits`'s
+    inverse. `bits` must be writable."""
+    if dtype is DType.FLOAT32:
+        return torch.from_numpy(bits)
+    as_int = bits.view(_NUMPY_STORAGE[dtype.itemsize])
+    return torch.from_numpy(as_int).view(torch_dtype(dtype))
 
 
 def as_numpy_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -253,39 +266,102 @@ class CacheEngine:
                 the result may be overwritten.
             segment: retrieve `tokens` as a segment (see `chunk_keys`).
         """
-        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
-        c = self.chunk_size_tokens
-        bad_key: ChunkKey | None = None
-        with self.backend.read(keys) as blobs:
-            num_hit = min(len(blobs) * c, len(tokens))
-            found = None
-            if len(blobs) < len(keys) and self.partial_match and not segment:
-                found = self._continuation(tokens, keys, len(blobs), tenant_salt)
-            num_room = num_hit + (found[1] if found is not None else 0)
+        with self.retrieve_views(tokens, tenant_salt=tenant_salt, out=out, segment=segment) as kv:
+            num_hit = sum(int(piece.shape[2]) for piece in kv)
             if out is None:
                 out = torch.empty(
-                    self.layout.chunk_shape(num_room), dtype=torch_dtype(self.layout.dtype)
+                    self.layout.chunk_shape(num_hit), dtype=torch_dtype(self.layout.dtype)
                 )
-            else:
-                self._check_kv(out, min_tokens=num_room)
-                if out.device.type != "cpu":
-                    raise LayoutMismatch("out must be a CPU tensor; copy to the device after")
-            bits = as_numpy_bits(out)
-            for i, blob in enumerate(blobs):
-                span = bits[:, :, i * c : min((i + 1) * c, num_hit)]
-                try:
-                    decode_chunk_into(blob, span, self.registry, verify=False)
-                except CorruptChunk as exc:
-                    self._log.warning("decode", "chunk %d unusable, deleted: %s", i, exc)
-                    bad_key, found = keys[i], None
-                    num_hit = i * c
-                    break
-        if found is not None and self._read_partial(found[0], found[1], out, num_hit):
-            num_hit += found[1]
-        if bad_key is not None:
-            self.backend.delete([bad_key])  # a miss from now on, so it can be stored again
-        self.metrics.retrieved_tokens.inc(num_hit)
+            start = 0
+            for piece in kv:
+                span = out[:, :, start : start + piece.shape[2]]
+                if piece.data_ptr() != span.data_ptr():  # not decoded in place
+                    span.copy_(piece)
+                start += piece.shape[2]
         return out[:, :, :num_hit]
+
+    @contextlib.contextmanager
+    def retrieve_views(
+        self,
+        tokens: Tokens,
+        *,
+        tenant_salt: bytes = b"",
+        out: torch.Tensor | None = None,
+        segment: bool = False,
+    ) -> Iterator[list[torch.Tensor]]:
+        """KV of the leading cached tokens of `tokens` (as `lookup` counts them), chunk by
+        chunk, without copying what the store holds raw in memory.
+
+        Yields CPU tensors `[L, 2, n_i, H, D]` that cover the hit tokens in order. A chunk
+        held raw in the store's (shared) memory is a view of that memory: valid only inside
+        the block, read-only by contract. Other chunks are decoded into `out` at their
+        token offset (it then needs room for every hit token) or else into new memory.
+        A corrupt chunk ends the hit there and is deleted after the block.
+        """
+        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
+        c = self.chunk_size_tokens
+        bad_keys: list[ChunkKey] = []
+        try:
+            with contextlib.ExitStack() as stack:
+                blobs = stack.enter_context(self.backend.read(keys))
+                num_hit = min(len(blobs) * c, len(tokens))
+                found = None
+                if len(blobs) < len(keys) and self.partial_match and not segment:
+                    found = self._continuation(tokens, keys, len(blobs), tenant_salt)
+                if out is not None:
+                    self._check_kv(out, min_tokens=num_hit + (found[1] if found else 0))
+                    if out.device.type != "cpu":
+                        raise LayoutMismatch("out must be a CPU tensor; copy to the device after")
+                kv: list[torch.Tensor] = []
+                for i, blob in enumerate(blobs):
+                    try:
+                        kv.append(self._chunk_kv(blob, min(c, num_hit - i * c), out, i * c))
+                    except CorruptChunk as exc:
+                        self._log.warning("decode", "chunk %d unusable, deleted: %s", i, exc)
+                        bad_keys.append(keys[i])
+                        found, num_hit = None, i * c
+                        break
+                if found is not None:
+                    kv.extend(self._read_partial(stack, found[0], found[1], out, num_hit, bad_keys))
+                self.metrics.retrieved_tokens.inc(sum(int(piece.shape[2]) for piece in kv))
+                yield kv
+        finally:
+            if bad_keys:
+                self.backend.delete(bad_keys)  # a miss from now on, so it can be stored again
+
+    def _chunk_kv(
+        self,
+        blob: memoryview | bytes,
+        num_tokens: int,
+        out: torch.Tensor | None,
+        start: int,
+        *,
+        exact: bool = True,
+    ) -> torch.Tensor:
+        """The first `num_tokens` of a stored chunk as `[L, 2, num_tokens, H, D]`: a view of
+        the blob if it is raw (no copy), else decoded into `out` at `start` if it has room, or
+        into new memory. The chunk must hold exactly `num_tokens` (or at least, not `exact`)."""
+        header, payload = open_blob(blob, verify=False)
+        n = header.shape[2] if len(header.shape) == 5 else -1
+        if (
+            header.dtype is not self.layout.dtype
+            or header.shape != self.layout.chunk_shape(n)
+            or (n != num_tokens if exact else n < num_tokens)
+        ):
+            raise CorruptChunk(
+                f"chunk holds {header.dtype.name}{list(header.shape)}, expected "
+                f"{self.layout.dtype.name}{list(self.layout.chunk_shape(num_tokens))}"
+            )
+        view = raw_view(header, payload)
+        if view is not None:
+            kv = torch_from_bits(view, header.dtype)
+        else:
+            if out is not None and start + n <= out.shape[2]:
+                kv = out[:, :, start : start + n]
+            else:
+                kv = torch.empty(header.shape, dtype=torch_dtype(header.dtype))
+            self.registry.by_id(header.codec_id).decode_into(header, payload, as_numpy_bits(kv))
+        return kv[:, :, :num_tokens]
 
     def _continuation(
         self, tokens: Tokens, keys: list[ChunkKey], num_chunks: int, tenant_salt: bytes
@@ -307,28 +383,26 @@ class CacheEngine:
         ns = self.namespace(tenant_salt)
         return ChunkKey(ns.digest, ns.root_hash())
 
-    def _read_partial(self, key: ChunkKey, num_tokens: int, out: torch.Tensor, start: int) -> bool:
-        """Decode the first `num_tokens` of chunk `key` into `out` at `start`; False when the
-        chunk vanished or is unusable (then deleted), so nothing of it counts."""
-        with self.backend.read([key]) as blobs:
-            if not blobs:
-                return False
-            try:
-                n = open_blob(blobs[0], verify=False)[0].shape[2]
-                if n < num_tokens:
-                    raise CorruptChunk(f"chunk holds {n} tokens, {num_tokens} expected")
-                if n <= out.shape[2] - start:
-                    span = as_numpy_bits(out)[:, :, start : start + n]
-                    decode_chunk_into(blobs[0], span, self.registry, verify=False)
-                else:
-                    scratch = torch.empty(self.layout.chunk_shape(n), dtype=out.dtype)
-                    decode_chunk_into(blobs[0], as_numpy_bits(scratch), self.registry, verify=False)
-                    out[:, :, start : start + num_tokens].copy_(scratch[:, :, :num_tokens])
-                return True
-            except CorruptChunk as exc:
-                self._log.warning("decode", "continuation chunk unusable, deleted: %s", exc)
-        self.backend.delete([key])
-        return False
+    def _read_partial(
+        self,
+        stack: contextlib.ExitStack,
+        key: ChunkKey,
+        num_tokens: int,
+        out: torch.Tensor | None,
+        start: int,
+        bad_keys: list[ChunkKey],
+    ) -> list[torch.Tensor]:
+        """The first `num_tokens` of chunk `key` (held open by `stack`), as `_chunk_kv`; none
+        when it vanished or is unusable (then added to `bad_keys`)."""
+        blobs = stack.enter_context(self.backend.read([key]))
+        if not blobs:
+            return []
+        try:
+            return [self._chunk_kv(blobs[0], num_tokens, out, start, exact=False)]
+        except CorruptChunk as exc:
+            self._log.warning("decode", "continuation chunk unusable, deleted: %s", exc)
+            bad_keys.append(key)
+            return []
 
     def _remember(
         self, tokens: Tokens, keys: list[ChunkKey], held: list[int], tenant_salt: bytes

@@ -26,6 +26,17 @@ class RawCodec:
         copy_array(out, np.frombuffer(payload, dtype=out.dtype).reshape(out.shape))
 
 
+def raw_view(header: ChunkHeader, payload: memoryview) -> np.ndarray | None:
+    """The payload of a raw chunk in writable memory as an array of the header's shape and
+    storage dtype, without a copy (it lives as long as that memory); None for another codec
+    or read-only memory (numpy and torch want writable arrays)."""
+    if header.codec_id != RawCodec.codec_id or payload.readonly:
+        return None
+    if len(payload) != header.logical_nbytes:
+        raise CorruptChunk(f"raw payload is {len(payload)} bytes, expected {header.logical_nbytes}")
+    return np.frombuffer(payload, dtype=header.dtype.storage_dtype).reshape(header.shape)
+
+
 PARALLEL_COPY_BYTES = 1 << 20
 """Copies at least this large go through torch, whose copy uses every intra-op thread (numpy's
 is single-threaded): a 6 MB chunk moved ~1.6x faster on 2 cores."""

@@ -1,9 +1,12 @@
 """vLLM's paged KV tensors: their layouts, and whole-page gather/scatter to kvdepot's order.
 
 Runs in vLLM's worker process (the one holding the KV tensors); torch only, so the copies run
-on CPU and CUDA alike (`index_select` / `index_copy_`). Chunks are stored in kvdepot's logical
-layout `[L, 2, T, H, D]` whatever the engine's pages (per attention layer; B blocks, H KV
-heads, N tokens per block, D head size):
+on CPU and CUDA alike (strided copies of consecutive pages, else `index_select` /
+`index_copy_`). `scatter_views` fills CPU pages straight from chunks in the store's memory,
+all layers in one copy where vLLM allocated them at one spacing (`stack_layers`).
+
+Chunks are stored in kvdepot's logical layout `[L, 2, T, H, D]` whatever the engine's pages
+(per attention layer; B blocks, H KV heads, N tokens per block, D head size):
 - CPU attention (`CPU_ATTN`) allocates `[B, H, N, 2*D]`; with its "vec" kernels in fp32 (x86
   without AMX, block size a multiple of 32) each (block, head) holds K transposed, `[D, N]`,
   then V as `[N, D]` (found by comparing stored layer-0 KV with the model's own projections;
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvdepot.errors import ConfigError
@@ -101,33 +105,213 @@ def page_size(parts: KVParts, layout: PagedLayout) -> int:
 
 
 def gather_pages(
-    layers: Sequence[KVParts], layout: PagedLayout, page_ids: torch.Tensor, out: torch.Tensor
+    layers: Sequence[KVParts],
+    layout: PagedLayout,
+    page_ids: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    stacked: KVParts | None = None,
 ) -> None:
-    """Copy pages `page_ids` of every layer into `out`, `[L, 2, P*N, H, D]` (token order)."""
+    """Copy pages `page_ids` of every layer into `out`, `[L, 2, P*N, H, D]` (token order);
+    all layers in one copy per K/V if `stacked` (`stack_layers(layers)`)."""
     first, num_pages = first_of_run(page_ids), page_ids.numel()
-    for i, parts in enumerate(layers):
+    for parts, group in _targets(layers, stacked):
         for j, part in enumerate(parts):
             # Consecutive pages: one strided copy; else index_select copies them first.
             picked = (
-                part.narrow(0, first, num_pages) if first >= 0 else part.index_select(0, page_ids)
+                part.narrow(1, first, num_pages) if first >= 0 else part.index_select(1, page_ids)
             )
-            pages = picked.permute(layout.to_logical[j])
-            out[i, j].view(pages.shape).copy_(pages)
+            pages = picked.permute(_grouped(layout.to_logical[j]))
+            out[group, j].view(pages.shape).copy_(pages)
 
 
 def scatter_pages(
-    kv: torch.Tensor, layers: Sequence[KVParts], layout: PagedLayout, page_ids: torch.Tensor
+    kv: torch.Tensor,
+    layers: Sequence[KVParts],
+    layout: PagedLayout,
+    page_ids: torch.Tensor,
+    *,
+    stacked: KVParts | None = None,
 ) -> None:
-    """Copy `kv`, `[L, 2, P*N, H, D]` (token order), into pages `page_ids` of every layer."""
+    """Copy `kv`, `[L, 2, P*N, H, D]` (token order), into pages `page_ids` of every layer;
+    all layers in one copy per K/V if `stacked` (`stack_layers(layers)`)."""
     first, num_pages = first_of_run(page_ids), page_ids.numel()
-    for i, parts in enumerate(layers):
+    for parts, group in _targets(layers, stacked):
         for j, part in enumerate(parts):
             inverse = sorted(range(4), key=layout.to_logical[j].__getitem__)
-            pages = kv[i, j].view(num_pages, -1, *kv.shape[3:]).permute(inverse)
+            src = kv[group, j]
+            pages = src.view(src.shape[0], num_pages, -1, *kv.shape[3:]).permute(
+                _grouped(tuple(inverse))
+            )
             if first >= 0:  # consecutive pages: a strided copy, ~20 % faster than indexed
-                part.narrow(0, first, num_pages).copy_(pages)
+                part.narrow(1, first, num_pages).copy_(pages)
             else:
-                part.index_copy_(0, page_ids, pages)
+                part.index_copy_(1, page_ids, pages)
+
+
+def stack_layers(layers: Sequence[KVParts]) -> KVParts | None:
+    """Every layer's (K, V) pages as two tensors `[L, B, ...]` (views, no copy), or None
+    unless the layers lie at one spacing in one allocation (vLLM 0.32 allocates them so)."""
+    stacked = []
+    for j in range(2):
+        parts = [layer[j] for layer in layers]
+        first = parts[0]
+        step = parts[1].storage_offset() - first.storage_offset() if len(parts) > 1 else 0
+        for i, part in enumerate(parts):
+            if (
+                part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or part.shape != first.shape
+                or part.stride() != first.stride()
+                or part.storage_offset() != first.storage_offset() + i * step
+            ):
+                return None
+        shape, strides = (len(parts), *first.shape), (step, *first.stride())
+        stacked.append(torch.as_strided(first, shape, strides, first.storage_offset()))
+    return stacked[0], stacked[1]
+
+
+def scatter_views(
+    kv: Sequence[torch.Tensor],
+    start: int,
+    end: int,
+    layers: Sequence[KVParts],
+    layout: PagedLayout,
+    page_ids: Sequence[int],
+    *,
+    stacked: KVParts | None = None,
+) -> None:
+    """Copy tokens `[start, end)` of `kv` into their pages, straight from each piece's memory.
+
+    Args:
+        kv: `[L, 2, n_i, H, D]` CPU tensors covering tokens 0, 1, ... in order, each
+            starting on a page boundary (the store's chunks, `CacheEngine.retrieve_views`).
+        start: a page boundary.
+        page_ids: `page_ids[p]` holds tokens `[start + p*N, start + (p+1)*N)`.
+        stacked: `stack_layers(layers)`, if not None: all layers move in one copy.
+
+    Pieces lying at equal spacing in memory and bound for consecutive pages are copied as
+    one strided run, as from a single staging tensor but without that extra pass. So a
+    whole load may take two copies (K and V), and a chunk at worst two per layer. A last,
+    partial page gets only its tokens' rows.
+    """
+    n = page_size(layers[0], layout)
+    if not layout.is_token_exact and (end - start) % n:
+        raise ValueError(f"{layout.name} pages move whole: {end - start} tokens is not a page")
+    targets = _targets(layers, stacked)
+    spans: list[tuple[torch.Tensor, int]] = []  # (whole pages of a piece, index of its first)
+    t = 0
+    for piece in kv:
+        a, b = max(t, start), min(t + int(piece.shape[2]), end)
+        if a < b:
+            if (a - start) % n:
+                raise ValueError(f"a piece starts at token {t}, inside a page of {n} tokens")
+            whole = (b - a) // n * n
+            if whole:
+                spans.append((piece.narrow(2, a - t, whole), (a - start) // n))
+            if whole < b - a:
+                last = page_ids[(a + whole - start) // n]
+                _scatter_rows(piece.narrow(2, a - t + whole, b - a - whole), targets, layout, last)
+        t += int(piece.shape[2])
+    for run, first_page in _runs(spans, page_ids, n):
+        k, num_pages = run.shape[0], run.shape[3] // n
+        ids = page_ids[first_page : first_page + k * num_pages]
+        consecutive = list(ids) == list(range(ids[0], ids[0] + len(ids)))
+        index = None if consecutive else torch.tensor(ids, dtype=torch.long)
+        for parts, group in targets:
+            src = run[:, group]  # [k, G, 2, T, H, D]
+            g = src.shape[1]
+            for j, part in enumerate(parts):
+                pages = src[:, :, j].view(k, g, num_pages, n, *run.shape[4:])
+                if index is None:
+                    dst = part.narrow(1, ids[0], len(ids)).permute(_grouped(layout.to_logical[j]))
+                    dst.view(g, k, num_pages, *dst.shape[2:]).transpose(0, 1).copy_(pages)
+                else:  # k == 1: runs need consecutive pages
+                    inverse = sorted(range(4), key=layout.to_logical[j].__getitem__)
+                    part.index_copy_(1, index, pages[0].permute(_grouped(tuple(inverse))))
+
+
+def _targets(layers: Sequence[KVParts], stacked: KVParts | None) -> list[tuple[KVParts, slice]]:
+    """(K, V) page tensors `[G, B, ...]` and the G layers they hold: all at once if stacked."""
+    if stacked is not None:
+        return [(stacked, slice(0, len(layers)))]
+    return [((k.unsqueeze(0), v.unsqueeze(0)), slice(i, i + 1)) for i, (k, v) in enumerate(layers)]
+
+
+def _grouped(perm: Sequence[int]) -> tuple[int, ...]:
+    """A page permutation for tensors with a leading layer-group dimension."""
+    return (0, *(axis + 1 for axis in perm))
+
+
+def _scatter_rows(
+    rows: torch.Tensor, targets: list[tuple[KVParts, slice]], layout: PagedLayout, page: int
+) -> None:
+    """Copy `rows`, `[L, 2, m, H, D]` with m < N, into the first m rows of page `page`."""
+    m = rows.shape[2]
+    for parts, group in targets:
+        for j, part in enumerate(parts):
+            dst = part.narrow(1, page, 1).permute(_grouped(layout.to_logical[j]))
+            dst[:, 0, :m].copy_(rows[group, j])
+
+
+def _runs(
+    spans: Sequence[tuple[torch.Tensor, int]], page_ids: Sequence[int], n: int
+) -> list[tuple[torch.Tensor, int]]:
+    """Group spans into runs `[k, L, 2, T, H, D]` (views of their memory, no copy): spans of
+    equal shape and strides, equally spaced in memory, whose pages follow each other; each
+    with the index of its first page. A lone span's pages may be anywhere."""
+    runs: list[tuple[torch.Tensor, int]] = []
+    group: list[torch.Tensor] = []
+    group_first = step = 0
+    for span, first in spans:
+        if group and _extends(group, group_first, step, span, first, page_ids, n):
+            step = span.data_ptr() - group[-1].data_ptr()
+            group.append(span)
+            continue
+        if group:
+            runs.append((_stack(group, step), group_first))
+        group, group_first, step = [span], first, 0
+    if group:
+        runs.append((_stack(group, step), group_first))
+    return runs
+
+
+def _extends(
+    group: list[torch.Tensor],
+    group_first: int,
+    step: int,
+    span: torch.Tensor,
+    first: int,
+    page_ids: Sequence[int],
+    n: int,
+) -> bool:
+    last = group[-1]
+    gap = span.data_ptr() - last.data_ptr()
+    if span.shape != last.shape or span.stride() != last.stride() or span.dtype != last.dtype:
+        return False
+    if gap <= 0 or gap % span.element_size() or (step and gap != step):
+        return False
+    num_pages = last.shape[2] // n
+    if first != group_first + len(group) * num_pages:
+        return False
+    ids = page_ids[group_first : first + num_pages]
+    return list(ids) == list(range(ids[0], ids[0] + len(ids)))
+
+
+TORCH_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _stack(group: list[torch.Tensor], step: int) -> torch.Tensor:
+    """`group` (equal shape and strides, each `step` bytes after the previous) as one tensor
+    `[k, ...]` over their memory. The bytes between them are never touched: every element of
+    the result lies in one of the group's tensors."""
+    first = group[0]
+    if len(group) == 1:
+        return first.unsqueeze(0)
+    bits = first.view(TORCH_INT_OF_SIZE[first.element_size()]).numpy()
+    strided = np.lib.stride_tricks.as_strided(
+        bits, (len(group), *bits.shape), (step, *bits.strides)
+    )
+    return torch.from_numpy(strided).view(first.dtype)
 
 
 def first_of_run(page_ids: torch.Tensor) -> int:

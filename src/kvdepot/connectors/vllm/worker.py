@@ -1,10 +1,12 @@
 """The connector's worker side: the paged KV tensors, loaded from and saved to the store.
 
 Runs in vLLM's worker process (the one holding the KV tensors). `start_load_kv` retrieves
-the chunks and scatters them, page by page, into the paged tensors before the forward pass;
-`wait_for_save` gathers the pages of the chunks to save into `[L, 2, T, H, D]` and stores
-them. Both are synchronous. Embedded mode: the tiered store lives here, in a shared-memory
-RAM tier, served on a private socket to the scheduler side (and `kvdepot stats`).
+the chunks and scatters them, page by page, into the paged tensors before the forward pass:
+CPU pages straight from the store's shared memory (no staging copy), device pages through a
+pinned staging tensor. `wait_for_save` gathers the pages of the chunks to save into
+`[L, 2, T, H, D]` and stores them. Both are synchronous. Embedded mode: the tiered store
+lives here, in a shared-memory RAM tier, served on a private socket to the scheduler side
+(and `kvdepot stats`).
 
 Fail open: a load that fails reports its blocks (`get_block_ids_with_load_errors`) and vLLM
 recomputes them; a step with a failed load saves nothing it computed, so KV computed over
@@ -32,6 +34,8 @@ from kvdepot.connectors.vllm.pages import (
     page_ids,
     page_size,
     scatter_pages,
+    scatter_views,
+    stack_layers,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.daemon.run import remove_stale_shm
@@ -54,6 +58,7 @@ class WorkerSide:
         self._cache: CacheEngine | None = None
         self._log = RateLimitedLog(logger)
         self._layers: list[KVParts] = []
+        self._stacked: KVParts | None = None
         self._paged = LAYOUTS["cpu-vec"]
         self._page_size = settings.block_size
         self._device = torch.device("cpu")
@@ -75,6 +80,7 @@ class WorkerSide:
             kv_caches[names[0]], self.settings.layout.num_kv_heads, head_dim, self.settings.cpu_isa
         )
         self._layers = [self._paged.split(kv_caches[name], head_dim) for name in names]
+        self._stacked = stack_layers(self._layers)  # all layers in one copy, if allocated so
         self._page_size = page_size(self._layers[0], self._paged)
         self._device = kv_caches[names[0]].device
         if self.settings.block_size % self._page_size:
@@ -83,9 +89,10 @@ class WorkerSide:
             )
         self._cache = self.settings.make_engine(self._open_worker_store())
         logger.info(
-            "kvdepot: %s mode, %s layout, %d layers, block %d, chunk %d tokens",
-            self.settings.config.mode, self._paged.name, len(names), self.settings.block_size,
-            self.settings.config.chunk_size_tokens,
+            "kvdepot: %s mode, %s layout, %d layers (%s), block %d, chunk %d tokens",
+            self.settings.config.mode, self._paged.name, len(names),
+            "one allocation" if self._stacked is not None else "apart",
+            self.settings.block_size, self.settings.config.chunk_size_tokens,
         )  # fmt: skip
 
     def _open_worker_store(self) -> ChunkStore:
@@ -118,12 +125,19 @@ class WorkerSide:
             )
         return self._buffer
 
-    def _page_ids(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        ids = page_ids(
+    def _page_ids(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """The kernel pages of tokens `[start, end)` (from the page `start` falls in)."""
+        return page_ids(
             block_ids, start // self._page_size, cdiv(end, self._page_size),
             self.settings.block_size // self._page_size,
         )  # fmt: skip
-        return torch.tensor(ids, dtype=torch.long, device=self._device)
+
+    def _valid_end(self, num_hit: int, start: int, end: int) -> int:
+        """Where the load ends given `num_hit` cached tokens: `end`, or the last whole block
+        before a shortfall (vLLM recomputes the blocks after it)."""
+        if num_hit >= end:
+            return end
+        return max(num_hit - num_hit % self.settings.block_size, start)
 
     def start_load_kv(self, meta: KVDepotMetadata) -> None:
         """Load this step's granted tokens into their pages, before the forward pass."""
@@ -146,24 +160,8 @@ class WorkerSide:
         valid_end = start
         try:
             t0 = time.perf_counter()
-            buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
-            num_hit = self._cache.retrieve(
-                tokens, tenant_salt=transfer.tenant_salt, out=buffer
-            ).shape[2]
-            valid_end = (
-                end if num_hit >= end else max(num_hit - num_hit % self.settings.block_size, start)
-            )
-            if valid_end > start:
-                first = start - start % self._page_size
-                kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
-                if self._device.type != "cpu":  # blocking: the buffer is reused next
-                    kv = kv.to(self._device)
-                scatter_pages(
-                    kv,
-                    self._layers,
-                    self._paged,
-                    self._page_ids(transfer.block_ids, start, valid_end),
-                )
+            load = self._load_views if self._device.type == "cpu" else self._load_staged
+            valid_end = load(transfer, tokens, start, end)
             logger.debug(
                 "kvdepot: loaded %d tokens in %.3f s", valid_end - start, time.perf_counter() - t0
             )
@@ -176,6 +174,46 @@ class WorkerSide:
                 valid_end // self.settings.block_size : cdiv(end, self.settings.block_size)
             ]
             self._invalid_block_ids.update(bad)
+
+    def _load_views(
+        self, transfer: RequestTransfer, tokens: list[int], start: int, end: int
+    ) -> int:
+        """CPU pages: scatter straight from the store's memory (no staging pass); returns
+        where the loaded tokens end."""
+        assert self._cache is not None
+        buffer = self._staging(len(tokens))  # for chunks that need decoding
+        with self._cache.retrieve_views(tokens, tenant_salt=transfer.tenant_salt, out=buffer) as kv:
+            valid_end = self._valid_end(sum(int(piece.shape[2]) for piece in kv), start, end)
+            if valid_end > start:
+                ids = self._page_ids(transfer.block_ids, start, valid_end)
+                first = start - start % self._page_size
+                scatter_views(
+                    kv, first, valid_end, self._layers, self._paged, ids, stacked=self._stacked
+                )
+        return valid_end
+
+    def _load_staged(
+        self, transfer: RequestTransfer, tokens: list[int], start: int, end: int
+    ) -> int:
+        """Device pages: retrieve into the (pinned) staging tensor, copy it over, scatter."""
+        assert self._cache is not None
+        buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
+        num_hit = self._cache.retrieve(tokens, tenant_salt=transfer.tenant_salt, out=buffer).shape[
+            2
+        ]
+        valid_end = self._valid_end(num_hit, start, end)
+        if valid_end > start:
+            first = start - start % self._page_size
+            kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
+            ids = torch.tensor(
+                self._page_ids(transfer.block_ids, start, valid_end),
+                dtype=torch.long, device=self._device,
+            )  # fmt: skip
+            # Blocking: the buffer is reused next.
+            scatter_pages(
+                kv.to(self._device), self._layers, self._paged, ids, stacked=self._stacked
+            )
+        return valid_end
 
     def wait_for_save(self, meta: KVDepotMetadata) -> None:
         """Store the chunks this step completed (none after a failed load), then the finished
@@ -204,12 +242,18 @@ class WorkerSide:
         num_tokens = cdiv(end, n) * n - first
         try:
             buffer = self._staging(num_tokens)
-            ids = self._page_ids(transfer.block_ids, start, end)
+            ids = torch.tensor(
+                self._page_ids(transfer.block_ids, start, end),
+                dtype=torch.long,
+                device=self._device,
+            )
             if self._device.type == "cpu":
-                gather_pages(self._layers, self._paged, ids, buffer[:, :, :num_tokens])
+                gather_pages(
+                    self._layers, self._paged, ids, buffer[:, :, :num_tokens], stacked=self._stacked
+                )
             else:
                 staged = torch.empty_like(buffer[:, :, :num_tokens], device=self._device)
-                gather_pages(self._layers, self._paged, ids, staged)
+                gather_pages(self._layers, self._paged, ids, staged, stacked=self._stacked)
                 buffer[:, :, :num_tokens].copy_(staged)
             kv = buffer[:, :, start - first : end - first]
             self._cache.store(
