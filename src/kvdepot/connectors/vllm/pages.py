@@ -1,9 +1,10 @@
 """vLLM's paged KV tensors: their layouts, and whole-page gather/scatter to kvdepot's order.
 
 Runs in vLLM's worker process (the one holding the KV tensors); torch only, so the copies run
-on CPU and CUDA alike (strided copies of consecutive pages, else `index_select` /
-`index_copy_`). `scatter_views` fills CPU pages straight from chunks in the store's memory,
-all layers in one copy where vLLM allocated them at one spacing (`stack_layers`).
+on CPU and CUDA alike: strided copies of runs of consecutive pages, all layers in one copy
+where vLLM allocated them at one spacing (`stack_layers`), else per layer (`index_select` /
+`index_copy_` for scattered pages). `scatter_views` fills CPU pages straight from chunks in
+the store's memory.
 
 Chunks are stored in kvdepot's logical layout `[L, 2, T, H, D]` whatever the engine's pages
 (per attention layer; B blocks, H KV heads, N tokens per block, D head size):
@@ -113,16 +114,20 @@ def gather_pages(
     stacked: KVParts | None = None,
 ) -> None:
     """Copy pages `page_ids` of every layer into `out`, `[L, 2, P*N, H, D]` (token order);
-    all layers in one copy per K/V if `stacked` (`stack_layers(layers)`)."""
-    first, num_pages = first_of_run(page_ids), page_ids.numel()
+    all layers in one copy per K/V and run of consecutive pages if `stacked`."""
+    ids = page_ids.tolist()
+    runs, n = page_runs(ids), out.shape[2] // max(len(ids), 1)
+    indexed = stacked is None and len(runs) > 1  # layers apart: one indexed copy per layer
     for parts, group in _targets(layers, stacked):
         for j, part in enumerate(parts):
-            # Consecutive pages: one strided copy; else index_select copies them first.
-            picked = (
-                part.narrow(1, first, num_pages) if first >= 0 else part.index_select(1, page_ids)
-            )
-            pages = picked.permute(_grouped(layout.to_logical[j]))
-            out[group, j].view(pages.shape).copy_(pages)
+            perm = _grouped(layout.to_logical[j])
+            if indexed:
+                pages = part.index_select(1, page_ids.to(part.device)).permute(perm)
+                out[group, j].view(pages.shape).copy_(pages)
+                continue
+            for pos, length in runs:
+                pages = part.narrow(1, ids[pos], length).permute(perm)
+                out[group, j, pos * n : (pos + length) * n].view(pages.shape).copy_(pages)
 
 
 def scatter_pages(
@@ -134,19 +139,36 @@ def scatter_pages(
     stacked: KVParts | None = None,
 ) -> None:
     """Copy `kv`, `[L, 2, P*N, H, D]` (token order), into pages `page_ids` of every layer;
-    all layers in one copy per K/V if `stacked` (`stack_layers(layers)`)."""
-    first, num_pages = first_of_run(page_ids), page_ids.numel()
+    all layers in one copy per K/V and run of consecutive pages if `stacked`."""
+    ids = page_ids.tolist()
+    runs, n = page_runs(ids), kv.shape[2] // max(len(ids), 1)
+    indexed = stacked is None and len(runs) > 1  # layers apart: one indexed copy per layer
     for parts, group in _targets(layers, stacked):
         for j, part in enumerate(parts):
-            inverse = sorted(range(4), key=layout.to_logical[j].__getitem__)
+            inverse = _grouped(sorted(range(4), key=layout.to_logical[j].__getitem__))
             src = kv[group, j]
-            pages = src.view(src.shape[0], num_pages, -1, *kv.shape[3:]).permute(
-                _grouped(tuple(inverse))
-            )
-            if first >= 0:  # consecutive pages: a strided copy, ~20 % faster than indexed
-                part.narrow(1, first, num_pages).copy_(pages)
-            else:
-                part.index_copy_(1, page_ids, pages)
+            if indexed:
+                pages = src.view(src.shape[0], len(ids), n, *kv.shape[3:]).permute(inverse)
+                part.index_copy_(1, page_ids.to(part.device), pages)
+                continue
+            for pos, length in runs:
+                rows = src[:, pos * n : (pos + length) * n]
+                pages = rows.view(src.shape[0], length, n, *kv.shape[3:]).permute(inverse)
+                part.narrow(1, ids[pos], length).copy_(pages)
+
+
+def page_runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(position, length) of each maximal run of consecutive ascending ids.
+
+    Stacked layers are copied run by run, never through `index_select` / `index_copy_`:
+    on the stacked view those copied the whole KV cache (0.7 s a save, measured)."""
+    runs: list[tuple[int, int]] = []
+    for pos, page in enumerate(ids):
+        if runs and page == ids[pos - 1] + 1:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((pos, 1))
+    return runs
 
 
 def stack_layers(layers: Sequence[KVParts]) -> KVParts | None:
@@ -191,8 +213,8 @@ def scatter_views(
 
     Pieces lying at equal spacing in memory and bound for consecutive pages are copied as
     one strided run, as from a single staging tensor but without that extra pass. So a
-    whole load may take two copies (K and V), and a chunk at worst two per layer. A last,
-    partial page gets only its tokens' rows.
+    whole load may take two copies (K and V), and a run of consecutive pages of a chunk at
+    worst two per layer. A last, partial page gets only its tokens' rows.
     """
     n = page_size(layers[0], layout)
     if not layout.is_token_exact and (end - start) % n:
@@ -205,29 +227,25 @@ def scatter_views(
         if a < b:
             if (a - start) % n:
                 raise ValueError(f"a piece starts at token {t}, inside a page of {n} tokens")
+            first = (a - start) // n
+            for pos, length in page_runs(page_ids[first : first + (b - a) // n]):
+                rows = piece.narrow(2, a - t + pos * n, length * n)
+                spans.append((rows, first + pos))  # each span's pages are consecutive
             whole = (b - a) // n * n
-            if whole:
-                spans.append((piece.narrow(2, a - t, whole), (a - start) // n))
             if whole < b - a:
                 last = page_ids[(a + whole - start) // n]
                 _scatter_rows(piece.narrow(2, a - t + whole, b - a - whole), targets, layout, last)
         t += int(piece.shape[2])
     for run, first_page in _runs(spans, page_ids, n):
         k, num_pages = run.shape[0], run.shape[3] // n
-        ids = page_ids[first_page : first_page + k * num_pages]
-        consecutive = list(ids) == list(range(ids[0], ids[0] + len(ids)))
-        index = None if consecutive else torch.tensor(ids, dtype=torch.long)
         for parts, group in targets:
             src = run[:, group]  # [k, G, 2, T, H, D]
             g = src.shape[1]
             for j, part in enumerate(parts):
                 pages = src[:, :, j].view(k, g, num_pages, n, *run.shape[4:])
-                if index is None:
-                    dst = part.narrow(1, ids[0], len(ids)).permute(_grouped(layout.to_logical[j]))
-                    dst.view(g, k, num_pages, *dst.shape[2:]).transpose(0, 1).copy_(pages)
-                else:  # k == 1: runs need consecutive pages
-                    inverse = sorted(range(4), key=layout.to_logical[j].__getitem__)
-                    part.index_copy_(1, index, pages[0].permute(_grouped(tuple(inverse))))
+                dst = part.narrow(1, page_ids[first_page], k * num_pages)
+                dst = dst.permute(_grouped(layout.to_logical[j]))
+                dst.view(g, k, num_pages, *dst.shape[2:]).transpose(0, 1).copy_(pages)
 
 
 def _targets(layers: Sequence[KVParts], stacked: KVParts | None) -> list[tuple[KVParts, slice]]:
@@ -258,7 +276,7 @@ def _runs(
 ) -> list[tuple[torch.Tensor, int]]:
     """Group spans into runs `[k, L, 2, T, H, D]` (views of their memory, no copy): spans of
     equal shape and strides, equally spaced in memory, whose pages follow each other; each
-    with the index of its first page. A lone span's pages may be anywhere."""
+    with the index of its first page. Each span's own pages must be consecutive."""
     runs: list[tuple[torch.Tensor, int]] = []
     group: list[torch.Tensor] = []
     group_first = step = 0
@@ -312,14 +330,6 @@ def _stack(group: list[torch.Tensor], step: int) -> torch.Tensor:
         bits, (len(group), *bits.shape), (step, *bits.strides)
     )
     return torch.from_numpy(strided).view(first.dtype)
-
-
-def first_of_run(page_ids: torch.Tensor) -> int:
-    """The first page id if `page_ids` are consecutive and ascending, else -1."""
-    if page_ids.numel() == 0:
-        return -1
-    ids = page_ids.tolist()
-    return int(ids[0]) if ids == list(range(ids[0], ids[0] + len(ids))) else -1
 
 
 def page_ids(
