@@ -207,6 +207,16 @@ def _cmd_bench_blend(args: argparse.Namespace) -> int:
     return 0 if all(met for _, met in blend.goal_lines(bench)) or not args.strict else 1
 
 
+def _cmd_bench_pages(args: argparse.Namespace) -> int:
+    from kvdepot.bench import pages
+
+    results = pages.run(args.tokens, args.repeats)
+    print(pages.report(results, args.tokens))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
     # Runs in the vLLM environment (see kvdepot.bench.vllm); it owns its flags.
     from kvdepot.bench import vllm
@@ -332,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     blend_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
     blend_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
     blend_bench.set_defaults(func=_cmd_bench_blend)
+    pages_bench = benches.add_parser(
+        "pages", help="vLLM connector page copies vs a plain copy (needs the vllm extra)"
+    )
+    pages_bench.add_argument("--tokens", type=int, default=3200, help="tokens per load")
+    pages_bench.add_argument("--repeats", type=int, default=9, help="pairs per figure")
+    pages_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
+    pages_bench.set_defaults(func=_cmd_bench_pages)
     vllm_bench = benches.add_parser(
         "vllm",
         help="vLLM head-to-head: TTFT with kvdepot vs peers (flags: kvdepot bench vllm -h)",
