@@ -302,6 +302,8 @@ def _extends(
     page_ids: Sequence[int],
     n: int,
 ) -> bool:
+    """Whether `span` (pages from `first` on) continues `group` (pages from `group_first`
+    on, each span `step` bytes after the previous; 0: not known yet)."""
     last = group[-1]
     gap = span.data_ptr() - last.data_ptr()
     if span.shape != last.shape or span.stride() != last.stride() or span.dtype != last.dtype:
@@ -315,7 +317,7 @@ def _extends(
     return list(ids) == list(range(ids[0], ids[0] + len(ids)))
 
 
-TORCH_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_TORCH_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _stack(group: list[torch.Tensor], step: int) -> torch.Tensor:
@@ -325,7 +327,7 @@ def _stack(group: list[torch.Tensor], step: int) -> torch.Tensor:
     first = group[0]
     if len(group) == 1:
         return first.unsqueeze(0)
-    bits = first.view(TORCH_INT_OF_SIZE[first.element_size()]).numpy()
+    bits = first.view(_TORCH_INT_OF_SIZE[first.element_size()]).numpy()
     strided = np.lib.stride_tricks.as_strided(
         bits, (len(group), *bits.shape), (step, *bits.strides)
     )
