@@ -448,8 +448,8 @@ def test_pages_round_trip_in_every_layout(name: str, blocks: list[int], allocati
     ids = torch.tensor(page_ids(blocks, 1, 6, pages_per_block=2))  # blocks split in 2
     assert ids.tolist() == ([11, 4, 5, 18, 19] if blocks[0] == 5 else [5, 6, 7, 8, 9])
     kv = torch.empty(L, 2, 5 * N // 2, H, D)
-    gather_pages(layers, layout, ids, kv, stacked=stack_layers(layers))
-    scatter_pages(kv, copied, layout, ids, stacked=stack_layers(copied))
+    gather_pages(layers, layout, ids.tolist(), kv, stacked=stack_layers(layers))
+    scatter_pages(kv, copied, layout, ids.tolist(), stacked=stack_layers(copied))
     assert (stack_layers(copied) is None) == (allocation == "per-layer")
     page_dim = 1 if name == "nhd" else 0
     for cache, copy in zip(caches, copies, strict=True):

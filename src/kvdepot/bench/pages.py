@@ -115,10 +115,9 @@ def run(num_tokens: int, repeats: int) -> list[Result]:
         engine.backend.close()
     layers, stacked = _pages(num_blocks, one_tensor=True)
     out = torch.empty(LAYOUT.chunk_shape(num_pages * PAGE))
-    index = torch.tensor(scattered)
 
     def gather() -> None:
-        gather_pages(layers, LAYOUTS["cpu-vec"], index, out, stacked=stacked)
+        gather_pages(layers, LAYOUTS["cpu-vec"], scattered, out, stacked=stacked)
 
     results.append(_figure("save gather, scattered pages", out.numel() * 4, gather, repeats, GOAL))
     return results

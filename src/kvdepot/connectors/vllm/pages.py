@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvdepot.engine import as_numpy_bits, dtype_from_torch, torch_from_bits
 from kvdepot.errors import ConfigError
 
 KVParts = tuple[torch.Tensor, torch.Tensor]
@@ -108,21 +109,21 @@ def page_size(parts: KVParts, layout: PagedLayout) -> int:
 def gather_pages(
     layers: Sequence[KVParts],
     layout: PagedLayout,
-    page_ids: torch.Tensor,
+    page_ids: Sequence[int],
     out: torch.Tensor,
     *,
     stacked: KVParts | None = None,
 ) -> None:
     """Copy pages `page_ids` of every layer into `out`, `[L, 2, P*N, H, D]` (token order);
     all layers in one copy per K/V and run of consecutive pages if `stacked`."""
-    ids = page_ids.tolist()
+    ids = list(page_ids)
     runs, n = page_runs(ids), out.shape[2] // max(len(ids), 1)
-    indexed = stacked is None and len(runs) > 1  # layers apart: one indexed copy per layer
+    index = _index(ids, layers) if stacked is None and len(runs) > 1 else None
     for parts, group in _targets(layers, stacked):
         for j, part in enumerate(parts):
             perm = _grouped(layout.to_logical[j])
-            if indexed:
-                pages = part.index_select(1, page_ids.to(part.device)).permute(perm)
+            if index is not None:  # layers apart: one indexed copy per layer
+                pages = part.index_select(1, index).permute(perm)
                 out[group, j].view(pages.shape).copy_(pages)
                 continue
             for pos, length in runs:
@@ -134,27 +135,32 @@ def scatter_pages(
     kv: torch.Tensor,
     layers: Sequence[KVParts],
     layout: PagedLayout,
-    page_ids: torch.Tensor,
+    page_ids: Sequence[int],
     *,
     stacked: KVParts | None = None,
 ) -> None:
     """Copy `kv`, `[L, 2, P*N, H, D]` (token order), into pages `page_ids` of every layer;
     all layers in one copy per K/V and run of consecutive pages if `stacked`."""
-    ids = page_ids.tolist()
+    ids = list(page_ids)
     runs, n = page_runs(ids), kv.shape[2] // max(len(ids), 1)
-    indexed = stacked is None and len(runs) > 1  # layers apart: one indexed copy per layer
+    index = _index(ids, layers) if stacked is None and len(runs) > 1 else None
     for parts, group in _targets(layers, stacked):
         for j, part in enumerate(parts):
             inverse = _grouped(sorted(range(4), key=layout.to_logical[j].__getitem__))
             src = kv[group, j]
-            if indexed:
+            if index is not None:  # layers apart: one indexed copy per layer
                 pages = src.view(src.shape[0], len(ids), n, *kv.shape[3:]).permute(inverse)
-                part.index_copy_(1, page_ids.to(part.device), pages)
+                part.index_copy_(1, index, pages)
                 continue
             for pos, length in runs:
                 rows = src[:, pos * n : (pos + length) * n]
                 pages = rows.view(src.shape[0], length, n, *kv.shape[3:]).permute(inverse)
                 part.narrow(1, ids[pos], length).copy_(pages)
+
+
+def _index(ids: list[int], layers: Sequence[KVParts]) -> torch.Tensor:
+    """`ids` as an index tensor on the pages' device."""
+    return torch.tensor(ids, dtype=torch.long, device=layers[0][0].device)
 
 
 def page_runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -317,9 +323,6 @@ def _extends(
     return list(ids) == list(range(ids[0], ids[0] + len(ids)))
 
 
-_TORCH_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _stack(group: list[torch.Tensor], step: int) -> torch.Tensor:
     """`group` (equal shape and strides, each `step` bytes after the previous) as one tensor
     `[k, ...]` over their memory. The bytes between them are never touched: every element of
@@ -327,11 +330,11 @@ def _stack(group: list[torch.Tensor], step: int) -> torch.Tensor:
     first = group[0]
     if len(group) == 1:
         return first.unsqueeze(0)
-    bits = first.view(_TORCH_INT_OF_SIZE[first.element_size()]).numpy()
+    bits = as_numpy_bits(first)
     strided = np.lib.stride_tricks.as_strided(
         bits, (len(group), *bits.shape), (step, *bits.strides)
     )
-    return torch.from_numpy(strided).view(first.dtype)
+    return torch_from_bits(strided, dtype_from_torch(first.dtype))
 
 
 def page_ids(

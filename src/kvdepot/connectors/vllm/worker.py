@@ -198,17 +198,12 @@ class WorkerSide:
         """Device pages: retrieve into the (pinned) staging tensor, copy it over, scatter."""
         assert self._cache is not None
         buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
-        num_hit = self._cache.retrieve(tokens, tenant_salt=transfer.tenant_salt, out=buffer).shape[
-            2
-        ]
-        valid_end = self._valid_end(num_hit, start, end)
+        hit = self._cache.retrieve(tokens, tenant_salt=transfer.tenant_salt, out=buffer)
+        valid_end = self._valid_end(hit.shape[2], start, end)
         if valid_end > start:
             first = start - start % self._page_size
             kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
-            ids = torch.tensor(
-                self._page_ids(transfer.block_ids, start, valid_end),
-                dtype=torch.long, device=self._device,
-            )  # fmt: skip
+            ids = self._page_ids(transfer.block_ids, start, valid_end)
             # Blocking: the buffer is reused next.
             scatter_pages(
                 kv.to(self._device), self._layers, self._paged, ids, stacked=self._stacked
@@ -242,11 +237,7 @@ class WorkerSide:
         num_tokens = cdiv(end, n) * n - first
         try:
             buffer = self._staging(num_tokens)
-            ids = torch.tensor(
-                self._page_ids(transfer.block_ids, start, end),
-                dtype=torch.long,
-                device=self._device,
-            )
+            ids = self._page_ids(transfer.block_ids, start, end)
             if self._device.type == "cpu":
                 gather_pages(
                     self._layers, self._paged, ids, buffer[:, :, :num_tokens], stacked=self._stacked
