@@ -26,9 +26,10 @@ def make_chunk(seed: int, shape: tuple[int, ...] = (2, 2, 8, 2, 4)) -> EncodedCh
     return encode_chunk(data, DType.FLOAT16, RawCodec())
 
 
-def chunk_bytes(chunk: EncodedChunk) -> bytes:
+def chunk_bytes(chunk: EncodedChunk, key: ChunkKey | None = None) -> bytes:
+    """The blob of `chunk` (bound to `key`, as a tier stores it, when given)."""
     buf = bytearray(chunk.nbytes)
-    chunk.write_into(memoryview(buf))
+    (chunk if key is None else chunk.bound(key)).write_into(memoryview(buf))
     return bytes(buf)
 
 

@@ -29,7 +29,9 @@ from kvdepot.codec import (
     parse_header,
     seal,
 )
+from kvdepot.codec.format import UNBOUND_KEY
 from kvdepot.errors import ConfigError, CorruptChunk, UnknownCodec
+from kvdepot.keys import ChunkHash, ChunkKey
 from kvdepot.layout import DType
 
 CODECS: list[type[Codec]] = [RawCodec, LosslessCodec]
@@ -37,7 +39,7 @@ BY_CODEC = pytest.mark.parametrize("codec_cls", CODECS, ids=lambda c: c.name)
 
 # Header field offsets, from the layout documented in kvdepot.codec.format.
 MAGIC_AT, VERSION_AT, CODEC_AT, DTYPE_AT, NDIM_AT, FLAGS_AT = 0, 4, 6, 8, 9, 10
-SHAPE_AT, PAYLOAD_LEN_AT, CHECKSUM_AT, RESERVED_AT = 12, 36, 44, 52
+SHAPE_AT, PAYLOAD_LEN_AT, KEY_AT, CHECKSUM_AT, RESERVED_AT = 12, 36, 44, 76, 84
 
 KV_SHAPE = (2, 2, 4, 2, 4)  # [layers, K/V, tokens, heads, head_dim]
 
@@ -77,13 +79,13 @@ def assert_corrupt(blob: bytes | memoryview, *, structural: bool = True) -> None
     """Every read path rejects `blob`; `structural` ones fail even without the checksum."""
     registry = default_registry()
     with pytest.raises(CorruptChunk):
-        open_blob(blob, verify=True)
+        open_blob(blob, key=None, verify=True)
     for verify in (False, True):
         with pytest.raises(CorruptChunk):
             decode_chunk(blob, registry, verify=verify)
     if structural:
         with pytest.raises(CorruptChunk):
-            open_blob(blob, verify=False)
+            open_blob(blob, key=None, verify=False)
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -214,7 +216,8 @@ HEADER_DAMAGE = {
     "magic": (MAGIC_AT, "4s", b"KVDX"),
     "magic-zero": (MAGIC_AT, "4s", bytes(4)),
     "version-0": (VERSION_AT, "<H", 0),
-    "version-2": (VERSION_AT, "<H", 2),
+    "version-1": (VERSION_AT, "<H", 1),
+    "version-3": (VERSION_AT, "<H", 3),
     "dtype-0": (DTYPE_AT, "B", 0),
     "dtype-8": (DTYPE_AT, "B", 8),
     "dtype-255": (DTYPE_AT, "B", 255),
@@ -270,7 +273,7 @@ def test_single_bit_flip_in_sealed_chunk_is_corrupt(
     flipped = bytearray(blob)
     flipped[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(CorruptChunk):
-        open_blob(bytes(flipped), verify=True)
+        open_blob(bytes(flipped), key=None, verify=True)
     with pytest.raises(CorruptChunk):
         decode_chunk(bytes(flipped), default_registry(), verify=True)
 
@@ -282,7 +285,7 @@ def test_reserved_header_bytes_are_checked(codec_cls: type[Codec]) -> None:
         flipped = bytearray(blob)
         flipped[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(CorruptChunk):
-            open_blob(bytes(flipped), verify=True)
+            open_blob(bytes(flipped), key=None, verify=True)
 
 
 @BY_CODEC
@@ -290,7 +293,7 @@ def test_unsealed_chunk_fails_verification(codec_cls: type[Codec]) -> None:
     blob = kv_blob(codec_cls, sealed=False)
     assert parse_header(blob).checksum is None
     with pytest.raises(CorruptChunk):
-        open_blob(blob, verify=True)
+        open_blob(blob, key=None, verify=True)
     with pytest.raises(CorruptChunk):
         decode_chunk(blob, default_registry(), verify=True)
     decode_chunk(blob, default_registry(), verify=False)  # fine where no checksum is required
@@ -324,7 +327,7 @@ def test_logical_size_above_limit_raises_without_allocating(
     registry = default_registry()
     for verify in (False, True):
         assert _small_peak_bytes(lambda v=verify: decode_chunk(blob, registry, verify=v)) < 1 << 20
-    assert _small_peak_bytes(lambda: open_blob(blob, verify=False)) < 1 << 20
+    assert _small_peak_bytes(lambda: open_blob(blob, key=None, verify=False)) < 1 << 20
 
 
 def test_payload_size_above_limit_raises_without_allocating() -> None:
@@ -335,7 +338,7 @@ def test_payload_size_above_limit_raises_without_allocating() -> None:
     blob[:HEADER_NBYTES] = np.frombuffer(header.pack(), dtype=np.uint8)
     view = memoryview(blob)
     registry = default_registry()
-    assert _small_peak_bytes(lambda: open_blob(view, verify=False)) < 1 << 20
+    assert _small_peak_bytes(lambda: open_blob(view, key=None, verify=False)) < 1 << 20
     assert _small_peak_bytes(lambda: decode_chunk(view, registry, verify=False)) < 1 << 20
     # And the short blob a torn write would leave.
     assert_corrupt(header.pack() + bytes(16))
@@ -583,3 +586,66 @@ def test_large_raw_copies_are_bit_exact_into_strided_views(dtype: type) -> None:
     frozen.flags.writeable = False  # bytes read from disk: numpy's copy
     copy_array(out, np.zeros_like(frozen))
     assert not out.any()
+
+
+# ---- the chunk key binding (format version 2) ---------------------------------------------
+
+
+def _key(fill: int) -> ChunkKey:
+    return ChunkKey(bytes([fill]) * 16, ChunkHash(bytes([fill + 1]) * 16))
+
+
+def bound_blob(key: ChunkKey, *, sealed: bool = True) -> bytes:
+    data = np.random.default_rng(3).standard_normal(KV_SHAPE).astype(np.float16)
+    chunk = encode_chunk(data, DType.FLOAT16, RawCodec()).bound(key)
+    return to_blob(chunk.sealed() if sealed else chunk)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_chunk_reads_only_under_its_own_key(verify: bool) -> None:
+    key, other = _key(1), _key(5)
+    blob = bound_blob(key, sealed=verify)
+    header, _ = open_blob(blob, key=key, verify=verify)
+    assert header.key == key.to_bytes()
+    with pytest.raises(CorruptChunk, match="misplaced"):
+        open_blob(blob, key=other, verify=verify)
+    with pytest.raises(CorruptChunk, match="misplaced"):
+        decode_chunk_into(
+            blob, np.empty(KV_SHAPE, np.float16), default_registry(), verify=verify, key=other
+        )
+
+
+def test_an_unbound_chunk_is_no_hit_under_any_key() -> None:
+    blob = kv_blob(RawCodec)
+    assert parse_header(blob).key == UNBOUND_KEY
+    with pytest.raises(CorruptChunk):
+        open_blob(blob, key=_key(1), verify=True)
+
+
+def test_the_key_is_covered_by_the_checksum() -> None:
+    key = _key(1)
+    blob = bound_blob(key)
+    for bit in range(KEY_AT * 8, CHECKSUM_AT * 8, 7):
+        flipped = bytearray(blob)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CorruptChunk):
+            open_blob(bytes(flipped), key=None, verify=True)
+
+
+def test_a_bound_chunk_cannot_be_rebound() -> None:
+    chunk = encode_chunk(np.zeros(KV_SHAPE, np.float16), DType.FLOAT16, RawCodec())
+    first = chunk.bound(_key(1))
+    assert first.bound(_key(1)) is first
+    assert chunk.header.checksum is None and first.sealed().header.key == _key(1).to_bytes()
+    with pytest.raises(CorruptChunk):
+        first.bound(_key(5))
+    with pytest.raises(CorruptChunk):
+        first.sealed().bound(_key(5))
+
+
+def test_a_version_1_chunk_is_corrupt_not_a_crash() -> None:
+    # The 64-byte header of format version 1 (no key), as the previous release wrote it.
+    v1 = struct.pack("<4sHHBBH6IQQ12x", b"KVDC", 1, 1, 2, 1, 1, 8, 0, 0, 0, 0, 0, 16, 0)
+    for blob in (v1 + bytes(16), v1 + bytes(200)):
+        with pytest.raises(CorruptChunk):
+            open_blob(blob, key=_key(1), verify=True)

@@ -15,6 +15,7 @@ import pytest
 
 from kvdepot.codec import (
     ENTRY_POINT_GROUP,
+    HEADER_NBYTES,
     Codec,
     CodecRegistry,
     LosslessCodec,
@@ -88,7 +89,7 @@ def assert_example_round_trips(registry: CodecRegistry) -> None:
     assert dtype is DType.FLOAT32
     assert got.shape == kv.shape
     np.testing.assert_allclose(got, kv, rtol=1e-3, atol=1e-4)
-    assert len(to_blob(kv, DType.FLOAT32, codec)) < 0.6 * (64 + kv.nbytes)
+    assert len(to_blob(kv, DType.FLOAT32, codec)) < 0.6 * (HEADER_NBYTES + kv.nbytes)
 
 
 def test_example_plugin_loads_through_its_entry_point(site: SitePath) -> None:

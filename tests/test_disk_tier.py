@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvdepot.codec import EncodedChunk, RawCodec, decode_chunk, default_registry, encode_chunk
+from kvdepot.codec import (
+    HEADER_NBYTES,
+    EncodedChunk,
+    RawCodec,
+    decode_chunk,
+    default_registry,
+    encode_chunk,
+)
 from kvdepot.errors import TierUnavailable
 from kvdepot.keys import CacheNamespace, ChunkHash, ChunkKey, chunk_keys
 from kvdepot.layout import DType
@@ -23,7 +30,7 @@ from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.policy import LRUPolicy
 
 SHAPE = (4, 8)  # 64-byte float16 payload
-CHUNK_NBYTES = 64 + 64
+CHUNK_NBYTES = HEADER_NBYTES + 64
 
 
 def make_key() -> ChunkKey:
@@ -38,8 +45,8 @@ def make_chunk(array: np.ndarray) -> EncodedChunk:
     return encode_chunk(array, DType.FLOAT16, RawCodec())
 
 
-def blob_of(chunk: EncodedChunk) -> bytes:
-    sealed = chunk.sealed()
+def blob_of(chunk: EncodedChunk, key: ChunkKey) -> bytes:
+    sealed = chunk.bound(key).sealed()
     return sealed.header.pack() + bytes(sealed.contiguous_payload())
 
 
@@ -94,7 +101,7 @@ def test_round_trip_is_byte_identical(tmp_path: Path) -> None:
     assert tier.contains([key, make_key()]) == [True, False]
     blob, miss = tier.get([key, make_key()])
     assert miss is None
-    assert blob == blob_of(chunk)
+    assert blob == blob_of(chunk, key)
     np.testing.assert_array_equal(decoded(blob), array)
     assert tier.usage().used_bytes == CHUNK_NBYTES
     assert tier.usage().num_objects == 1
@@ -117,7 +124,7 @@ def test_put_of_existing_key_is_a_noop(open_tier: Callable[..., DiskTier], tmp_p
     path = chunk_path(tmp_path / "disk", key)
     mtime_ns = path.stat().st_mtime_ns
     assert tier.put([(key, make_chunk(make_array(1)))]) == 1
-    assert tier.get([key]) == [blob_of(first)]
+    assert tier.get([key]) == [blob_of(first, key)]
     assert path.stat().st_mtime_ns == mtime_ns
     assert tier.usage().num_objects == 1
 
@@ -129,7 +136,7 @@ def test_files_follow_the_documented_layout(
     key = ChunkKey(os.urandom(16), ChunkHash(os.urandom(16)))
     chunk = make_chunk(make_array(0))
     tier.put([(key, chunk)])
-    assert chunk_path(tmp_path / "disk", key).read_bytes() == blob_of(chunk)
+    assert chunk_path(tmp_path / "disk", key).read_bytes() == blob_of(chunk, key)
     assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
 
 
@@ -194,7 +201,7 @@ def test_restart_recovers_chunks_and_removes_temp_files(tmp_path: Path) -> None:
 
     reopened = DiskTier.open(root, 1 << 20)
     assert not leftover.exists()
-    assert reopened.get(keys) == [blob_of(chunk) for chunk in chunks]
+    assert reopened.get(keys) == [blob_of(c, k) for c, k in zip(chunks, keys, strict=True)]
     assert reopened.usage().num_objects == 5
     assert reopened.usage().used_bytes == 5 * CHUNK_NBYTES
     reopened.close()
@@ -316,7 +323,7 @@ def test_full_or_denied_disk_disables_writes_but_not_reads(
     assert tier.put([(early, early_chunk)]) == 1  # already stored still counts
 
     assert tier.contains(keys) == [False, False]
-    assert tier.get([early]) == [blob_of(early_chunk)]
+    assert tier.get([early]) == [blob_of(early_chunk, early)]
     assert tier.usage().used_bytes == CHUNK_NBYTES
     assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
     assert sample(metrics, "kvdepot_tier_ops_total", op="put", outcome="disabled") == 2
@@ -490,7 +497,7 @@ def test_random_ops_respect_budget_and_return_exact_bytes(
                 assert tier.contains([keys[i]]) == [True]
             elif op == "get":
                 blob = tier.get([keys[i]])[0]
-                assert blob is None or blob == blob_of(chunks[i])
+                assert blob is None or blob == blob_of(chunks[i], keys[i])
             else:
                 tier.delete([keys[i]])
                 assert tier.get([keys[i]]) == [None]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvdepot import CacheEngine, DType, KVLayout, LayoutMismatch, Metrics, TieredStore
+from kvdepot.codec import HEADER_NBYTES
 from kvdepot.keys import ChunkKey, HashAlgorithm
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
@@ -256,7 +257,7 @@ def test_store_with_kv_start_offset(store: TieredStore) -> None:
 
 def test_store_counts_only_what_the_store_holds() -> None:
     layout = LAYOUTS[torch.float32]
-    chunk_nbytes = layout.bytes_per_token * CHUNK + 64
+    chunk_nbytes = layout.bytes_per_token * CHUNK + HEADER_NBYTES
     small = TieredStore(
         MemoryTier(HostBuffer.allocate(2 * chunk_nbytes + 128, prefault=False)), metrics=Metrics()
     )

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvdepot.codec import decode_chunk, default_registry
+from kvdepot.codec.format import open_blob
 from kvdepot.tiers.arena import ArenaAllocator
-from kvdepot.tiers.memory import MemoryTier
+from kvdepot.tiers.memory import MemoryTier, Refusal, WriteSlot
 from kvdepot.tiers.policy import LRUPolicy, PrefixAwarePolicy
 
 from .conftest import chunk_bytes, make_chunk, random_key
@@ -27,7 +28,7 @@ def test_round_trip_bytes_identical(memory_tier: Factory) -> None:
     keys = [random_key() for _ in range(3)]
     chunks = [make_chunk(i) for i in range(3)]
     assert tier.put(list(zip(keys, chunks, strict=True))) == 3
-    assert tier.get(keys) == [chunk_bytes(c) for c in chunks]
+    assert tier.get(keys) == [chunk_bytes(c, k) for c, k in zip(chunks, keys, strict=True)]
     assert tier.contains([*keys, random_key()]) == [True, True, True, False]
 
 
@@ -36,7 +37,7 @@ def test_put_existing_key_is_noop(memory_tier: Factory) -> None:
     key = random_key()
     tier.put([(key, make_chunk(1))])
     assert tier.put([(key, make_chunk(2))]) == 1
-    assert tier.get([key]) == [chunk_bytes(make_chunk(1))]
+    assert tier.get([key]) == [chunk_bytes(make_chunk(1), key)]
     assert tier.usage().num_objects == 1
 
 
@@ -82,7 +83,7 @@ def test_pinned_chunk_is_never_evicted(memory_tier: Factory) -> None:
         for i in range(10):
             tier.put([(random_key(), make_chunk(100 + i))])
         assert views[0] is not None
-        assert bytes(views[0]) == chunk_bytes(make_chunk(1))
+        assert bytes(views[0]) == chunk_bytes(make_chunk(1), pinned)
         assert tier.contains([pinned]) == [True]
 
 
@@ -104,7 +105,7 @@ def test_delete_while_pinned_keeps_reader_data(memory_tier: Factory) -> None:
         tier.delete([key])
         assert tier.contains([key]) == [False]
         tier.put([(random_key(), make_chunk(4))])  # must not reuse the pinned bytes
-        assert views[0] is not None and bytes(views[0]) == chunk_bytes(make_chunk(3))
+        assert views[0] is not None and bytes(views[0]) == chunk_bytes(make_chunk(3), key)
     assert tier.usage().num_objects == 1
     tier.put([(random_key(), make_chunk(5))])  # memory freed at unpin: two slots fit again
     assert tier.usage().num_objects == 2
@@ -123,7 +124,7 @@ def test_concurrent_reader_while_evicting(memory_tier: Factory) -> None:
     for i in range(6):
         keys[i] = random_key()
         tier.put([(keys[i], make_chunk(i))])
-        expected[i] = chunk_bytes(make_chunk(i))
+        expected[i] = chunk_bytes(make_chunk(i), keys[i])
     errors: list[str] = []
     stop = threading.Event()
 
@@ -194,3 +195,39 @@ def test_prefix_aware_keeps_prefixes(chain_lengths: list[int]) -> None:
     for chain in chains:
         present = [k in alive for k in chain]
         assert present == sorted(present, reverse=True)
+
+
+def test_a_key_another_writer_holds_is_not_stored(memory_tier: Factory) -> None:
+    tier = memory_tier(10 * SLOT)
+    key = random_key()
+    got = tier.try_reserve(key, CHUNK_NBYTES)
+    assert isinstance(got, WriteSlot)
+    assert tier.try_reserve(key, CHUNK_NBYTES) is Refusal.PENDING
+    assert tier.put([(key, make_chunk(1))]) == 0  # the first writer may never commit
+    tier.abort(got)  # ... and it does not
+    assert tier.contains([key]) == [False]
+    assert tier.put([(key, make_chunk(1))]) == 1
+    assert tier.try_reserve(key, CHUNK_NBYTES) is Refusal.STORED
+
+
+def test_a_forfeited_slot_gives_up_its_key_but_not_its_memory(memory_tier: Factory) -> None:
+    tier = memory_tier(10 * SLOT)
+    key = random_key()
+    slow = tier.reserve(key, CHUNK_NBYTES)
+    assert slow is not None
+    tier.forfeit(slow)
+    assert tier.usage().used_bytes == SLOT  # the slow writer may still be writing there
+    assert tier.put([(key, make_chunk(2))]) == 1  # another writer stores the key meanwhile
+    make_chunk(9).bound(key).write_into(slow.buffer)  # the slow writer finishes ...
+    tier.commit([slow])  # ... and commits: not published, and its memory comes back
+    assert tier.get([key]) == [chunk_bytes(make_chunk(2), key)]
+    assert tier.usage().used_bytes == SLOT and tier.usage().num_objects == 1
+
+
+def test_chunks_are_stored_bound_to_their_keys(memory_tier: Factory) -> None:
+    tier = memory_tier(10 * SLOT)
+    key = random_key()
+    tier.put([(key, make_chunk(1))])
+    (blob,) = tier.get([key])
+    assert blob is not None
+    assert open_blob(blob, key=key, verify=False)[0].key == key.to_bytes()

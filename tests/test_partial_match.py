@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from kvdepot import CacheEngine, TieredStore
-from kvdepot.continuations import ContinuationIndex, common_prefix_len
-from kvdepot.keys import token_bytes
+from kvdepot.continuations import ENTRY_OVERHEAD_BYTES, ContinuationIndex, common_prefix_len
+from kvdepot.keys import MAX_CHUNK_TOKENS, token_bytes
 
 from .conftest import random_key
 from .test_engine import LAYOUTS, corrupt_header, kv_for
@@ -73,6 +73,22 @@ def test_index_is_bounded() -> None:
     assert index.best(parents[3], token_bytes([2]), all_present) is not None
     with pytest.raises(ValueError):
         ContinuationIndex(max_children=0)
+
+
+def test_index_is_bounded_in_bytes_and_keeps_chunk_sized_token_lists_only() -> None:
+    chunk_tokens = 1024
+    cost = 4 * chunk_tokens + ENTRY_OVERHEAD_BYTES
+    index = ContinuationIndex(max_bytes=10 * cost)
+    parents = [random_key() for _ in range(30)]
+    for i, parent in enumerate(parents):
+        index.add([(parent, random_key(), token_bytes(list(range(i, i + chunk_tokens))))])
+        assert index.nbytes <= 10 * cost
+    assert len(index) == 10 and index.nbytes == 10 * cost  # the 10 most recent parents
+    assert index.best(parents[-1], token_bytes([29, 30]), all_present) is not None
+    assert index.best(parents[0], token_bytes([0, 1]), all_present) is None
+    huge = token_bytes(list(range(MAX_CHUNK_TOKENS + 1)))  # more than any chunk holds
+    index.add([(random_key(), random_key(), huge), (random_key(), random_key(), b"\x01\x02")])
+    assert len(index) == 10 and index.nbytes == 10 * cost
 
 
 # ---- CacheEngine ------------------------------------------------------------------------

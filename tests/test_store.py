@@ -399,3 +399,86 @@ def test_unknown_tier_codec_is_a_clear_config_error(tmp_path: Path) -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match="zip9000"):
         open_store(config)
+
+
+def _corrupt_count(store: TieredStore, tier: str) -> float:
+    value = store.metrics.registry.get_sample_value(
+        "kvdepot_tier_corrupt_chunks_total", {"tier": tier}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize("how", ["swap", "copy"])
+def test_a_chunk_file_at_another_keys_path_is_never_a_hit(tmp_path: Path, how: str) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(6)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])  # same sizes, other bytes
+    assert store.flush(5)
+    store.close()
+    paths = [next((tmp_path / "disk").rglob(k.chunk_hash.hex() + "*")) for k in keys]
+    for a, b in zip(paths[0::2], paths[1::2], strict=True):  # a botched restore or rsync
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b)
+        if how == "swap":
+            b.write_bytes(data_a)
+    store = make_store(tmp_path)
+    for i, key in enumerate(keys):
+        with store.read([key]) as blobs:
+            if blobs:  # only a file that still holds its own chunk may be served
+                assert payload(blobs[0]) == payload(chunk_bytes(make_chunk(i)))
+    num_moved = len(keys) if how == "swap" else len(keys) // 2
+    assert _corrupt_count(store, "disk") == num_moved
+    assert sum(store.lower[0].contains(keys)) == len(keys) - num_moved  # deleted where they lay
+    store.close()
+
+
+class _MisplacingTier:
+    """A plug-in tier with a bug: it answers every key with the blob of the first it stored."""
+
+    name = "plugin"
+
+    def __init__(self) -> None:
+        self.blobs: dict[ChunkKey, bytes] = {}
+        self.deleted: list[ChunkKey] = []
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [bool(self.blobs)] * len(keys)
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        first = next(iter(self.blobs.values()), None)
+        return [first] * len(keys)
+
+    def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
+        for key, chunk in items:
+            sealed = chunk.bound(key).sealed()
+            self.blobs[key] = sealed.header.pack() + bytes(sealed.contiguous_payload())
+        return len(items)
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        self.deleted += keys
+
+    def clear(self) -> None:
+        self.blobs.clear()
+
+    def usage(self) -> TierUsage:
+        return TierUsage(0, 0, len(self.blobs))
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_plugin_tiers_blob_under_the_wrong_key_is_corrupt_and_a_miss() -> None:
+    plugin = _MisplacingTier()
+    store = TieredStore(
+        MemoryTier(HostBuffer.allocate(8 * SLOT, prefault=False)), [plugin], metrics=Metrics()
+    ).start()
+    keys = [random_key() for _ in range(3)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    assert store.flush(5)
+    store.memory.clear()
+    with store.read(keys) as blobs:
+        assert len(blobs) == 1  # the first key's own blob; the others are strangers
+        assert payload(blobs[0]) == payload(chunk_bytes(make_chunk(0)))
+    assert _corrupt_count(store, "plugin") == 1
+    assert plugin.deleted == [keys[1]]
+    store.close()

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kvdepot import __version__
-from kvdepot.config import FIELDS, KVDepotConfig, load_config
+from kvdepot.config import FIELDS, KVDepotConfig, load_config, redacted
 from kvdepot.errors import KVDepotError
 
 
@@ -41,7 +41,7 @@ def _config(args: argparse.Namespace) -> KVDepotConfig:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    print(json.dumps(asdict(_config(args)), indent=2))
+    print(json.dumps(redacted(_config(args)), indent=2))
     return 0
 
 

@@ -3,7 +3,9 @@
 Pure code; precedence is resolved once, at the edge (`load_config`), and nothing else in
 kvdepot reads the environment. Every field has a type, a default and a one-line doc
 (`metadata["doc"]`), which the CLI turns into `--section-field` flags and `KVDEPOT_SECTION_FIELD`
-variables. Sizes accept suffixes: `512MiB`, `2GiB`, `1.5GB`.
+variables. Sizes accept suffixes: `512MiB`, `2GiB`, `1.5GB`. Secret files
+(`daemon.token_file`, `valkey.password_file`) are read here too, once; print a config only
+through `redacted`, which masks the `SECRET_FIELDS`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 import yaml
 
 from kvdepot.errors import ConfigError
-from kvdepot.keys import HashAlgorithm
+from kvdepot.keys import MAX_CHUNK_TOKENS, HashAlgorithm
 from kvdepot.remote_config import S3Config, ValkeyConfig
+from kvdepot.secrets import read_secret_file
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -31,6 +34,8 @@ MODES = ("embedded", "daemon")
 DEFAULT_SOCKET_PATH = f"/tmp/kvdepot-{os.getuid()}/daemon.sock"
 EVICTION_POLICIES = ("prefix-aware", "lru")
 BLEND_SELECTIONS = ("deviation", "query")
+SECRET_FIELDS = frozenset({"daemon.token", "valkey.password", "s3.secret_access_key"})
+REDACTED = "***"
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -55,6 +60,45 @@ class DiskConfig:
     fsync: bool = _doc("fsync each chunk file before it becomes visible", True)
     eviction_policy: str = _doc("eviction order: prefix-aware or lru", "prefix-aware")
     codec: str = _doc("codec of chunks on disk: raw, lossless, int8, fp8, cachegen, ...", "raw")
+    file_mode: str = _doc("permissions of chunk files, octal (0640: readable by the group)", "0600")
+    dir_mode: str = _doc("permissions of directories the tier creates, octal (e.g. 0750)", "0700")
+
+    def validate(self) -> DiskConfig:
+        """Raise ConfigError naming the first invalid field; return self when valid."""
+        file_mode = parse_mode("disk.file_mode", self.file_mode)
+        dir_mode = parse_mode("disk.dir_mode", self.dir_mode)
+        if file_mode & 0o111 or file_mode & 0o600 != 0o600:
+            raise ConfigError(
+                f"disk.file_mode {self.file_mode!r}: chunk files need owner read and write "
+                "and no execute bits (e.g. 0600 or 0640)"
+            )
+        if dir_mode & 0o700 != 0o700:
+            raise ConfigError(
+                f"disk.dir_mode {self.dir_mode!r}: the owner needs rwx (e.g. 0700 or 0750)"
+            )
+        return self
+
+    def file_mode_bits(self) -> int:
+        """`file_mode` as an int (validated config)."""
+        return int(self.file_mode, 8)
+
+    def dir_mode_bits(self) -> int:
+        """`dir_mode` as an int (validated config)."""
+        return int(self.dir_mode, 8)
+
+
+def parse_mode(path: str, text: str) -> int:
+    """Permission bits from an octal string such as '0600'; ConfigError if not octal, above
+    0777 or writable by others (chunks and directories others could rewrite or swap)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"{path} {text!r} is not an octal mode; write e.g. 0600") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{path} {text!r}: only permission bits (0000-0777) are allowed")
+    if mode & 0o002:
+        raise ConfigError(f"{path} {text!r}: must not be writable by others (clear the o+w bit)")
+    return mode
 
 
 @dataclass(slots=True)
@@ -65,10 +109,27 @@ class DaemonConfig:
     tcp_host: str = _doc("TCP address to also listen on; empty: no TCP (needs a token)", "")
     tcp_port: int = _doc("TCP port of the daemon (with tcp_host)", 0)
     token: str = _doc("shared secret for TCP clients and POST /clear; empty: generated", "")
+    token_file: str | None = _doc(
+        "file holding the daemon token (mode 0600); overrides daemon.token", None
+    )
     http_host: str = _doc("address of the HTTP admin endpoint", "127.0.0.1")
     http_port: int = _doc("port of /healthz /metrics /stats /clear; 0: off", 9375)
     shm_dir: str = _doc("directory of the shared-memory RAM tier file", "/dev/shm")
-    lease_ttl_s: float = _doc("seconds a client may hold chunks pinned for a read", 30.0)
+    lease_ttl_s: float = _doc(
+        "a read lease held longer is reported overdue (it stays pinned until released or "
+        "the client disconnects: memory under a live reader is never reused)",
+        30.0,
+    )
+    reservation_ttl_s: float = _doc(
+        "a reserved slot not committed in time loses its key (others may store it); its "
+        "memory returns when its writer commits, aborts or disconnects",
+        30.0,
+    )
+    max_clients: int = _doc("connections served at once; more are closed at accept", 128)
+    handshake_timeout_s: float = _doc("a new connection must send its hello within this", 5.0)
+    max_client_bytes: int = _doc(
+        "arena bytes one client may hold reserved or leased; 0: half the RAM tier", 0
+    )
     connect_timeout_s: float = _doc("client: timeout of a connection attempt", 1.0)
     request_timeout_s: float = _doc("client: timeout of one request", 10.0)
     reconnect_interval_s: float = _doc("client: seconds between reconnection attempts", 1.0)
@@ -117,6 +178,10 @@ class KVDepotConfig:
         "engine connectors also store the KV of generated tokens, once a request finishes", True
     )
     write_back_queue_chunks: int = _doc("chunks waiting for write-back before drops", 64)
+    continuation_index_bytes: int = _doc(
+        "byte budget of the continuation index (partial matching); least recent go first",
+        64 * MiB,
+    )
     codec_plugins: str = _doc("extra codecs: comma-separated 'package.module:Factory'", "")
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
@@ -127,15 +192,27 @@ class KVDepotConfig:
 
     def validate(self) -> KVDepotConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
-        if self.chunk_size_tokens <= 0:
-            raise ConfigError(f"chunk_size_tokens must be positive, got {self.chunk_size_tokens}")
+        if not 0 < self.chunk_size_tokens <= MAX_CHUNK_TOKENS:
+            raise ConfigError(
+                f"chunk_size_tokens must be within 1..{MAX_CHUNK_TOKENS}, "
+                f"got {self.chunk_size_tokens}"
+            )
         algorithms = [a.value for a in HashAlgorithm]
         if self.hash_algorithm not in algorithms:
             raise ConfigError(f"hash_algorithm {self.hash_algorithm!r}: choose one of {algorithms}")
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: choose one of {list(MODES)}")
-        if self.daemon.lease_ttl_s <= 0 or self.daemon.request_timeout_s <= 0:
-            raise ConfigError("daemon.lease_ttl_s and daemon.request_timeout_s must be > 0")
+        d = self.daemon
+        if min(d.lease_ttl_s, d.request_timeout_s, d.reservation_ttl_s, d.handshake_timeout_s) <= 0:
+            raise ConfigError(
+                "daemon.lease_ttl_s, request_timeout_s, reservation_ttl_s and "
+                "handshake_timeout_s must be > 0"
+            )
+        if d.max_clients < 1 or d.max_client_bytes < 0 or self.continuation_index_bytes < 0:
+            raise ConfigError(
+                "daemon.max_clients must be >= 1; daemon.max_client_bytes and "
+                "continuation_index_bytes >= 0"
+            )
         if self.partial_match_min_tokens < 1:
             raise ConfigError("partial_match_min_tokens must be >= 1")
         if self.write_back_queue_chunks < 0:
@@ -149,6 +226,7 @@ class KVDepotConfig:
                     f"{section}.eviction_policy {sub.eviction_policy!r}: "
                     f"choose one of {list(EVICTION_POLICIES)}"
                 )
+        self.disk.validate()
         self.blend.validate()
         self.valkey.validate()
         self.s3.validate()
@@ -297,4 +375,33 @@ def load_config(
         for parent in parents:
             target = getattr(target, parent)
         setattr(target, leaf, _coerce(spec, value))
+    _read_secret_files(config)
     return config.validate()
+
+
+def _read_secret_files(config: KVDepotConfig) -> None:
+    """Fill `daemon.token` and `valkey.password` from their `*_file` fields, when set."""
+    if config.daemon.token_file is not None:
+        config.daemon.token = _secret("daemon.token_file", config.daemon.token_file)
+    if config.valkey.password_file is not None:
+        config.valkey.password = _secret("valkey.password_file", config.valkey.password_file)
+
+
+def _secret(field_path: str, file_path: str) -> str:
+    try:
+        return read_secret_file(file_path)
+    except ConfigError as exc:
+        raise ConfigError(f"{field_path}: {exc}") from None
+
+
+def redacted(config: KVDepotConfig) -> dict[str, Any]:
+    """The config as a JSON-ready tree, each set secret (`SECRET_FIELDS`) shown as '***'."""
+    tree = dataclasses.asdict(config)
+    for dotted in SECRET_FIELDS:
+        *parents, leaf = dotted.split(".")
+        section = tree
+        for parent in parents:
+            section = section[parent]
+        if section[leaf]:
+            section[leaf] = REDACTED
+    return tree

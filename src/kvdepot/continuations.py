@@ -14,9 +14,10 @@ Invariants:
 - It is a hint, never the truth: an answer names a child key, and the caller reads that key
   from the tiers like any other (checksummed; a miss if it is gone). Children no longer in
   any tier are dropped when found.
-- Bounded: at most `max_children` children per parent (the newest kept) and `max_entries`
-  children in all (least recently used parents go first). Memory: ~`max_entries` x
-  (4 bytes x chunk tokens + ~250 bytes), ~12 MB at the defaults with 128-token chunks.
+- Bounded: at most `max_children` children per parent (the newest kept), `max_entries`
+  children in all and `max_bytes` of them (tokens + `ENTRY_OVERHEAD_BYTES` each; least
+  recently used parents go first). A child's tokens longer than a chunk can hold
+  (`MAX_CHUNK_TOKENS`) are not kept. ~12 MB at the default entry cap with 128-token chunks.
 - Keys carry the namespace digest (model, layout, tenant salt), so a parent in one namespace
   never lists a child of another.
 - Saved on a clean close and loaded at start when the store has a disk tier (`save`/`load`,
@@ -37,10 +38,12 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from kvdepot.keys import ChunkKey
+from kvdepot.keys import MAX_CHUNK_TOKENS, ChunkKey
 
 logger = logging.getLogger(__name__)
 _FILE_VERSION = 1
+ENTRY_OVERHEAD_BYTES = 256
+"""Memory an entry costs besides its tokens (keys, dict slots, the array object)."""
 
 
 class _Saved(msgspec.Struct):
@@ -68,14 +71,23 @@ def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
 class ContinuationIndex:
     """parent key -> the chunks stored after it, with their tokens (thread-safe)."""
 
-    def __init__(self, max_entries: int = 16384, max_children: int = 8) -> None:
-        if max_entries < 1 or max_children < 1:
-            raise ValueError("max_entries and max_children must be >= 1")
+    def __init__(
+        self, max_entries: int = 16384, max_children: int = 8, max_bytes: int = 64 << 20
+    ) -> None:
+        if max_entries < 1 or max_children < 1 or max_bytes < 0:
+            raise ValueError("max_entries and max_children must be >= 1, max_bytes >= 0")
         self.max_entries = max_entries
         self.max_children = max_children
+        self.max_bytes = max_bytes
         self._parents: OrderedDict[ChunkKey, OrderedDict[ChunkKey, np.ndarray]] = OrderedDict()
         self._num_entries = 0
+        self._num_bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """What the entries cost, as the byte budget counts it."""
+        return self._num_bytes
 
     def __len__(self) -> int:
         return self._num_entries
@@ -84,6 +96,8 @@ class ContinuationIndex:
         """Remember that each child key (holding these tokens) follows its parent."""
         with self._lock:
             for parent, child, raw in entries:
+                if not 0 < len(raw) <= 4 * MAX_CHUNK_TOKENS or len(raw) % 4:
+                    continue  # not the tokens of a chunk
                 tokens = np.frombuffer(raw, dtype="<i4")
                 children = self._parents.get(parent)
                 if children is None:
@@ -95,12 +109,17 @@ class ContinuationIndex:
                     continue
                 children[child] = tokens
                 self._num_entries += 1
+                self._num_bytes += _cost(tokens)
                 if len(children) > self.max_children:
-                    children.popitem(last=False)
+                    _, dropped = children.popitem(last=False)
                     self._num_entries -= 1
-            while self._num_entries > self.max_entries:
+                    self._num_bytes -= _cost(dropped)
+            while self._parents and (
+                self._num_entries > self.max_entries or self._num_bytes > self.max_bytes
+            ):
                 _, oldest = self._parents.popitem(last=False)
                 self._num_entries -= len(oldest)
+                self._num_bytes -= sum(_cost(t) for t in oldest.values())
 
     def best(
         self,
@@ -175,6 +194,7 @@ class ContinuationIndex:
         with self._lock:
             self._parents.clear()
             self._num_entries = 0
+            self._num_bytes = 0
 
     def _forget(self, parent: ChunkKey, children: Sequence[ChunkKey]) -> None:
         with self._lock:
@@ -182,7 +202,12 @@ class ContinuationIndex:
             if known is None:
                 return
             for child in children:
-                if known.pop(child, None) is not None:
+                if (tokens := known.pop(child, None)) is not None:
                     self._num_entries -= 1
+                    self._num_bytes -= _cost(tokens)
             if not known:
                 del self._parents[parent]
+
+
+def _cost(tokens: np.ndarray) -> int:
+    return int(tokens.nbytes) + ENTRY_OVERHEAD_BYTES

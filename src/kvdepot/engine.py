@@ -315,7 +315,8 @@ class CacheEngine:
                 kv: list[torch.Tensor] = []
                 for i, blob in enumerate(blobs):
                     try:
-                        kv.append(self._chunk_kv(blob, min(c, num_hit - i * c), out, i * c))
+                        n = min(c, num_hit - i * c)
+                        kv.append(self._chunk_kv(blob, keys[i], n, out, i * c))
                     except CorruptChunk as exc:
                         self._log.warning("decode", "chunk %d unusable, deleted: %s", i, exc)
                         bad_keys.append(keys[i])
@@ -332,6 +333,7 @@ class CacheEngine:
     def _chunk_kv(
         self,
         blob: memoryview | bytes,
+        key: ChunkKey,
         num_tokens: int,
         out: torch.Tensor | None,
         start: int,
@@ -340,8 +342,9 @@ class CacheEngine:
     ) -> torch.Tensor:
         """The first `num_tokens` of a stored chunk as `[L, 2, num_tokens, H, D]`: a view of
         the blob if it is raw (no copy), else decoded into `out` at `start` if it has room, or
-        into new memory. The chunk must hold exactly `num_tokens` (or at least, not `exact`)."""
-        header, payload = open_blob(blob, verify=False)
+        into new memory. The chunk must hold exactly `num_tokens` (or at least, not `exact`)
+        and be bound to `key`."""
+        header, payload = open_blob(blob, key=key, verify=False)
         n = header.shape[2] if len(header.shape) == 5 else -1
         if (
             header.dtype is not self.layout.dtype
@@ -398,7 +401,7 @@ class CacheEngine:
         if not blobs:
             return []
         try:
-            return [self._chunk_kv(blobs[0], num_tokens, out, start, exact=False)]
+            return [self._chunk_kv(blobs[0], key, num_tokens, out, start, exact=False)]
         except CorruptChunk as exc:
             self._log.warning("decode", "continuation chunk unusable, deleted: %s", exc)
             bad_keys.append(key)

@@ -39,6 +39,9 @@ PARTIAL_TAG = b"\x00kvdepot-partial-chunk"
 SEGMENT_TAG = b"\x00kvdepot-segment-root"
 """Domain separator of segment chains (position-independent KV of a segment's own tokens)."""
 
+MAX_CHUNK_TOKENS = 8192
+"""Largest chunk, in tokens: bounds every token list a chunk or a request can carry."""
+
 ChunkHash = NewType("ChunkHash", bytes)
 """16-byte chained hash of a token prefix (or of a segment's own tokens)."""
 

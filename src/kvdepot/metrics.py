@@ -102,8 +102,26 @@ class Metrics:
         self.daemon_clients = Gauge(
             "kvdepot_daemon_clients", "Client connections to the daemon", registry=r
         )
-        self.daemon_expired_leases = Counter(
-            "kvdepot_daemon_expired_leases", "Read leases released by timeout", registry=r
+        self.daemon_overdue_leases = Counter(
+            "kvdepot_daemon_overdue_leases",
+            "Read leases held past lease_ttl_s (kept pinned until released or disconnect)",
+            registry=r,
+        )
+        self.daemon_expired_reservations = Counter(
+            "kvdepot_daemon_expired_reservations",
+            "Reserved slots not committed within reservation_ttl_s (their keys given up)",
+            registry=r,
+        )
+        self.daemon_limit_hits = Counter(
+            "kvdepot_daemon_limit_hits",
+            "Requests or connections refused by a bound: clients, handshake, client_bytes",
+            ["limit"],
+            registry=r,
+        )
+        self.daemon_quarantined_bytes = Gauge(
+            "kvdepot_daemon_quarantined_bytes",
+            "Arena bytes held for clients the daemon dropped (they may still touch them)",
+            registry=r,
         )
         self.daemon_protocol_errors = Counter(
             "kvdepot_daemon_protocol_errors",

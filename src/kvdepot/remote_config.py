@@ -38,6 +38,9 @@ class ValkeyConfig:
     ttl_s: int = _doc("expire chunks this long after they are stored; 0: never", 0)
     username: str | None = _doc("ACL user name; unset: the default user", None)
     password: str | None = _doc("password of the ACL user (or requirepass)", None)
+    password_file: str | None = _doc(
+        "file holding the password (mode 0600); overrides valkey.password", None
+    )
     tls: bool = _doc("connect with TLS", False)
     tls_ca_file: str | None = _doc("CA bundle that signs the server certificate", None)
     tls_cert_file: str | None = _doc("client certificate, for mutual TLS", None)
@@ -82,8 +85,14 @@ class S3Config:
     prefix: str = _doc("first part of every object key: <prefix>/<namespace>/<hash>", "kvdepot")
     endpoint_url: str | None = _doc("endpoint of an S3-compatible store; unset: AWS", None)
     region: str | None = _doc("region; unset: from the standard AWS configuration", None)
-    access_key_id: str | None = _doc("access key; unset: the standard credential chain", None)
-    secret_access_key: str | None = _doc("secret key that goes with access_key_id", None)
+    access_key_id: str | None = _doc(
+        "access key; unset (preferred): the standard AWS chain (environment, "
+        "~/.aws/credentials, instance or container role)",
+        None,
+    )
+    secret_access_key: str | None = _doc(
+        "secret key that goes with access_key_id; prefer the standard AWS chain", None
+    )
     addressing_style: str = _doc("bucket in the host name or the path: auto, path, virtual", "auto")
     tls_verify: bool = _doc("verify the endpoint's TLS certificate", True)
     tls_ca_file: str | None = _doc("CA bundle for the endpoint; unset: the system's", None)

@@ -39,7 +39,7 @@ from kvdepot.codec import (
 from kvdepot.codec.format import HEADER_NBYTES, ChunkHeader, EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
 from kvdepot.continuations import Continuation, ContinuationIndex
-from kvdepot.errors import TierUnavailable
+from kvdepot.errors import CorruptChunk, TierUnavailable
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
@@ -98,10 +98,12 @@ class TieredStore:
         write_back_queue_chunks: int = 64,
         registry: CodecRegistry | None = None,
         continuations_path: Path | None = None,
+        continuation_index_bytes: int = 64 << 20,
     ) -> None:
         """Args (besides the obvious):
         continuations_path: where the continuation index is loaded from now and saved
             to on `close` (beside the disk tier's files); None keeps it in memory only.
+        continuation_index_bytes: byte budget of the continuation index.
         """
         self.memory = memory
         self.lower = list(lower)
@@ -118,7 +120,7 @@ class TieredStore:
         self._queued_bytes = 0
         self._writer: threading.Thread | None = None
         self._log = RateLimitedLog(logger)
-        self.continuations = ContinuationIndex()
+        self.continuations = ContinuationIndex(max_bytes=continuation_index_bytes)
         self._continuations_path = continuations_path
         if continuations_path is not None:
             self.continuations.load(continuations_path)
@@ -229,6 +231,8 @@ class TieredStore:
     def _promote_one(self, tier: Tier, key: ChunkKey) -> WriteSlot | bytes | None:
         """One chunk from `tier` in a RAM slot (or its bytes if RAM has no room); None: miss.
 
+        Whatever the tier hands back must be bound to `key` (a blob that landed under
+        another key, e.g. by a plug-in tier's bug, is corrupt: deleted there, counted).
         Never raises: a failing tier is a miss, and a reserved slot is given back on error.
         """
         slot: WriteSlot | None = None
@@ -238,13 +242,14 @@ class TieredStore:
                 slot = None if size is None else self.memory.reserve(key, size)
                 if slot is not None:
                     if tier.read_into(key, slot.buffer):
+                        open_blob(slot.buffer, key=key, verify=False)
                         return slot
                     self.memory.abort(slot)
                     return None
             (blob,) = tier.get([key])
             if blob is None:
                 return None
-            header, payload = open_blob(blob, verify=False)
+            header, payload = open_blob(blob, key=key, verify=False)
             if header.codec_id != RawCodec.codec_id:
                 return self._promote_decoded(key, blob, header)
             chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
@@ -253,6 +258,16 @@ class TieredStore:
                 return blob
             chunk.write_into(slot.buffer)
             return slot
+        except CorruptChunk as exc:
+            if slot is not None:
+                self.memory.abort(slot)
+            self.metrics.corrupt_chunks.labels(tier.name).inc()
+            self._log.warning(
+                f"corrupt-{tier.name}", "tier %s: bad chunk, deleted: %s", tier.name, exc
+            )
+            with contextlib.suppress(Exception):
+                tier.delete([key])
+            return None
         except Exception as exc:
             if slot is not None:
                 self.memory.abort(slot)
@@ -269,7 +284,7 @@ class TieredStore:
         try:
             slot.buffer[:HEADER_NBYTES] = raw.pack()
             out = np.frombuffer(slot.buffer, dtype=header.dtype.storage_dtype, offset=HEADER_NBYTES)
-            decode_chunk_into(blob, out.reshape(header.shape), self.registry, verify=False)
+            decode_chunk_into(blob, out.reshape(header.shape), self.registry, verify=False, key=key)
         except BaseException:
             self.memory.abort(slot)
             raise
@@ -346,7 +361,7 @@ class TieredStore:
             items = []
             for key, view in zip(keys, views, strict=True):
                 if view is not None:  # pinned since put: only a delete/clear removes it
-                    header, payload = open_blob(view, verify=False)
+                    header, payload = open_blob(view, key=key, verify=False)
                     chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
                     items.append((key, chunk))
             for tier in self.lower:
@@ -452,6 +467,8 @@ def open_store(
                 fsync=config.disk.fsync,
                 policy=make_policy(config.disk.eviction_policy),
                 metrics=metrics.tier("disk"),
+                file_mode=config.disk.file_mode_bits(),
+                dir_mode=config.disk.dir_mode_bits(),
             )
             lower.append(_with_codec(disk, config.disk.codec, registry))
             continuations_path = Path(config.disk.path) / CONTINUATIONS_FILE
@@ -475,6 +492,7 @@ def open_store(
         write_back_queue_chunks=config.write_back_queue_chunks,
         registry=registry,
         continuations_path=continuations_path,
+        continuation_index_bytes=config.continuation_index_bytes,
     )
     return store.start()
 

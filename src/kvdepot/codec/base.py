@@ -18,6 +18,7 @@ import numpy as np
 
 from kvdepot.codec.format import MAX_NDIM, ChunkHeader, EncodedChunk, open_blob
 from kvdepot.errors import ConfigError, CorruptChunk, UnknownCodec
+from kvdepot.keys import ChunkKey
 from kvdepot.layout import DType
 
 
@@ -90,10 +91,16 @@ def encode_chunk(array: np.ndarray, dtype: DType, codec: Codec) -> EncodedChunk:
 
 
 def decode_chunk_into(
-    blob: memoryview | bytes, out: np.ndarray, registry: CodecRegistry, *, verify: bool
+    blob: memoryview | bytes,
+    out: np.ndarray,
+    registry: CodecRegistry,
+    *,
+    verify: bool,
+    key: ChunkKey | None = None,
 ) -> ChunkHeader:
-    """Validate `blob` and decode it into `out`, whose shape and dtype must match its header."""
-    header, payload = open_blob(blob, verify=verify)
+    """Validate `blob` (bound to `key`, when given) and decode it into `out`, whose shape and
+    dtype must match its header."""
+    header, payload = open_blob(blob, key=key, verify=verify)
     if out.shape != header.shape or out.dtype != header.dtype.storage_dtype:
         raise CorruptChunk(
             f"chunk holds {header.dtype.name}{list(header.shape)}, "
@@ -107,7 +114,7 @@ def decode_chunk(
     blob: memoryview | bytes, registry: CodecRegistry, *, verify: bool = True
 ) -> tuple[DType, np.ndarray]:
     """Validate and decode `blob` into a new array; returns its dtype and the array."""
-    header, _ = open_blob(blob, verify=False)
+    header, _ = open_blob(blob, key=None, verify=False)
     out = np.empty(header.shape, dtype=header.dtype.storage_dtype)
     decode_chunk_into(blob, out, registry, verify=verify)
     return header.dtype, out

@@ -1,19 +1,25 @@
-"""The stored-chunk format: a fixed 64-byte header followed by the codec's payload.
+"""The stored-chunk format: a fixed 128-byte header followed by the codec's payload.
 
-Pure functions, used in every process. Header (little-endian):
+Pure functions, used in every process. Header (little-endian), format version 2:
 
     magic "KVDC" | version u16 | codec id u16 | dtype u8 | ndim u8 | flags u16 |
-    shape 6 x u32 | payload length u64 | checksum u64 | 12 reserved bytes
+    shape 6 x u32 | payload length u64 | chunk key 32 bytes | checksum u64 | 44 reserved bytes
 
-The checksum is xxh3-64 over the header's first 44 bytes and the payload, and the reserved
+The chunk key binds the blob to the key it was stored under (`EncodedChunk.bound`): every
+tier binds a chunk as it stores it, and every reader names the key it asked for
+(`open_blob(key=...)`), so a whole valid blob that lands under another key (a swapped or
+copied file, a botched restore, a buggy plug-in tier) is corrupt, never a hit. The checksum is
+xxh3-64 over the header's first 76 bytes (key included) and the payload, and the reserved
 bytes must be zero, so a flipped bit anywhere is caught. It is *sealed* (computed) when a
 chunk crosses a trust boundary: written to disk or a remote tier, or handed to another
 process. A chunk that stays in this process's RAM tier is not sealed, because hashing costs
-about half a memory copy on the hot path.
+about half a memory copy on the hot path; its key is still checked (32 bytes, free).
 
 Invariants: `open_blob` never returns a payload whose sizes disagree with the header, never
-trusts a size larger than `MAX_CHUNK_BYTES`, and with `verify=True` returns only sealed
-chunks whose checksum matches. Every violation raises `CorruptChunk`.
+trusts a size larger than `MAX_CHUNK_BYTES`, never returns a chunk bound to another key than
+the one asked for, and with `verify=True` returns only sealed chunks whose checksum matches.
+Every violation raises `CorruptChunk`. Chunks of format version 1 (64-byte header, no key)
+are corrupt: a miss, deleted where they lie.
 """
 
 from __future__ import annotations
@@ -26,19 +32,24 @@ import numpy as np
 import xxhash
 
 from kvdepot.errors import CorruptChunk
+from kvdepot.keys import ChunkKey
 from kvdepot.layout import DType
 
 MAGIC = b"KVDC"
-FORMAT_VERSION = 1
-HEADER_NBYTES = 64
+FORMAT_VERSION = 2  # 2: the chunk key in the header (128 bytes); 1: 64 bytes, no key
+HEADER_NBYTES = 128
 MAX_NDIM = 6
 MAX_CHUNK_BYTES = 1 << 30
 """Upper bound on a chunk's logical and payload size: decoders never allocate more."""
 
 FLAG_SEALED = 0x1
-_HEADER = struct.Struct("<4sHHBBH6IQQ12x")
-_CHECKED_PREFIX = 44  # header bytes covered by the checksum: all up to the checksum field
-_RESERVED_START = 52  # the 12 reserved bytes must be zero
+KEY_NBYTES = 32
+UNBOUND_KEY = bytes(KEY_NBYTES)
+"""The key field of a chunk not yet bound to a key (freshly encoded): never a valid read."""
+_HEADER = struct.Struct("<4sHHBBH6IQ32sQ44x")
+_KEY_START = 44
+_CHECKED_PREFIX = 76  # header bytes covered by the checksum: all up to the checksum field
+_RESERVED_START = 84  # the 44 reserved bytes must be zero
 assert _HEADER.size == HEADER_NBYTES
 
 
@@ -52,6 +63,7 @@ class ChunkHeader:
         shape: shape of the decoded tensor.
         payload_nbytes: length of the payload after the header.
         checksum: xxh3-64 of header prefix + payload, or None while unsealed.
+        key: the 32-byte key the chunk is stored under (`UNBOUND_KEY` until bound).
     """
 
     codec_id: int
@@ -59,6 +71,7 @@ class ChunkHeader:
     shape: tuple[int, ...]
     payload_nbytes: int
     checksum: int | None = None
+    key: bytes = UNBOUND_KEY
 
     @property
     def logical_nbytes(self) -> int:
@@ -80,8 +93,19 @@ class ChunkHeader:
             flags,
             *dims,
             self.payload_nbytes,
+            self.key,
             self.checksum or 0,
         )
+
+    def bound(self, key: ChunkKey) -> ChunkHeader:
+        """This header bound to `key`; CorruptChunk if it is bound to another key already
+        (a chunk read under one key must never be stored under another)."""
+        raw = key.to_bytes()
+        if self.key == raw:
+            return self
+        if self.key != UNBOUND_KEY:
+            raise CorruptChunk(f"chunk of key {self.key.hex()} cannot be stored as {key.hex()}")
+        return replace(self, key=raw, checksum=None)
 
 
 def _checksum(header: ChunkHeader, payload: memoryview | bytes) -> int:
@@ -105,7 +129,8 @@ def parse_header(blob: memoryview | bytes) -> ChunkHeader:
             f"chunk is {len(blob)} bytes, shorter than its {HEADER_NBYTES}-byte header"
         )
     magic, version, codec_id, dtype_code, ndim, flags, *rest = _HEADER.unpack_from(blob)
-    dims, payload_nbytes, checksum = rest[:MAX_NDIM], rest[MAX_NDIM], rest[MAX_NDIM + 1]
+    dims, payload_nbytes = rest[:MAX_NDIM], rest[MAX_NDIM]
+    key, checksum = rest[MAX_NDIM + 1], rest[MAX_NDIM + 2]
     if magic != MAGIC:
         raise CorruptChunk(f"bad magic {magic!r}: not a kvdepot chunk")
     if version != FORMAT_VERSION:
@@ -126,6 +151,7 @@ def parse_header(blob: memoryview | bytes) -> ChunkHeader:
         tuple(dims[:ndim]),
         payload_nbytes,
         checksum if flags & FLAG_SEALED else None,
+        key,
     )
     if header.logical_nbytes > MAX_CHUNK_BYTES or payload_nbytes > MAX_CHUNK_BYTES:
         raise CorruptChunk(f"chunk claims {header.logical_nbytes} bytes, above the limit")
@@ -136,16 +162,25 @@ def parse_header(blob: memoryview | bytes) -> ChunkHeader:
     return header
 
 
-def open_blob(blob: memoryview | bytes, *, verify: bool) -> tuple[ChunkHeader, memoryview]:
+def open_blob(
+    blob: memoryview | bytes, *, key: ChunkKey | None, verify: bool
+) -> tuple[ChunkHeader, memoryview]:
     """Validate a stored chunk and return its header and payload view.
 
     Args:
         blob: header + payload.
+        key: the key the blob was read under: a blob bound to any other key (or to none) is
+            corrupt. None only where the caller checked the key already (or holds a blob
+            that is not a stored chunk yet).
         verify: require a sealed chunk and check its checksum (for data from disk, remote
             tiers or other processes). Without it only the structure is checked.
     """
     view = memoryview(blob).cast("B")
     header = parse_header(view)
+    if key is not None and header.key != key.to_bytes():
+        raise CorruptChunk(
+            f"chunk is bound to key {header.key.hex()}, read as {key.hex()} (misplaced blob)"
+        )
     payload = view[HEADER_NBYTES:]
     if verify:
         if header.checksum is None:
@@ -168,6 +203,11 @@ class EncodedChunk:
 
     def contiguous_payload(self) -> memoryview:
         return np.ascontiguousarray(self.payload).data.cast("B")
+
+    def bound(self, key: ChunkKey) -> EncodedChunk:
+        """This chunk bound to `key` (see `ChunkHeader.bound`); tiers bind what they store."""
+        header = self.header.bound(key)
+        return self if header is self.header else EncodedChunk(header, self.payload)
 
     def sealed(self) -> EncodedChunk:
         if self.header.checksum is not None:

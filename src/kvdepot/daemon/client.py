@@ -12,6 +12,14 @@ into the engine. The client is thread-safe (one request on the socket at a time)
 Replies nobody needs (a lease's `Release`, `Remember`) are not waited for: the request is
 sent and its reply read, and dropped, before the next call's (the daemon answers in order).
 That takes two of a warm read's round trips off the critical path.
+
+Memory safety: the daemon frees a client's leased and reserved arena memory when the
+client's connection closes, so a connection is never closed while one of its reads or
+writes still touches the arena: on a failure it is *parked* (kept open, unused) and closed
+by the last such operation to finish. Only chunks the daemon reports stored (visible) count
+as stored; a key another client is writing is not. Every chunk is bound to its key before it
+is written (`EncodedChunk.bound`). The socket must belong to this user (or root): another
+local user's fake daemon is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from kvdepot.codec.format import EncodedChunk
 from kvdepot.config import KVDepotConfig
 from kvdepot.continuations import Continuation
 from kvdepot.daemon import protocol as p
+from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
@@ -67,6 +76,8 @@ class DaemonClient:
         self._buffer: HostBuffer | None = None
         self._next_attempt_s = 0.0
         self._num_unread = 0  # replies to posted requests, still in the socket
+        self._in_flight: dict[socket.socket, int] = {}  # reads/writes touching the arena
+        self._parked: set[socket.socket] = set()  # failed, closed when no longer in flight
         self._log = RateLimitedLog(logger, interval_s=5.0)
 
     @classmethod
@@ -92,6 +103,7 @@ class DaemonClient:
         if self.tcp_address is not None:
             sock = socket.create_connection(self.tcp_address, timeout=self.connect_timeout_s)
         else:
+            _check_owner(Path(str(self.socket_path)))
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.connect_timeout_s)
             try:
@@ -106,6 +118,7 @@ class DaemonClient:
             if not isinstance(welcome, p.Welcome):
                 raise ConnectionError(f"daemon refused the connection: {welcome}")
             if self._buffer is None or str(self._buffer.path) != welcome.shm_path:
+                _check_owner(Path(welcome.shm_path))
                 self._buffer = HostBuffer.map_shared(Path(welcome.shm_path))
         except BaseException:
             sock.close()
@@ -118,7 +131,10 @@ class DaemonClient:
     def _disconnect(self, reason: object) -> None:
         self._num_unread = 0
         if self._sock is not None:
-            self._sock.close()
+            if self._in_flight.get(self._sock):
+                self._parked.add(self._sock)  # the daemon must not free what is in use
+            else:
+                self._sock.close()
             self._sock = None
             self._log.warning("lost", "kvdepot daemon unreachable (%s): serving misses", reason)
         self._next_attempt_s = time.monotonic() + self.reconnect_interval_s
@@ -166,13 +182,35 @@ class DaemonClient:
         response = self._call(p.Lookup([k.to_bytes() for k in keys]), "lookup")
         return response.count if isinstance(response, p.Count) else 0
 
+    def _hold(self) -> socket.socket | None:
+        """Mark the current connection in use by an arena read/write (call under the lock)."""
+        sock = self._sock
+        if sock is not None:
+            self._in_flight[sock] = self._in_flight.get(sock, 0) + 1
+        return sock
+
+    def _unhold(self, sock: socket.socket | None) -> None:
+        """End `_hold`; closes a parked connection once nothing touches its memory."""
+        if sock is None:
+            return
+        with self._lock:
+            self._in_flight[sock] -= 1
+            if self._in_flight[sock]:
+                return
+            del self._in_flight[sock]
+            if sock in self._parked:
+                self._parked.discard(sock)
+                sock.close()
+
     @contextlib.contextmanager
     def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
         """Views into the shared arena of the leading hits, pinned by a daemon lease."""
         with self._lock:
             response = self._call(p.Read([k.to_bytes() for k in keys]), "read")
             buffer = self._buffer
+            sock = self._hold() if isinstance(response, p.Extents) else None
         if not isinstance(response, p.Extents) or buffer is None:
+            self._unhold(sock)
             yield []
             return
         try:
@@ -181,28 +219,40 @@ class DaemonClient:
                 for offset, size in zip(response.offsets, response.sizes, strict=True)
             ]
         finally:
-            self._call(p.Release(response.lease_id), "release", wait=False)
+            with self._lock:
+                if self._sock is sock:  # else the lease ends with its (parked) connection
+                    self._call(p.Release(response.lease_id), "release", wait=False)
+            self._unhold(sock)
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
-        """Reserve arena slots, copy the chunks in, commit; returns chunks stored."""
+        """Reserve arena slots, copy the chunks in, commit; returns chunks stored (visible
+        now, or written by this call)."""
         raw_keys = [key.to_bytes() for key, _ in items]
         with self._lock:
             reply = self._call(p.Reserve(raw_keys, [c.nbytes for _, c in items]), "put")
             buffer = self._buffer
-        if not isinstance(reply, p.Slots) or buffer is None:
-            return 0
-        written, aborted = [], []
-        for raw, (_, chunk), offset in zip(raw_keys, items, reply.offsets, strict=True):
-            if offset < 0:
-                continue
-            try:
-                chunk.write_into(buffer.view[offset : offset + chunk.nbytes])
-                written.append(raw)
-            except (ValueError, IndexError) as exc:
-                self._log.warning("write", "kvdepot: copying a chunk failed: %s", exc)
-                aborted.append(raw)
-        committed = self._call(p.Commit(written, aborted), "put")
-        num_present = sum(offset == -1 for offset in reply.offsets)
+            sock = self._hold() if isinstance(reply, p.Slots) else None
+        try:
+            if not isinstance(reply, p.Slots) or buffer is None:
+                return 0
+            written, aborted = [], []
+            for raw, (key, chunk), offset in zip(raw_keys, items, reply.offsets, strict=True):
+                if offset < 0:
+                    continue
+                try:
+                    chunk.bound(key).write_into(buffer.view[offset : offset + chunk.nbytes])
+                    written.append(raw)
+                except (ValueError, IndexError, CorruptChunk) as exc:
+                    self._log.warning("write", "kvdepot: copying a chunk failed: %s", exc)
+                    aborted.append(raw)
+            with self._lock:
+                is_same = self._sock is sock
+            if not is_same:
+                return 0  # the reservations end with their (parked) connection
+            committed = self._call(p.Commit(written, aborted), "put")
+        finally:
+            self._unhold(sock)
+        num_present = sum(offset == p.SLOT_STORED for offset in reply.offsets)
         return num_present + (committed.count if isinstance(committed, p.Count) else 0)
 
     def remember(self, entries: Sequence[Continuation]) -> None:
@@ -248,3 +298,14 @@ class DaemonClient:
             if self._buffer is not None:
                 self._buffer.close()
                 self._buffer = None
+
+
+def _check_owner(path: Path) -> None:
+    """Refuse a socket or shared-memory file another user owns (a fake daemon could serve
+    wrong bytes, or read our KV): ConnectionError."""
+    try:
+        owner = os.stat(path).st_uid
+    except OSError as exc:
+        raise ConnectionError(f"{path}: {exc}") from None
+    if owner not in (os.geteuid(), 0):
+        raise ConnectionError(f"{path} belongs to uid {owner}, not to this user: refused")

@@ -6,11 +6,11 @@ POST /clear needs `Authorization: Bearer <token>`; everything else is read-only.
 
 from __future__ import annotations
 
-import hmac
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from kvdepot.daemon.auth import bearer_token, tokens_match
 from kvdepot.daemon.server import DaemonServer
 
 
@@ -50,8 +50,9 @@ def _handler_for(daemon: DaemonServer) -> type[BaseHTTPRequestHandler]:
             if self.path != "/clear":
                 self._reply(404, b"not found\n", "text/plain")
                 return
-            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not daemon.token or not hmac.compare_digest(given, daemon.token):
+            given = bearer_token(self.headers.get("Authorization"))
+            # Header values arrive decoded as latin-1: encoding back gives the bytes sent.
+            if given is None or not tokens_match(given.encode("latin-1", "replace"), daemon.token):
                 self._reply(401, b"a valid token is required\n", "text/plain")
                 return
             daemon.store.clear()

@@ -16,8 +16,16 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: Remember / Continue (the continuation index)
+PROTOCOL_VERSION = 3  # 3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; 2: Remember / Continue
 MAX_FRAME_BYTES = 1 << 20
+SLOT_STORED = -1
+"""`Slots` offset: the key is stored (visible) already; counts as stored."""
+SLOT_NO_ROOM = -2
+"""`Slots` offset: no room could be made (everything else is pinned or reserved)."""
+SLOT_PENDING = -3
+"""`Slots` offset: another writer holds the key; not stored (that writer may never commit)."""
+SLOT_OVER_LIMIT = -4
+"""`Slots` offset: this client holds its limit of arena bytes already."""
 _LENGTH = struct.Struct(">I")
 
 
@@ -130,7 +138,7 @@ class Count(msgspec.Struct, tag="count"):
 
 
 class Slots(msgspec.Struct, tag="slots"):
-    offsets: list[int]  # -1: already stored or being written (skip); -2: no room
+    offsets: list[int]  # >= 0: where to write; else one of the SLOT_* codes
 
 
 class Extents(msgspec.Struct, tag="extents"):

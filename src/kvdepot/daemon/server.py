@@ -1,24 +1,31 @@
-"""The daemon's socket server: sessions, two-phase stores, leased reads, liveness.
+"""The daemon's socket server: sessions, two-phase stores, leased reads, limits.
 
-Runs in the `kvdepot serve` process, one thread per client connection plus a lease reaper.
-The `TieredStore` it serves has its RAM tier in a shared-memory file that clients map, so
-a store is: `Reserve` (the daemon allocates arena slots) → the client copies its chunks into
-them → `Commit` (visible, write-back queued). A read is: `Read` (the daemon pins the leading
-run and answers arena offsets under a lease) → the client copies out → `Release`.
+Runs in the `kvdepot serve` process (or a vLLM worker hosting the cache), one thread per
+client connection plus a reaper. The `TieredStore` it serves has its RAM tier in a
+shared-memory file that clients map, so a store is: `Reserve` (the daemon allocates arena
+slots) → the client copies its chunks into them → `Commit` (visible, write-back queued). A
+read is: `Read` (the daemon pins the leading run and answers arena offsets under a lease) →
+the client copies out → `Release`.
 
-Invariants:
-- Reserved slots belong to their connection; they become visible only through `Commit`. A
-  client that disconnects (or dies) has its uncommitted slots aborted: never made visible.
-- A lease pins its chunks until `Release`, its connection closes, or `lease_ttl_s` passes
-  (then the reaper releases it): a vanished client never pins memory forever.
+Invariants (see `kvdepot.daemon.session` for what a client holds):
+- Reserved slots belong to their connection; they become visible only through `Commit`.
+  `Reserve` answers -1 only for a key that is visible (stored); a key another writer holds
+  is -3, never "stored" (that writer may die).
+- Memory a client may still touch is never reused: leases end at `Release` or disconnect,
+  reservations free their memory at commit/abort or disconnect; time limits only take a
+  slow writer's key claim and report overdue leases.
+- Everything a client can make the daemon hold is bounded, with a metric when a bound
+  bites: connections (`max_clients`), the hello (`handshake_timeout_s`), frames
+  (`protocol.MAX_FRAME_BYTES`), token lists (`MAX_CHUNK_TOKENS`), chunk sizes, and the arena
+  bytes one client holds reserved or leased (`max_client_bytes`).
 - A protocol error closes that connection only; other clients are unaffected.
-- TCP connections must present the token in `Hello`; the Unix socket is mode 0600.
+- TCP connections must present the token in `Hello`; the Unix socket is mode 0600 in a
+  private (0700, ours) directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import itertools
 import logging
 import os
@@ -26,45 +33,45 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from kvdepot.codec.format import HEADER_NBYTES, MAX_CHUNK_BYTES
+from kvdepot.config import DaemonConfig
 from kvdepot.daemon import protocol as p
-from kvdepot.keys import ChunkKey
+from kvdepot.daemon.auth import ensure_private_dir, tokens_match
+from kvdepot.daemon.session import Session
+from kvdepot.keys import MAX_CHUNK_TOKENS, ChunkKey
 from kvdepot.metrics import Metrics
 from kvdepot.store import TieredStore
 from kvdepot.tiers.arena import HostBuffer
-from kvdepot.tiers.memory import WriteSlot
+from kvdepot.tiers.memory import Refusal, WriteSlot
 
 logger = logging.getLogger(__name__)
+_MAX_TOKEN_BYTES = 4 * MAX_CHUNK_TOKENS
+_REFUSAL_CODES = {Refusal.STORED: p.SLOT_STORED, Refusal.PENDING: p.SLOT_PENDING,
+                  Refusal.NO_ROOM: p.SLOT_NO_ROOM}  # fmt: skip
 
 
-@dataclass(slots=True)
-class _Lease:
-    stack: contextlib.ExitStack
-    deadline: float
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one client may make the daemon hold, and for how long (see `DaemonConfig`)."""
 
+    lease_ttl_s: float = 30.0
+    reservation_ttl_s: float = 30.0
+    max_clients: int = 128
+    handshake_timeout_s: float = 5.0
+    max_client_bytes: int = 0  # 0: half the arena
 
-@dataclass(slots=True)
-class _Session:
-    """One client connection's state; `lock` guards leases against the reaper."""
-
-    name: str
-    pid: int
-    transport: str
-    connected_at: float = field(default_factory=time.time)
-    leases: dict[int, _Lease] = field(default_factory=dict)
-    reserved: dict[bytes, WriteSlot] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def release_all(self, abort: Callable[[WriteSlot], None]) -> None:
-        with self.lock:
-            leases, self.leases = list(self.leases.values()), {}
-        for lease in leases:
-            lease.stack.close()
-        for slot in self.reserved.values():
-            abort(slot)
-        self.reserved.clear()
+    @classmethod
+    def from_config(cls, d: DaemonConfig) -> ServerLimits:
+        return cls(
+            d.lease_ttl_s,
+            d.reservation_ttl_s,
+            d.max_clients,
+            d.handshake_timeout_s,
+            d.max_client_bytes,
+        )
 
 
 class DaemonServer:
@@ -78,7 +85,7 @@ class DaemonServer:
         socket_path: Path | None,
         tcp_address: tuple[str, int] | None = None,
         token: str = "",
-        lease_ttl_s: float = 30.0,
+        limits: ServerLimits | None = None,
     ) -> None:
         if tcp_address is not None and not token:
             raise ValueError("a TCP listener needs a token")
@@ -87,11 +94,14 @@ class DaemonServer:
         self.socket_path = socket_path
         self.tcp_address = tcp_address
         self.token = token
-        self.lease_ttl_s = lease_ttl_s
+        self.limits = limits if limits is not None else ServerLimits()
+        self.max_client_bytes = self.limits.max_client_bytes or buffer.nbytes // 2
         self.metrics: Metrics = store.metrics
         self.started_at = time.time()
         self._listeners: list[socket.socket] = []
-        self._sessions: dict[int, _Session] = {}
+        self._sessions: dict[int, Session] = {}
+        self._quarantined: list[Session] = []  # dropped by the daemon with memory held
+        self._num_connections = 0  # accepted and not closed, handshake or not
         self._sessions_lock = threading.Lock()
         self._lease_ids = itertools.count(1)
         self._stopping = threading.Event()
@@ -125,7 +135,7 @@ class DaemonServer:
         with self._sessions_lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            session.release_all(self.store.memory.abort)
+            session.close(self.store.memory, client_left=True)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -138,53 +148,80 @@ class DaemonServer:
                 conn, _ = listener.accept()
             except OSError:
                 return
+            with self._sessions_lock:
+                is_full = self._num_connections >= self.limits.max_clients
+                self._num_connections += not is_full
+            if is_full:
+                self.metrics.daemon_limit_hits.labels("clients").inc()
+                conn.close()
+                continue
             transport = "unix" if listener.family == socket.AF_UNIX else "tcp"
+            if transport == "tcp":
+                _keep_alive(conn)
             threading.Thread(target=self._serve, args=(conn, transport), daemon=True).start()
 
     def _reap_loop(self) -> None:
-        while not self._stopping.wait(min(1.0, self.lease_ttl_s / 4)):
+        interval_s = min(1.0, self.limits.lease_ttl_s / 4, self.limits.reservation_ttl_s / 4)
+        while not self._stopping.wait(interval_s):
             now = time.monotonic()
             with self._sessions_lock:
                 sessions = list(self._sessions.values())
             for session in sessions:
-                with session.lock:
-                    expired = [i for i, lease in session.leases.items() if lease.deadline < now]
-                    leases = [session.leases.pop(i) for i in expired]
-                for lease in leases:
-                    lease.stack.close()
-                if leases:
-                    self.metrics.daemon_expired_leases.inc(len(leases))
-                    logger.warning("released %d expired leases of %s", len(leases), session.name)
+                num_expired, num_overdue = session.expire(self.store.memory, now)
+                if num_expired:
+                    self.metrics.daemon_expired_reservations.inc(num_expired)
+                    logger.warning("%d reservations of %s expired", num_expired, session.name)
+                if num_overdue:
+                    self.metrics.daemon_overdue_leases.inc(num_overdue)
+                    logger.warning("%d read leases of %s are overdue", num_overdue, session.name)
 
     # ---- one connection ----------------------------------------------------------------
 
     def _serve(self, conn: socket.socket, transport: str) -> None:
-        session: _Session | None = None
+        session: Session | None = None
+        client_left = True
         try:
+            conn.settimeout(self.limits.handshake_timeout_s)
             session = self._handshake(conn, transport)
             if session is None:
                 return
+            conn.settimeout(None)
             while True:
                 request = p.recv_request(conn)
                 p.send(conn, self._handle(session, request))
+        except TimeoutError:
+            self.metrics.daemon_limit_hits.labels("handshake").inc()
         except (ConnectionError, OSError):
             pass  # the client left
         except p.ProtocolError as exc:
+            client_left = False
             self.metrics.daemon_protocol_errors.inc()
             logger.warning("closing a connection after a protocol error: %s", exc)
         finally:
-            if session is not None:
-                with self._sessions_lock:
-                    self._sessions.pop(id(session), None)
-                    self.metrics.daemon_clients.set(len(self._sessions))
-                session.release_all(self.store.memory.abort)
             conn.close()
+            self._end(session, client_left=client_left)
 
-    def _handshake(self, conn: socket.socket, transport: str) -> _Session | None:
+    def _end(self, session: Session | None, *, client_left: bool) -> None:
+        with self._sessions_lock:
+            self._num_connections -= 1
+            if session is not None:
+                self._sessions.pop(id(session), None)
+                self.metrics.daemon_clients.set(len(self._sessions))
+        if session is None:
+            return
+        quarantined = session.close(self.store.memory, client_left=client_left)
+        if quarantined:
+            with self._sessions_lock:
+                self._quarantined.append(session)
+                total = sum(s.held_bytes for s in self._quarantined)
+            self.metrics.daemon_quarantined_bytes.set(total)
+            logger.warning("%s dropped holding %d arena bytes: kept", session.name, quarantined)
+
+    def _handshake(self, conn: socket.socket, transport: str) -> Session | None:
         hello = p.recv_request(conn)
         if not isinstance(hello, p.Hello):
             raise p.ProtocolError(f"expected hello, got {type(hello).__name__}")
-        if transport == "tcp" and not hmac.compare_digest(hello.token, self.token):
+        if transport == "tcp" and not tokens_match(hello.token, self.token):
             self.metrics.daemon_protocol_errors.inc()
             logger.warning("refused a TCP client without the right token")
             p.send(conn, p.Failure("authentication failed"))
@@ -192,22 +229,25 @@ class DaemonServer:
         if hello.version != p.PROTOCOL_VERSION:
             p.send(conn, p.Failure(f"protocol {hello.version}, daemon speaks {p.PROTOCOL_VERSION}"))
             return None
-        session = _Session(hello.client_name, hello.pid, transport)
+        session = Session(hello.client_name[:200], hello.pid, transport)
         with self._sessions_lock:
             self._sessions[id(session)] = session
             self.metrics.daemon_clients.set(len(self._sessions))
         path = str(self.buffer.path or "")
-        p.send(conn, p.Welcome(p.PROTOCOL_VERSION, path, self.buffer.nbytes, self.lease_ttl_s))
+        welcome = p.Welcome(p.PROTOCOL_VERSION, path, self.buffer.nbytes, self.limits.lease_ttl_s)
+        p.send(conn, welcome)
         return session
 
-    def _handle(self, session: _Session, request: p.Request) -> p.Response:
+    def _handle(self, session: Session, request: p.Request) -> p.Response:
         try:
             return self._dispatch(session, request)
+        except p.ProtocolError:
+            raise
         except Exception as exc:  # a bad request must not kill the connection or the daemon
             logger.exception("request %s failed", type(request).__name__)
             return p.Failure(f"{type(exc).__name__}: {exc}")
 
-    def _dispatch(self, session: _Session, request: p.Request) -> p.Response:
+    def _dispatch(self, session: Session, request: p.Request) -> p.Response:
         store = self.store
         match request:
             case p.Contains(keys=keys):
@@ -217,30 +257,24 @@ class DaemonServer:
             case p.Reserve(keys=keys, sizes=sizes):
                 return p.Slots(self._reserve(session, keys, sizes))
             case p.Commit(keys=keys, aborted=aborted):
-                slots = [session.reserved.pop(k) for k in keys if k in session.reserved]
-                for key in aborted:
-                    if (slot := session.reserved.pop(key, None)) is not None:
-                        store.memory.abort(slot)
-                return p.Count(store.commit(slots))
+                return p.Count(self._commit(session, keys, aborted))
             case p.Read(keys=keys):
                 return self._read(session, keys)
             case p.Release(lease_id=lease_id):
-                with session.lock:
-                    lease = session.leases.pop(lease_id, None)
-                if lease is not None:
-                    lease.stack.close()
-                return p.Done(lease is not None)
+                return p.Done(session.release_lease(lease_id))
             case p.Delete(keys=keys):
                 store.delete(_keys(keys))
                 return p.Done()
             case p.Remember(parents=parents, children=children, tokens=tokens):
+                _check_tokens(*tokens)
                 store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
                 return p.Done()
             case p.Continue(parent=parent, tokens=tokens):
+                _check_tokens(tokens)
                 found = store.continuation(ChunkKey.from_bytes(parent), tokens)
                 return p.Match() if found is None else p.Match(found[0].to_bytes(), found[1])
             case p.Flush(timeout_s=timeout_s):
-                return p.Done(store.flush(timeout_s))
+                return p.Done(store.flush(min(max(timeout_s, 0.0), 300.0)))
             case p.Stats():
                 return p.StatsReply(self.stats())
             case p.Clear():
@@ -250,23 +284,50 @@ class DaemonServer:
                 raise p.ProtocolError("hello twice")
         raise p.ProtocolError(f"unexpected {type(request).__name__}")
 
-    def _reserve(self, session: _Session, keys: list[bytes], sizes: list[int]) -> list[int]:
+    def _reserve(self, session: Session, keys: list[bytes], sizes: list[int]) -> list[int]:
         if len(keys) != len(sizes):
             raise p.ProtocolError("reserve: keys and sizes differ in length")
+        if any(not HEADER_NBYTES < nbytes <= HEADER_NBYTES + MAX_CHUNK_BYTES for nbytes in sizes):
+            raise p.ProtocolError(f"reserve: a chunk size outside ({HEADER_NBYTES}, 1 GiB]")
         offsets = []
         for raw, nbytes in zip(keys, sizes, strict=True):
-            if raw in session.reserved:
-                offsets.append(-1)  # this client is writing it already
+            key = ChunkKey.from_bytes(raw)
+            if raw in session.reservations:
+                offsets.append(p.SLOT_PENDING)  # this client is writing it already
                 continue
-            slot, is_present = self.store.memory.try_reserve(ChunkKey.from_bytes(raw), nbytes)
-            if slot is None:  # stored, or being written by another client: skip; else no room
-                offsets.append(-1 if is_present else -2)
+            if session.held_bytes + nbytes > self.max_client_bytes:
+                self.metrics.daemon_limit_hits.labels("client_bytes").inc()
+                offsets.append(p.SLOT_OVER_LIMIT)
                 continue
-            session.reserved[raw] = slot
-            offsets.append(self.buffer.offset_of(slot.buffer))
+            got = self.store.memory.try_reserve(key, nbytes)
+            if not isinstance(got, WriteSlot):
+                offsets.append(_REFUSAL_CODES[got])
+                continue
+            session.add_reservation(raw, got, self.limits.reservation_ttl_s)
+            offsets.append(self.buffer.offset_of(got.buffer))
         return offsets
 
-    def _read(self, session: _Session, keys: list[bytes]) -> p.Extents:
+    def _commit(self, session: Session, keys: list[bytes], aborted: list[bytes]) -> int:
+        """Publish the reserved `keys` (the client wrote them) and free the `aborted`; a
+        reservation that expired meanwhile is freed, not published."""
+        slots: list[WriteSlot] = []
+        for raw in keys:
+            reservation = session.take_reservation(raw)
+            if reservation is None:
+                continue
+            if reservation.is_expired:
+                self.store.memory.abort(reservation.slot)
+            else:
+                slots.append(reservation.slot)
+        for raw in aborted:
+            if (reservation := session.take_reservation(raw)) is not None:
+                self.store.memory.abort(reservation.slot)
+        return self.store.commit(slots)
+
+    def _read(self, session: Session, keys: list[bytes]) -> p.Extents:
+        if session.held_bytes >= self.max_client_bytes:
+            self.metrics.daemon_limit_hits.labels("client_bytes").inc()
+            return p.Extents(0, [], [])
         stack = contextlib.ExitStack()
         blobs = stack.enter_context(self.store.read(_keys(keys)))
         offsets, sizes = [], []
@@ -276,17 +337,18 @@ class DaemonServer:
             offsets.append(self.buffer.offset_of(blob))
             sizes.append(len(blob))
         lease_id = next(self._lease_ids)
-        with session.lock:
-            session.leases[lease_id] = _Lease(stack, time.monotonic() + self.lease_ttl_s)
+        session.add_lease(lease_id, stack, sum(sizes), self.limits.lease_ttl_s)
         return p.Extents(lease_id, offsets, sizes)
 
     def stats(self) -> dict[str, object]:
         with self._sessions_lock:
             clients = [
                 {"name": s.name, "pid": s.pid, "transport": s.transport,
-                 "connected_s": round(time.time() - s.connected_at, 1), "leases": len(s.leases)}
+                 "connected_s": round(time.time() - s.connected_at, 1), "leases": len(s.leases),
+                 "held_bytes": s.held_bytes}
                 for s in self._sessions.values()
             ]  # fmt: skip
+            quarantined = sum(s.held_bytes for s in self._quarantined)
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -302,6 +364,7 @@ class DaemonServer:
             "hit_chunks": self.metrics.counter_value("kvdepot_store_hit_chunks_total"),
             "continuations": len(self.store.continuations),
             "clients": clients,
+            "quarantined_bytes": quarantined,
         }
 
 
@@ -309,9 +372,24 @@ def _keys(raw: list[bytes]) -> list[ChunkKey]:
     return [ChunkKey.from_bytes(k) for k in raw]
 
 
+def _check_tokens(*token_lists: bytes) -> None:
+    for tokens in token_lists:
+        if len(tokens) > _MAX_TOKEN_BYTES or len(tokens) % 4:
+            raise p.ProtocolError(f"a token list of {len(tokens)} bytes: not int32 ids of a chunk")
+
+
+def _keep_alive(conn: socket.socket) -> None:
+    """Notice a TCP peer that vanished (its leases then go) within about a minute."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 def _unix_listener(path: Path) -> socket.socket:
-    """A Unix socket at `path` (mode 0600, in a 0700 directory); a stale file is replaced."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """A Unix socket at `path` (mode 0600, in a private 0700 directory); a stale file is
+    replaced. ConfigError if the directory is not safely ours."""
+    ensure_private_dir(path.parent)
     if path.exists():
         probe = socket.socket(socket.AF_UNIX)
         try:
@@ -329,5 +407,5 @@ def _unix_listener(path: Path) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    listener.listen(64)
+    listener.listen(128)
     return listener

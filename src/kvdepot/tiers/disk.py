@@ -16,6 +16,8 @@ Invariants:
   re-store racing an unlink of the same path, can touch it meanwhile.
 - A full, read-only or permission-denied filesystem disables writes for the tier's lifetime
   (one error logged); reads keep working.
+- Files and the directories the tier creates are private by default (0600 / 0700, set
+  exactly, whatever the umask); `file_mode` / `dir_mode` widen them for a shared group.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ _SUFFIX = ".kvc"
 _TMP_DIR = ".tmp"
 _KEY_PART_HEX_CHARS = 32  # namespace digest and chunk hash are 16 bytes each
 _DISABLING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # + PermissionError
+DEFAULT_FILE_MODE = 0o600
+DEFAULT_DIR_MODE = 0o700
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +72,8 @@ class DiskTier:
         fsync: bool = True,
         policy: EvictionPolicy | None = None,
         metrics: TierMetrics | None = None,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
     ) -> None:
         """Wire a tier over `root`; use `DiskTier.open` to also load what is on disk.
 
@@ -77,12 +83,16 @@ class DiskTier:
             fsync: fsync each file before it becomes visible (crash durability).
             policy: eviction order; prefix-aware LRU by default.
             metrics: where to count; a private registry by default.
+            file_mode: permission bits of chunk files.
+            dir_mode: permission bits of the directories the tier creates.
         """
         if capacity_bytes <= 0:
             raise ConfigError(f"disk capacity_bytes must be positive, got {capacity_bytes}")
         self.root = root
         self.capacity_bytes = capacity_bytes
         self._fsync = fsync
+        self._file_mode = file_mode
+        self._dir_mode = dir_mode
         self._policy = policy if policy is not None else PrefixAwarePolicy()
         self._metrics = metrics if metrics is not None else Metrics().tier(self.name)
         self._log = RateLimitedLog(logger)
@@ -102,15 +112,20 @@ class DiskTier:
         fsync: bool = True,
         policy: EvictionPolicy | None = None,
         metrics: TierMetrics | None = None,
+        file_mode: int = DEFAULT_FILE_MODE,
+        dir_mode: int = DEFAULT_DIR_MODE,
     ) -> DiskTier:
         """Create `root` if needed, remove leftover temp files and index the chunks found.
 
         Raises:
             TierUnavailable: `root` cannot be created or listed.
         """
-        tier = cls(root, capacity_bytes, fsync=fsync, policy=policy, metrics=metrics)
+        tier = cls(
+            root, capacity_bytes, fsync=fsync, policy=policy, metrics=metrics,
+            file_mode=file_mode, dir_mode=dir_mode,
+        )  # fmt: skip
         try:
-            (root / _TMP_DIR).mkdir(parents=True, exist_ok=True)
+            _make_dirs(root / _TMP_DIR, dir_mode)
             for leftover in (root / _TMP_DIR).iterdir():
                 leftover.unlink()
             tier._rebuild_index()
@@ -253,7 +268,7 @@ class DiskTier:
         try:
             with open(path, "rb", buffering=0) as file:
                 data = file.read(entry.nbytes + 1) if into is None else _read_exactly(file, into)
-            open_blob(data, verify=True)
+            open_blob(data, key=key, verify=True)
         except FileNotFoundError:
             self._forget(key, entry)
             return None
@@ -276,7 +291,7 @@ class DiskTier:
         if not reserved:
             return None
         try:
-            self._write_file(key, chunk.sealed())
+            self._write_file(key, chunk.bound(key).sealed())
         except BaseException as exc:
             with self._lock:
                 self._reserved_bytes -= nbytes
@@ -356,15 +371,16 @@ class DiskTier:
         path = self._path(key)
         tmp_path = self.root / _TMP_DIR / f"{key.hex()}.tmp"  # unique: the key is busy
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._file_mode)
             try:
+                os.fchmod(fd, self._file_mode)  # exactly: the umask would narrow it
                 _write_all(fd, chunk.header.pack())
                 _write_all(fd, chunk.contiguous_payload())
                 if self._fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(path.parent, self._dir_mode)
             # No directory fsync: a rename lost in a crash only costs a miss.
             os.replace(tmp_path, path)
         except BaseException:
@@ -398,6 +414,21 @@ class DiskTier:
     def _publish(self) -> None:
         usage = self.usage()
         self._metrics.usage(usage.used_bytes, usage.capacity_bytes, usage.num_objects)
+
+
+def _make_dirs(path: Path, mode: int) -> None:
+    """Create `path` and its missing parents with exactly `mode`; existing ones are kept."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        _make_dirs(path.parent, mode)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            return
+    os.chmod(path, mode)  # mkdir's mode is narrowed by the umask
 
 
 def _is_never_pinned(key: ChunkKey) -> bool:

@@ -7,13 +7,20 @@ duration of the `with` block, so a reader never sees its chunk evicted or overwr
 
 Invariants (all under `self._lock`):
 - A chunk is visible (`contains`/`get`/`read`) only after its bytes are fully copied.
+- A key has at most one writer: a reservation claims it until `commit`, `abort` or `forfeit`;
+  a second writer is refused with `Refusal.PENDING`, which is *not* "stored" (the first
+  writer may die). Only the claim's owner (its slot) can commit or release it.
+- A reservation's memory returns to the arena only at `commit` or `abort`, i.e. when its
+  writer is done: `forfeit` (a writer too slow) gives up the key claim but keeps the extent.
 - A pinned chunk is never evicted or reused; a chunk deleted while pinned stays readable by
   its pinners and its memory is freed at the last unpin.
-- Blobs here are trusted (this process wrote or verified them), so reads skip the checksum.
+- Every chunk put here is bound to its key (`EncodedChunk.bound`). Blobs here are trusted
+  (this process wrote or verified them), so reads skip the checksum.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -30,6 +37,14 @@ from kvdepot.tiers.base import TierUsage
 from kvdepot.tiers.policy import EvictionPolicy, PrefixAwarePolicy
 
 logger = logging.getLogger(__name__)
+
+
+class Refusal(enum.Enum):
+    """Why `MemoryTier.try_reserve` gave no slot."""
+
+    STORED = "stored"  # the key is visible already: counts as stored
+    PENDING = "pending"  # another writer holds the key: not stored (it may never commit)
+    NO_ROOM = "no_room"  # nothing evictable would make room
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +90,7 @@ class MemoryTier:
         self._metrics = metrics if metrics is not None else Metrics().tier(self.name)
         self._lock = threading.Lock()
         self._entries: dict[ChunkKey, _Entry] = {}
-        self._pending: set[ChunkKey] = set()
+        self._pending: dict[ChunkKey, int] = {}  # key -> offset of the slot that claims it
         self._unpinned_bytes = 0  # arena footprint of visible chunks nobody pins: evictable
         self._log = RateLimitedLog(logger)
 
@@ -156,11 +171,11 @@ class MemoryTier:
         num_present = 0
         try:
             for key, chunk in items:
-                offset, is_present = self._reserve(key, chunk.nbytes)
-                num_present += is_present
-                if offset is not None:
-                    slots.append(WriteSlot(key, offset, self._slice(offset, chunk.nbytes)))
-                    chunk.write_into(slots[-1].buffer)
+                got = self.try_reserve(key, chunk.nbytes)
+                num_present += got is Refusal.STORED
+                if isinstance(got, WriteSlot):
+                    slots.append(got)
+                    chunk.bound(key).write_into(got.buffer)
         except BaseException:
             for slot in slots:
                 self.abort(slot)
@@ -172,16 +187,17 @@ class MemoryTier:
 
     def reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | None:
         """Room for a new chunk, invisible until `commit`; None if `key` is stored or being
-        written, or if no room can be made. Write exactly `nbytes` into `slot.buffer`."""
-        return self.try_reserve(key, nbytes)[0]
+        written, or if no room can be made. Write exactly `nbytes` into `slot.buffer`: the
+        blob bound to `key`."""
+        got = self.try_reserve(key, nbytes)
+        return got if isinstance(got, WriteSlot) else None
 
-    def try_reserve(self, key: ChunkKey, nbytes: int) -> tuple[WriteSlot | None, bool]:
-        """`reserve`, and whether a None means the key is stored or being written (True)
-        rather than that no room could be made (False)."""
-        offset, is_present = self._reserve(key, nbytes)
-        if offset is None:
-            return None, is_present
-        return WriteSlot(key, offset, self._slice(offset, nbytes)), False
+    def try_reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | Refusal:
+        """`reserve`, saying why when there is no slot."""
+        offset = self._reserve(key, nbytes)
+        if isinstance(offset, Refusal):
+            return offset
+        return WriteSlot(key, offset, self._slice(offset, nbytes))
 
     def commit(
         self,
@@ -196,41 +212,59 @@ class MemoryTier:
         what was pinned (empty if `pin` is).
         """
         with self._lock:
+            committed = []
             for slot in slots:
-                self._pending.discard(slot.key)
+                if self._pending.get(slot.key) != slot.offset:
+                    # Forfeited (another writer may hold the key now): not this slot's to
+                    # publish, and its writer is done with the memory.
+                    self._arena.free(slot.offset, len(slot.buffer))
+                    continue
+                del self._pending[slot.key]
                 self._entries[slot.key] = _Entry(slot.offset, len(slot.buffer))
                 self._unpinned_bytes += ArenaAllocator.footprint(len(slot.buffer))
-            order = touch or [slot.key for slot in slots]
+                committed.append(slot)
+            order = touch or [slot.key for slot in committed]
             self._policy.touch([key for key in order if key in self._entries])
             lease = self._pin_locked(pin)
             self._publish_usage()
-        self._metrics.op("put", "ok", len(slots))
-        self._metrics.bytes("write", sum(len(slot.buffer) for slot in slots))
+        self._metrics.op("put", "ok", len(committed))
+        self._metrics.bytes("write", sum(len(slot.buffer) for slot in committed))
         return lease
 
     def abort(self, slot: WriteSlot) -> None:
-        """Give back a reserved slot that will not be committed."""
+        """Give back a reserved slot that will not be committed (its writer is done)."""
         with self._lock:
-            self._pending.discard(slot.key)
+            if self._pending.get(slot.key) == slot.offset:
+                del self._pending[slot.key]
             self._arena.free(slot.offset, len(slot.buffer))
+
+    def forfeit(self, slot: WriteSlot) -> None:
+        """Give up `slot`'s claim on its key (another writer may store it now) but keep its
+        memory, which a slow writer may still be writing: `abort` frees it later, once the
+        writer is known to be done (or dead)."""
+        with self._lock:
+            if self._pending.get(slot.key) == slot.offset:
+                del self._pending[slot.key]
 
     def _slice(self, offset: int, nbytes: int) -> memoryview:
         return self._buffer.view[offset : offset + nbytes]
 
-    def _reserve(self, key: ChunkKey, nbytes: int) -> tuple[int | None, bool]:
-        """(offset for a new chunk or None, whether the key is already stored or pending).
+    def _reserve(self, key: ChunkKey, nbytes: int) -> int | Refusal:
+        """The offset for a new chunk, or why there is none.
 
         Evicts unpinned chunks in policy order until the chunk fits.
         """
         with self._lock:
-            if key in self._entries or key in self._pending:
-                return None, True
+            if key in self._entries:
+                return Refusal.STORED
+            if key in self._pending:
+                return Refusal.PENDING
             offset = self._arena.alloc(nbytes)
             reachable = self._arena.capacity_bytes - self._arena.used_bytes + self._unpinned_bytes
             if offset is None and ArenaAllocator.footprint(nbytes) > reachable:
                 # Evicting everything evictable could not make room: evict nothing.
                 self._metrics.op("put", "no_room")
-                return None, False
+                return Refusal.NO_ROOM
             num_evicted = 0
             while offset is None:
                 victim = self._policy.pop_victim(self._is_pinned)
@@ -244,9 +278,9 @@ class MemoryTier:
             if offset is None:
                 self._metrics.op("put", "no_room")
                 self._log.warning("full", "RAM tier has no room for a %d-byte chunk", nbytes)
-                return None, False
-            self._pending.add(key)
-            return offset, False
+                return Refusal.NO_ROOM
+            self._pending[key] = offset
+            return offset
 
     def _is_pinned(self, key: ChunkKey) -> bool:
         return self._entries[key].pins > 0

@@ -166,7 +166,7 @@ class S3Tier:
         if blob is None:
             return outcome, None
         try:
-            open_blob(blob, verify=True)
+            open_blob(blob, key=key, verify=True)
         except CorruptChunk as exc:
             self._metrics.corrupt()
             self._log.warning("corrupt", "s3 tier: deleting corrupt object %s: %s", name, exc)
@@ -183,7 +183,7 @@ class S3Tier:
             return "present"
         if outcome != "miss":
             return outcome
-        sealed = chunk.sealed()
+        sealed = chunk.bound(key).sealed()
         body = b"".join((sealed.header.pack(), sealed.contiguous_payload()))
         outcome, _ = self._call(
             "put", lambda: self._client.put_object(Bucket=self.bucket, Key=name, Body=body)

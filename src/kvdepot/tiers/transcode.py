@@ -36,7 +36,7 @@ class CodecTier:
             return chunk
         array = np.empty(header.shape, dtype=header.dtype.storage_dtype)
         blob = header.pack() + bytes(chunk.contiguous_payload())
-        decode_chunk_into(blob, array, self.registry, verify=False)
+        decode_chunk_into(blob, array, self.registry, verify=False)  # not a stored blob: no key
         return encode_chunk(array, header.dtype, self.codec)
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:

@@ -108,8 +108,7 @@ class ValkeyTier:
         start = time.perf_counter()
         blobs: list[bytes | None] = [None] * len(keys)
         for node, idx in self._route(keys, "get"):
-            names = [self._name(keys[i]) for i in idx]
-            for i, blob in zip(idx, self._get_on(node, names), strict=True):
+            for i, blob in zip(idx, self._get_on(node, [keys[i] for i in idx]), strict=True):
                 blobs[i] = blob
         num_hits = sum(blob is not None for blob in blobs)
         self._metrics.op("get", "hit", num_hits)
@@ -123,7 +122,7 @@ class ValkeyTier:
         keys = list(batch)
         num_stored = 0
         for node, idx in self._route(keys, "put"):
-            num_stored += self._put_on(node, [(self._name(keys[i]), batch[keys[i]]) for i in idx])
+            num_stored += self._put_on(node, [(keys[i], batch[keys[i]]) for i in idx])
         self._metrics.op("put", "ok", num_stored)
         self._metrics.latency("put", time.perf_counter() - start)
         return num_stored
@@ -174,7 +173,8 @@ class ValkeyTier:
     def _name(self, key: ChunkKey) -> str:
         return f"{self._prefix}:{key.namespace.hex()}:{{{key.chunk_hash.hex()}}}"
 
-    def _get_on(self, node: _Node, names: list[str]) -> list[bytes | None]:
+    def _get_on(self, node: _Node, keys: list[ChunkKey]) -> list[bytes | None]:
+        names = [self._name(key) for key in keys]
         values = self._pipeline(node, "get", [("GET", n) for n in names])
         if values is None:
             return [None] * len(names)  # counted as breaker_open or error
@@ -191,15 +191,17 @@ class ValkeyTier:
                 continue
             if found is not None:
                 value = _join([next(parts) for _ in range(found[0])])
-            blobs.append(self._validated(node, names[j], found, value))
+            blobs.append(self._validated(node, keys[j], found, value))
             num_misses += blobs[-1] is None
         self._metrics.op("get", "miss", num_misses)
         return blobs
 
     def _validated(
-        self, node: _Node, name: str, found: tuple[int, int] | None, value: object
+        self, node: _Node, key: ChunkKey, found: tuple[int, int] | None, value: object
     ) -> bytes | None:
-        """`value` if it is a blob that verifies; otherwise deletes it (and its parts)."""
+        """`value` if it is a blob of `key` that verifies; otherwise deletes it (and its
+        parts)."""
+        name = self._name(key)
         if value is None or isinstance(value, Exception):
             return None  # absent, or an error reply (counted where it was sent)
         try:
@@ -207,7 +209,7 @@ class ValkeyTier:
                 raise CorruptChunk(f"a part is missing (evicted or expired): {value!r}")
             if found is not None and len(value) != found[1]:
                 raise CorruptChunk(f"parts add up to {len(value)} bytes, not {found[1]}")
-            open_blob(value, verify=True)
+            open_blob(value, key=key, verify=True)
         except CorruptChunk as exc:
             self._metrics.corrupt()
             self._log.warning("corrupt", "valkey tier: deleting bad chunk %s: %s", name, exc)
@@ -215,15 +217,16 @@ class ValkeyTier:
             return None
         return value
 
-    def _put_on(self, node: _Node, items: list[tuple[str, EncodedChunk]]) -> int:
-        exists = self._pipeline(node, "put", [("EXISTS", name) for name, _ in items])
+    def _put_on(self, node: _Node, items: list[tuple[ChunkKey, EncodedChunk]]) -> int:
+        exists = self._pipeline(node, "put", [("EXISTS", self._name(key)) for key, _ in items])
         if exists is None:
             return 0
         commands: list[tuple[object, ...]] = []
         owners: list[tuple[str, int, int]] = []  # name, number of commands, blob bytes
-        for (name, chunk), present in zip(items, exists, strict=True):
+        for (key, chunk), present in zip(items, exists, strict=True):
             if present != 1:
-                cmds = self._set_commands(name, chunk.sealed())
+                name = self._name(key)
+                cmds = self._set_commands(name, chunk.bound(key).sealed())
                 commands += cmds
                 owners.append((name, len(cmds), chunk.nbytes))
         replies = iter(self._pipeline(node, "put", commands, len(owners)) or [])

@@ -18,10 +18,7 @@ final save (its KV was computed in earlier steps) always runs, and is always rep
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import time
-from pathlib import Path
 
 import torch
 
@@ -38,14 +35,12 @@ from kvdepot.connectors.vllm.pages import (
     stack_layers,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
-from kvdepot.daemon.run import remove_stale_shm
-from kvdepot.daemon.server import DaemonServer
+from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.deployment import open_cache
 from kvdepot.engine import CacheEngine, torch_dtype
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
-from kvdepot.store import ChunkStore, open_store
-from kvdepot.tiers.arena import HostBuffer
+from kvdepot.store import ChunkStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +61,7 @@ class WorkerSide:
         self._invalid_block_ids: set[int] = set()
         self._is_load_failed = False
         self._finished_saves: set[str] = set()
-        self._server: DaemonServer | None = None
-        self._shm: HostBuffer | None = None
+        self._host: SharedStoreHost | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the paged layout, open the store (embedded: and serve it to the scheduler)."""
@@ -98,21 +92,10 @@ class WorkerSide:
     def _open_worker_store(self) -> ChunkStore:
         if self.settings.config.mode == "daemon":
             return open_cache(self.settings.config)
-        shm_dir = Path(self.settings.config.daemon.shm_dir)
-        remove_stale_shm(shm_dir)
-        self._shm = HostBuffer.create_shared(
-            shm_dir / f"kvdepot-{os.getpid()}-{secrets.token_hex(4)}.shm",
-            self.settings.config.memory.capacity_bytes,
-            prefault=self.settings.config.memory.prefault,
+        self._host = SharedStoreHost.open(
+            self.settings.config, socket_path=self.settings.socket_path, tcp=False
         )
-        store = open_store(self.settings.config, buffer=self._shm)
-        self._server = DaemonServer(
-            store,
-            self._shm,
-            socket_path=self.settings.socket_path,
-            lease_ttl_s=self.settings.config.daemon.lease_ttl_s,
-        ).start()
-        return store
+        return self._host.store
 
     def _staging(self, num_tokens: int) -> torch.Tensor:
         """A reused CPU tensor `[L, 2, T, H, D]` with T >= num_tokens (fresh memory is slow)."""
@@ -262,9 +245,7 @@ class WorkerSide:
         return invalid
 
     def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-        if self._cache is not None:
+        if self._host is not None:
+            self._host.close()  # the store too
+        elif self._cache is not None:
             self._cache.backend.close()
-        if self._shm is not None:
-            self._shm.unlink()
