@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 
 from kvdepot.codec import HEADER_NBYTES, RawCodec, encode_chunk
+from kvdepot.continuations import TailQuery
 from kvdepot.daemon import protocol as p
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.keys import CacheNamespace, ChunkKey, chunk_keys
 from kvdepot.layout import DType
+from kvdepot.store import PrefixHit
 from kvdepot.tiers.arena import ArenaAllocator
 
 pytestmark = pytest.mark.integration
@@ -185,7 +187,8 @@ def test_killed_client_mid_store_leaves_the_daemon_consistent(daemon: Daemon) ->
     """
     proc = run_client_script(code, str(daemon.root))
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "READY"
+    line = proc.stdout.readline().strip()
+    assert line == "READY", proc.communicate()[1]
     proc.send_signal(signal.SIGKILL)
     proc.communicate()  # reaps it and closes its pipes
     client = daemon.client()
@@ -478,7 +481,8 @@ def test_posted_releases_and_remembers_keep_replies_in_order(daemon: Daemon) -> 
     as_bytes = [np.array(t, dtype="<i4").tobytes() for t in ([1, 2, 3, 4], [1, 2, 3, 9])]
     client.remember([(keys[0], keys[1], as_bytes[0])])
     assert client.lookup(keys) == 4  # not a stale Done
-    assert client.continuation(keys[0], as_bytes[1]) == (keys[1], 3)
+    tail = TailQuery(keys[0], as_bytes[0] + as_bytes[1], chunk_size_tokens=4, min_tokens=1)
+    assert client.match([keys[0], chain(11)[1]], tail) == PrefixHit(1, keys[1], 3)
     clients = client.stats()["clients"]
     assert isinstance(clients, list)
     assert [c["leases"] for c in clients if c["pid"] == os.getpid()] == [0]  # all released

@@ -33,6 +33,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -57,6 +58,30 @@ class _Saved(msgspec.Struct):
 
 Continuation = tuple[ChunkKey, ChunkKey, bytes]
 """(parent key, child key, the child's token ids as little-endian int32 bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TailQuery:
+    """What a store needs to extend a chain's leading run of whole chunks by a partial match
+    in the same call: the prompt's tokens and the chain's root.
+
+    Attributes:
+        root: the parent of the chain's first chunk (the namespace's root key).
+        tokens: the prompt's token ids as little-endian int32 bytes, from its start.
+        chunk_size_tokens: tokens per chunk; chunk i holds tokens[i * c : (i + 1) * c].
+        min_tokens: a partial match shorter than this is no match.
+    """
+
+    root: ChunkKey
+    tokens: bytes
+    chunk_size_tokens: int
+    min_tokens: int = 1
+
+    def after(self, keys: Sequence[ChunkKey], num_chunks: int) -> tuple[ChunkKey, bytes]:
+        """(parent, tokens) of the chunk that follows the first `num_chunks` of `keys`."""
+        parent = keys[num_chunks - 1] if num_chunks else self.root
+        step = 4 * self.chunk_size_tokens
+        return parent, self.tokens[num_chunks * step : (num_chunks + 1) * step]
 
 
 def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:

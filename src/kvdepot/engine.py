@@ -28,14 +28,14 @@ from kvdepot.codec import Codec, CodecRegistry, RawCodec, default_registry
 from kvdepot.codec.base import encode_chunk
 from kvdepot.codec.format import open_blob
 from kvdepot.codec.raw import raw_view
-from kvdepot.continuations import Continuation
+from kvdepot.continuations import Continuation, TailQuery
 from kvdepot.errors import CorruptChunk, LayoutMismatch
 from kvdepot.keys import (
     CacheNamespace,
     ChunkKey,
     HashAlgorithm,
     TokenIds,
-    chunk_hashes,
+    chain_hashes,
     token_bytes,
 )
 from kvdepot.layout import DType, KVLayout
@@ -133,6 +133,7 @@ class CacheEngine:
         self.partial_match = partial_match
         self.min_partial_tokens = max(min_partial_tokens, 1)
         self._namespaces: dict[bytes, CacheNamespace] = {}
+        self._roots: dict[bytes, ChunkKey] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(logger)
 
@@ -164,16 +165,31 @@ class CacheEngine:
         `segment=True` keys `tokens` as a segment: chained from the namespace's segment root,
         so the key depends on these tokens only, wherever they appear in a prompt.
         """
+        raw = token_bytes(_token_ids(tokens))
+        return self._keys_of(raw, tenant_salt, include_partial=include_partial, segment=segment)
+
+    def _keys_of(
+        self, raw: bytes, tenant_salt: bytes, *, include_partial: bool, segment: bool
+    ) -> list[ChunkKey]:
+        """`chunk_keys` of tokens as int32 bytes."""
         ns = self.namespace(tenant_salt)
         parent = ns.segment_root() if segment else None
-        hashes = chunk_hashes(
-            _token_ids(tokens),
-            self.chunk_size_tokens,
-            ns,
-            parent=parent,
-            include_partial=include_partial,
+        hashes = chain_hashes(
+            raw, self.chunk_size_tokens, ns, parent=parent, include_partial=include_partial
         )
         return [ChunkKey(ns.digest, h) for h in hashes]
+
+    def _prompt_keys(
+        self, tokens: Tokens, tenant_salt: bytes, segment: bool
+    ) -> tuple[list[ChunkKey], TailQuery | None]:
+        """The keys of a prompt (its partial tail included) and, when partial matching
+        applies (not for segments: they match exactly), the store's tail query."""
+        raw = token_bytes(_token_ids(tokens))
+        keys = self._keys_of(raw, tenant_salt, include_partial=True, segment=segment)
+        if not self.partial_match or segment:
+            return keys, None
+        root = self._root_key(tenant_salt)
+        return keys, TailQuery(root, raw, self.chunk_size_tokens, self.min_partial_tokens)
 
     def lookup(self, tokens: Tokens, *, tenant_salt: bytes = b"", segment: bool = False) -> int:
         """Number of leading tokens of `tokens` whose KV is cached.
@@ -183,14 +199,13 @@ class CacheEngine:
         chunk of this prefix shares with `tokens`. `segment=True` looks `tokens` up as a
         segment (see `chunk_keys`): whole chunks and the exact tail only.
         """
-        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
-        num_chunks = self.backend.lookup(keys)
+        keys, tail = self._prompt_keys(tokens, tenant_salt, segment)
+        hit = self.backend.match(keys, tail) if tail is not None else None
+        num_chunks = hit.num_chunks if hit is not None else self.backend.lookup(keys)
         num_hit = min(num_chunks * self.chunk_size_tokens, len(tokens))
-        if num_chunks < len(keys) and self.partial_match and not segment:
-            found = self._continuation(tokens, keys, num_chunks, tenant_salt)
-            if found is not None:
-                num_hit += found[1]
-                self.metrics.partial_hit_tokens.inc(found[1])
+        if hit is not None and hit.num_partial_tokens:
+            num_hit += hit.num_partial_tokens
+            self.metrics.partial_hit_tokens.inc(hit.num_partial_tokens)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
         return num_hit
@@ -298,18 +313,20 @@ class CacheEngine:
         token offset (it then needs room for every hit token) or else into new memory.
         A corrupt chunk ends the hit there and is deleted after the block.
         """
-        keys = self.chunk_keys(tokens, tenant_salt, include_partial=True, segment=segment)
+        keys, tail = self._prompt_keys(tokens, tenant_salt, segment)
         c = self.chunk_size_tokens
         bad_keys: list[ChunkKey] = []
         try:
             with contextlib.ExitStack() as stack:
-                blobs = stack.enter_context(self.backend.read(keys))
+                if tail is None:
+                    blobs, hit = stack.enter_context(self.backend.read(keys)), None
+                else:
+                    prefix = stack.enter_context(self.backend.read_prefix(keys, tail))
+                    blobs, hit = prefix.blobs[: prefix.hit.num_chunks], prefix.hit
                 num_hit = min(len(blobs) * c, len(tokens))
-                found = None
-                if len(blobs) < len(keys) and self.partial_match and not segment:
-                    found = self._continuation(tokens, keys, len(blobs), tenant_salt)
+                num_partial = hit.num_partial_tokens if hit is not None else 0
                 if out is not None:
-                    self._check_kv(out, min_tokens=num_hit + (found[1] if found else 0))
+                    self._check_kv(out, min_tokens=num_hit + num_partial)
                     if out.device.type != "cpu":
                         raise LayoutMismatch("out must be a CPU tensor; copy to the device after")
                 kv: list[torch.Tensor] = []
@@ -320,10 +337,16 @@ class CacheEngine:
                     except CorruptChunk as exc:
                         self._log.warning("decode", "chunk %d unusable, deleted: %s", i, exc)
                         bad_keys.append(keys[i])
-                        found, num_hit = None, i * c
+                        num_partial = 0
                         break
-                if found is not None:
-                    kv.extend(self._read_partial(stack, found[0], found[1], out, num_hit, bad_keys))
+                if num_partial and hit is not None and hit.partial_key is not None:
+                    key = hit.partial_key
+                    try:
+                        blob = prefix.blobs[-1]
+                        kv.append(self._chunk_kv(blob, key, num_partial, out, num_hit, exact=False))
+                    except CorruptChunk as exc:
+                        self._log.warning("decode", "partial chunk unusable, deleted: %s", exc)
+                        bad_keys.append(key)
                 self.metrics.retrieved_tokens.inc(sum(int(piece.shape[2]) for piece in kv))
                 yield kv
         finally:
@@ -366,46 +389,16 @@ class CacheEngine:
             self.registry.by_id(header.codec_id).decode_into(header, payload, as_numpy_bits(kv))
         return kv[:, :, :num_tokens]
 
-    def _continuation(
-        self, tokens: Tokens, keys: list[ChunkKey], num_chunks: int, tenant_salt: bytes
-    ) -> tuple[ChunkKey, int] | None:
-        """(stored child, m) whose first m tokens continue the cached run of `num_chunks`
-        chunks of `tokens`; None when none does (or the index cannot be asked)."""
-        c = self.chunk_size_tokens
-        parent = keys[num_chunks - 1] if num_chunks else self._root_key(tenant_salt)
-        rest = _token_ids(tokens[num_chunks * c : (num_chunks + 1) * c])
-        try:
-            found = self.backend.continuation(parent, token_bytes(rest))
-        except Exception as exc:  # a hint only: a failure is a miss
-            self._log.warning("continuation", "continuation lookup failed, a miss: %s", exc)
-            return None
-        return found if found is not None and found[1] >= self.min_partial_tokens else None
-
     def _root_key(self, tenant_salt: bytes) -> ChunkKey:
         """The parent of every chain's first chunk: the namespace's root hash."""
-        ns = self.namespace(tenant_salt)
-        return ChunkKey(ns.digest, ns.root_hash())
-
-    def _read_partial(
-        self,
-        stack: contextlib.ExitStack,
-        key: ChunkKey,
-        num_tokens: int,
-        out: torch.Tensor | None,
-        start: int,
-        bad_keys: list[ChunkKey],
-    ) -> list[torch.Tensor]:
-        """The first `num_tokens` of chunk `key` (held open by `stack`), as `_chunk_kv`; none
-        when it vanished or is unusable (then added to `bad_keys`)."""
-        blobs = stack.enter_context(self.backend.read([key]))
-        if not blobs:
-            return []
-        try:
-            return [self._chunk_kv(blobs[0], key, num_tokens, out, start, exact=False)]
-        except CorruptChunk as exc:
-            self._log.warning("decode", "continuation chunk unusable, deleted: %s", exc)
-            bad_keys.append(key)
-            return []
+        with self._lock:
+            root = self._roots.get(tenant_salt)
+        if root is None:
+            ns = self.namespace(tenant_salt)
+            root = ChunkKey(ns.digest, ns.root_hash())
+            with self._lock:
+                self._roots[tenant_salt] = root
+        return root
 
     def _remember(
         self, tokens: Tokens, keys: list[ChunkKey], held: list[int], tenant_salt: bytes

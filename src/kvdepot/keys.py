@@ -185,9 +185,28 @@ def chunk_hashes(
             the trailing partial chunk, `H(h_prev, PARTIAL_TAG, tail tokens)`: it matches only
             the exact same tail, and no chunk ever chains from it.
     """
+    return chain_hashes(
+        token_bytes(tokens),
+        chunk_size_tokens,
+        namespace,
+        parent=parent,
+        include_partial=include_partial,
+    )
+
+
+def chain_hashes(
+    raw_tokens: bytes,
+    chunk_size_tokens: int,
+    namespace: CacheNamespace,
+    *,
+    parent: ChunkHash | None = None,
+    include_partial: bool = False,
+) -> list[ChunkHash]:
+    """`chunk_hashes` of tokens given as little-endian int32 bytes (`token_bytes`), for
+    callers that need those bytes anyway."""
     if chunk_size_tokens <= 0:
         raise ConfigError(f"chunk_size_tokens must be positive, got {chunk_size_tokens}")
-    raw = memoryview(token_bytes(tokens))
+    raw = memoryview(raw_tokens)
     step = 4 * chunk_size_tokens
     digest = namespace.algorithm.digest
     prev = namespace.root_hash() if parent is None else parent

@@ -8,8 +8,10 @@ otherwise. Data flow:
 - `read` serves a prefix chain: RAM first, then each lower tier for what is still missing;
   lower-tier hits are promoted into RAM. It yields the leading run of hits only.
 - `lookup` counts the leading run of keys present in any tier.
-- `remember` / `continuation` keep and query the continuation index (`kvdepot.continuations`):
-  which stored chunk shares the longest leading run of tokens with a prompt after a prefix.
+- `remember` keeps the continuation index (`kvdepot.continuations`): which stored chunk
+  shares the longest leading run of tokens with a prompt after a prefix. `match` and
+  `read_prefix` answer a lookup or a read *with* its partial tail in one call (one round
+  trip through the daemon instead of three).
 
 Failure policy: a lower tier that raises is logged (rate-limited) and treated as a miss or a
 dropped write; nothing from a lower tier's failure reaches the caller.
@@ -23,7 +25,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +40,7 @@ from kvdepot.codec import (
 )
 from kvdepot.codec.format import HEADER_NBYTES, ChunkHeader, EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
-from kvdepot.continuations import Continuation, ContinuationIndex
+from kvdepot.continuations import Continuation, ContinuationIndex, TailQuery
 from kvdepot.errors import CorruptChunk, TierUnavailable
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
@@ -56,6 +58,25 @@ CONTINUATIONS_FILE = "continuations.msgpack"
 """The saved continuation index, in the disk tier's folder (its scan ignores the file)."""
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """A chain's leading run of whole chunks, then maybe the first `num_partial_tokens` of
+    a stored chunk (`partial_key`) that follows it (partial matching)."""
+
+    num_chunks: int
+    partial_key: ChunkKey | None = None
+    num_partial_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """`PrefixHit` with the blobs: the leading run's, then the partial chunk's (when
+    `hit.num_partial_tokens` > 0); valid inside the `read_prefix` block."""
+
+    blobs: list[memoryview | bytes]
+    hit: PrefixHit
+
+
 class ChunkStore(Protocol):
     """What a cache engine needs from a store: the embedded `TieredStore` or a daemon client."""
 
@@ -71,9 +92,13 @@ class ChunkStore(Protocol):
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int: ...
 
-    def remember(self, entries: Sequence[Continuation]) -> None: ...
+    def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit: ...
 
-    def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None: ...
+    def read_prefix(
+        self, keys: Sequence[ChunkKey], tail: TailQuery
+    ) -> AbstractContextManager[Prefix]: ...
+
+    def remember(self, entries: Sequence[Continuation]) -> None: ...
 
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
 
@@ -314,6 +339,33 @@ class TieredStore:
         """(child, m): a stored chunk after `parent` whose first m tokens equal the first m
         of `tokens` (int32 bytes), for the largest m >= 1; None when there is none."""
         return self.continuations.best(parent, tokens, self.contains)
+
+    def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit:
+        """`lookup`, then the partial match after the leading run (see `PrefixHit`)."""
+        num_chunks = self.lookup(keys)
+        found = self._tail(keys, num_chunks, tail)
+        return PrefixHit(num_chunks) if found is None else PrefixHit(num_chunks, *found)
+
+    @contextlib.contextmanager
+    def read_prefix(self, keys: Sequence[ChunkKey], tail: TailQuery) -> Iterator[Prefix]:
+        """`read`, then the partial chunk after the leading run, pinned alike."""
+        with contextlib.ExitStack() as stack:
+            blobs = stack.enter_context(self.read(keys))
+            found = self._tail(keys, len(blobs), tail)
+            if found is not None:
+                child = stack.enter_context(self.read([found[0]]))
+                if child:  # else it went between the index and the read: no partial hit
+                    yield Prefix([*blobs, child[0]], PrefixHit(len(blobs), *found))
+                    return
+            yield Prefix(blobs, PrefixHit(len(blobs)))
+
+    def _tail(
+        self, keys: Sequence[ChunkKey], num_chunks: int, tail: TailQuery
+    ) -> tuple[ChunkKey, int] | None:
+        if num_chunks >= len(keys):
+            return None
+        found = self.continuation(*tail.after(keys, num_chunks))
+        return found if found is not None and found[1] >= tail.min_tokens else None
 
     def commit(self, slots: Sequence[WriteSlot]) -> int:
         """Make RAM slots reserved with `memory.reserve` and filled by the caller visible,

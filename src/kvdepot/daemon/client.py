@@ -36,12 +36,13 @@ from pathlib import Path
 
 from kvdepot.codec.format import EncodedChunk
 from kvdepot.config import KVDepotConfig
-from kvdepot.continuations import Continuation
+from kvdepot.continuations import Continuation, TailQuery
 from kvdepot.daemon import protocol as p
 from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
+from kvdepot.store import Prefix, PrefixHit
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.base import TierUsage
 
@@ -202,22 +203,43 @@ class DaemonClient:
                 self._parked.discard(sock)
                 sock.close()
 
+    def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit:
+        request = p.Lookup([k.to_bytes() for k in keys], _wire_tail(tail))
+        response = self._call(request, "lookup")
+        if not isinstance(response, p.Matched):
+            return PrefixHit(0)
+        return _hit(response.num_chunks, response.partial_key, response.num_partial_tokens)
+
     @contextlib.contextmanager
     def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
         """Views into the shared arena of the leading hits, pinned by a daemon lease."""
+        with self._read(p.Read([k.to_bytes() for k in keys])) as prefix:
+            yield prefix.blobs
+
+    @contextlib.contextmanager
+    def read_prefix(self, keys: Sequence[ChunkKey], tail: TailQuery) -> Iterator[Prefix]:
+        """`read` and the partial chunk after the leading run, in one round trip."""
+        with self._read(p.Read([k.to_bytes() for k in keys], _wire_tail(tail))) as prefix:
+            yield prefix
+
+    @contextlib.contextmanager
+    def _read(self, request: p.Read) -> Iterator[Prefix]:
         with self._lock:
-            response = self._call(p.Read([k.to_bytes() for k in keys]), "read")
+            response = self._call(request, "read")
             buffer = self._buffer
             sock = self._hold() if isinstance(response, p.Extents) else None
         if not isinstance(response, p.Extents) or buffer is None:
             self._unhold(sock)
-            yield []
+            yield Prefix([], PrefixHit(0))
             return
         try:
-            yield [
+            blobs: list[memoryview | bytes] = [
                 buffer.view[offset : offset + size]
                 for offset, size in zip(response.offsets, response.sizes, strict=True)
             ]
+            num_partial = response.num_partial_tokens
+            num_chunks = len(blobs) - (num_partial > 0)
+            yield Prefix(blobs, _hit(num_chunks, response.partial_key, num_partial))
         finally:
             with self._lock:
                 if self._sock is sock:  # else the lease ends with its (parked) connection
@@ -263,12 +285,6 @@ class DaemonClient:
             )
             self._call(request, "remember", wait=False)
 
-    def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None:
-        response = self._call(p.Continue(parent.to_bytes(), tokens), "continue")
-        if not isinstance(response, p.Match) or response.num_tokens <= 0:
-            return None
-        return ChunkKey.from_bytes(response.key), response.num_tokens
-
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         self._call(p.Delete([k.to_bytes() for k in keys]), "delete")
 
@@ -309,3 +325,13 @@ def _check_owner(path: Path) -> None:
         raise ConnectionError(f"{path}: {exc}") from None
     if owner not in (os.geteuid(), 0):
         raise ConnectionError(f"{path} belongs to uid {owner}, not to this user: refused")
+
+
+def _wire_tail(tail: TailQuery) -> p.Tail:
+    return p.Tail(tail.root.to_bytes(), tail.tokens, tail.chunk_size_tokens, tail.min_tokens)
+
+
+def _hit(num_chunks: int, partial_key: bytes, num_partial_tokens: int) -> PrefixHit:
+    if not num_partial_tokens or len(partial_key) != 32:
+        return PrefixHit(num_chunks)
+    return PrefixHit(num_chunks, ChunkKey.from_bytes(partial_key), num_partial_tokens)

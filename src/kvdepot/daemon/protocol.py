@@ -16,7 +16,9 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; 2: Remember / Continue
+PROTOCOL_VERSION = 3
+"""3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; Lookup and Read take a `Tail` (partial
+matching in the same call, `Continue` is gone). 2: Remember / Continue."""
 MAX_FRAME_BYTES = 1 << 20
 SLOT_STORED = -1
 """`Slots` offset: the key is stored (visible) already; counts as stored."""
@@ -44,10 +46,20 @@ class Contains(msgspec.Struct, tag="contains"):
     keys: list[bytes]
 
 
+class Tail(msgspec.Struct):
+    """`kvdepot.continuations.TailQuery` on the wire (`root` is a 32-byte key)."""
+
+    root: bytes
+    tokens: bytes
+    chunk_size_tokens: int
+    min_tokens: int
+
+
 class Lookup(msgspec.Struct, tag="lookup"):
+    """The leading run of `keys` present; with `tail`, then the partial match (`Matched`)."""
+
     keys: list[bytes]
-    num_tokens: int = 0
-    chunk_size_tokens: int = 0
+    tail: Tail | None = None
 
 
 class Reserve(msgspec.Struct, tag="reserve"):
@@ -65,9 +77,11 @@ class Commit(msgspec.Struct, tag="commit"):
 
 
 class Read(msgspec.Struct, tag="read"):
-    """Pin the leading run of hits of one chain under a lease, promoting from lower tiers."""
+    """Pin the leading run of hits of one chain under a lease, promoting from lower tiers;
+    with `tail`, the partial chunk after the run too (the last extent)."""
 
     keys: list[bytes]
+    tail: Tail | None = None
 
 
 class Release(msgspec.Struct, tag="release"):
@@ -90,13 +104,6 @@ class Remember(msgspec.Struct, tag="remember"):
     tokens: list[bytes]
 
 
-class Continue(msgspec.Struct, tag="continue"):
-    """The stored chunk after `parent` sharing the most leading tokens with `tokens`."""
-
-    parent: bytes
-    tokens: bytes
-
-
 class Stats(msgspec.Struct, tag="stats"):
     pass
 
@@ -115,7 +122,6 @@ Request = (
     | Release
     | Delete
     | Remember
-    | Continue
     | Flush
     | Stats
     | Clear
@@ -142,20 +148,26 @@ class Slots(msgspec.Struct, tag="slots"):
 
 
 class Extents(msgspec.Struct, tag="extents"):
+    """Arena extents of the leading run; with `num_partial_tokens` > 0 the last one is the
+    partial chunk `partial_key`."""
+
     lease_id: int
     offsets: list[int]
     sizes: list[int]
+    partial_key: bytes = b""
+    num_partial_tokens: int = 0
 
 
 class Done(msgspec.Struct, tag="done"):
     ok: bool = True
 
 
-class Match(msgspec.Struct, tag="match"):
-    """Answer to `Continue`: `num_tokens` 0 means none."""
+class Matched(msgspec.Struct, tag="matched"):
+    """Answer to a `Lookup` with a tail: `num_partial_tokens` 0 means no partial match."""
 
-    key: bytes = b""
-    num_tokens: int = 0
+    num_chunks: int
+    partial_key: bytes = b""
+    num_partial_tokens: int = 0
 
 
 class StatsReply(msgspec.Struct, tag="stats_reply"):
@@ -166,7 +178,7 @@ class Failure(msgspec.Struct, tag="failure"):
     message: str
 
 
-Response = Welcome | Found | Count | Slots | Extents | Done | Match | StatsReply | Failure
+Response = Welcome | Found | Count | Slots | Extents | Done | Matched | StatsReply | Failure
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)

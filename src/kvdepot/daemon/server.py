@@ -38,12 +38,13 @@ from pathlib import Path
 
 from kvdepot.codec.format import HEADER_NBYTES, MAX_CHUNK_BYTES
 from kvdepot.config import DaemonConfig
+from kvdepot.continuations import TailQuery
 from kvdepot.daemon import protocol as p
 from kvdepot.daemon.auth import ensure_private_dir, tokens_match
 from kvdepot.daemon.session import Session
 from kvdepot.keys import MAX_CHUNK_TOKENS, ChunkKey
 from kvdepot.metrics import Metrics
-from kvdepot.store import TieredStore
+from kvdepot.store import PrefixHit, TieredStore
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import Refusal, WriteSlot
 
@@ -252,14 +253,17 @@ class DaemonServer:
         match request:
             case p.Contains(keys=keys):
                 return p.Found(store.contains(_keys(keys)))
-            case p.Lookup(keys=keys):
-                return p.Count(store.lookup(_keys(keys)))
+            case p.Lookup(keys=keys, tail=tail):
+                if tail is None:
+                    return p.Count(store.lookup(_keys(keys)))
+                hit = store.match(_keys(keys), _tail(tail, len(keys)))
+                return p.Matched(hit.num_chunks, *_partial(hit))
             case p.Reserve(keys=keys, sizes=sizes):
                 return p.Slots(self._reserve(session, keys, sizes))
             case p.Commit(keys=keys, aborted=aborted):
                 return p.Count(self._commit(session, keys, aborted))
-            case p.Read(keys=keys):
-                return self._read(session, keys)
+            case p.Read(keys=keys, tail=tail):
+                return self._read(session, keys, tail)
             case p.Release(lease_id=lease_id):
                 return p.Done(session.release_lease(lease_id))
             case p.Delete(keys=keys):
@@ -269,10 +273,6 @@ class DaemonServer:
                 _check_tokens(*tokens)
                 store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
                 return p.Done()
-            case p.Continue(parent=parent, tokens=tokens):
-                _check_tokens(tokens)
-                found = store.continuation(ChunkKey.from_bytes(parent), tokens)
-                return p.Match() if found is None else p.Match(found[0].to_bytes(), found[1])
             case p.Flush(timeout_s=timeout_s):
                 return p.Done(store.flush(min(max(timeout_s, 0.0), 300.0)))
             case p.Stats():
@@ -324,12 +324,17 @@ class DaemonServer:
                 self.store.memory.abort(reservation.slot)
         return self.store.commit(slots)
 
-    def _read(self, session: Session, keys: list[bytes]) -> p.Extents:
+    def _read(self, session: Session, keys: list[bytes], tail: p.Tail | None) -> p.Extents:
         if session.held_bytes >= self.max_client_bytes:
             self.metrics.daemon_limit_hits.labels("client_bytes").inc()
             return p.Extents(0, [], [])
         stack = contextlib.ExitStack()
-        blobs = stack.enter_context(self.store.read(_keys(keys)))
+        if tail is None:
+            blobs, hit = stack.enter_context(self.store.read(_keys(keys))), PrefixHit(0)
+        else:
+            query = _tail(tail, len(keys))
+            prefix = stack.enter_context(self.store.read_prefix(_keys(keys), query))
+            blobs, hit = prefix.blobs, prefix.hit
         offsets, sizes = [], []
         for blob in blobs:
             if not isinstance(blob, memoryview):
@@ -338,7 +343,10 @@ class DaemonServer:
             sizes.append(len(blob))
         lease_id = next(self._lease_ids)
         session.add_lease(lease_id, stack, sum(sizes), self.limits.lease_ttl_s)
-        return p.Extents(lease_id, offsets, sizes)
+        if hit.num_partial_tokens and len(offsets) == len(blobs):
+            return p.Extents(lease_id, offsets, sizes, *_partial(hit))
+        num_whole = min(len(offsets), len(blobs) - (hit.num_partial_tokens > 0))
+        return p.Extents(lease_id, offsets[:num_whole], sizes[:num_whole])
 
     def stats(self) -> dict[str, object]:
         with self._sessions_lock:
@@ -370,6 +378,22 @@ class DaemonServer:
 
 def _keys(raw: list[bytes]) -> list[ChunkKey]:
     return [ChunkKey.from_bytes(k) for k in raw]
+
+
+def _tail(tail: p.Tail, num_keys: int) -> TailQuery:
+    """A client's tail query, checked: ProtocolError for what no prompt of `num_keys` chunks
+    could send."""
+    c = tail.chunk_size_tokens
+    if not 0 < c <= MAX_CHUNK_TOKENS or len(tail.tokens) > 4 * c * num_keys:
+        raise p.ProtocolError(f"a tail of {len(tail.tokens)} token bytes, chunks of {c}")
+    _check_tokens(tail.tokens[: 4 * c])
+    return TailQuery(ChunkKey.from_bytes(tail.root), tail.tokens, c, max(tail.min_tokens, 1))
+
+
+def _partial(hit: PrefixHit) -> tuple[bytes, int]:
+    if hit.partial_key is None or not hit.num_partial_tokens:
+        return b"", 0
+    return hit.partial_key.to_bytes(), hit.num_partial_tokens
 
 
 def _check_tokens(*token_lists: bytes) -> None:
