@@ -179,8 +179,8 @@ class ContinuationIndex:
                 return child, m
         return None
 
-    def save(self, path: Path) -> None:
-        """Write the index to `path` atomically (temp file, then rename)."""
+    def save(self, path: Path, mode: int = 0o600) -> None:
+        """Write the index to `path` atomically (temp file, then rename), with file `mode`."""
         with self._lock:
             triples = [
                 (parent.to_bytes(), child.to_bytes(), tokens.tobytes())
@@ -194,7 +194,11 @@ class ContinuationIndex:
             [t[2] for t in triples],
         )
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(msgspec.msgpack.encode(saved))
+        # Private like the chunk files: the tokens are other people's prompts.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(fd, mode)
+            file.write(msgspec.msgpack.encode(saved))
         os.replace(tmp, path)
 
     def load(self, path: Path) -> int:

@@ -6,8 +6,11 @@ daemon's disk write-back does not compete for the two cores). Figures, each with
   commit) vs `numpy.copyto` of the same bytes into a touched /dev/shm mapping;
 - retrieve: `CacheEngine.retrieve(out=...)` through the client (read lease, copy out,
   release) vs `numpy.copyto` of the same bytes out of a /dev/shm mapping;
-- lookup: round trip of a 16-chunk `lookup` (keys precomputed), p50 and p99.
-Goals: store and retrieve >= 0.6 of the limit; lookup p50 <= 200 us.
+- lookup: round trip of a 16-chunk `lookup` (keys precomputed), p50 and p99;
+- partial: `CacheEngine.lookup` / `retrieve` of a prompt whose last chunk matches a stored
+  chunk in part (partial matching), p50, vs the same calls for the whole chunks alone: the
+  partial tail rides in the same round trip, so it should cost little more.
+Goals: store and retrieve >= 0.6 of the limit; lookup p50 <= 200 us; partial <= 1.5x.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +110,50 @@ def _bench_lookup(socket_path: Path, num_calls: int) -> list[Result]:
     ]
 
 
+def _p50_s(fn: Callable[[], object], num_calls: int) -> float:
+    for _ in range(max(num_calls // 10, 3)):
+        fn()
+    samples = []
+    for _ in range(num_calls):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _bench_partial(socket_path: Path, num_calls: int) -> list[Result]:
+    """A 12-chunk prompt stored; the query shares 11 chunks and 3/4 of the 12th."""
+    layout = LAYOUTS["small"]
+    client = DaemonClient(socket_path=socket_path)
+    engine = CacheEngine(client, layout, "bench-partial", chunk_size_tokens=CHUNK_TOKENS)
+    stored = list(range(12 * CHUNK_TOKENS))
+    kv = torch.randn(layout.chunk_shape(len(stored))).to(torch.bfloat16)
+    engine.store(stored, kv)
+    whole = stored[: 11 * CHUNK_TOKENS]
+    num_shared = 11 * CHUNK_TOKENS + 3 * CHUNK_TOKENS // 4
+    partial = stored[:num_shared] + [10**6] * (CHUNK_TOKENS // 4)
+    out = torch.empty(layout.chunk_shape(len(partial)), dtype=torch.bfloat16)
+    try:
+        if engine.lookup(partial) != num_shared:
+            raise RuntimeError("partial matching found less than the shared tokens")
+        got = engine.retrieve(partial, out=out)
+        assert torch.equal(got, kv[:, :, :num_shared]), "the daemon returned different KV"
+        results = []
+        for op, fn_whole, fn_partial, calls in (
+            ("lookup", lambda: engine.lookup(whole), lambda: engine.lookup(partial), num_calls),
+            ("retrieve", lambda: engine.retrieve(whole, out=out),
+             lambda: engine.retrieve(partial, out=out), max(num_calls // 20, 20)),
+        ):  # fmt: skip
+            whole_s, partial_s = _p50_s(fn_whole, calls), _p50_s(fn_partial, calls)
+            results.append(
+                Result("small", f"partial {op} p50", partial_s * 1e6, whole_s * 1e6, "us",
+                       partial_s / whole_s, "<= 1.5")
+            )  # fmt: skip
+    finally:
+        client.close()
+    return results
+
+
 def run(layouts: list[str], total_mib: int, repeats: int) -> list[Result]:
     """Start a daemon, measure, stop it; returns the results (printed by `report`)."""
     root = Path(tempfile.mkdtemp(prefix="kvdepot-bench-daemon-"))
@@ -115,6 +163,7 @@ def run(layouts: list[str], total_mib: int, repeats: int) -> list[Result]:
         for name in layouts:
             results += _bench_layout(name, socket_path, total_mib << 20, repeats)
         results += _bench_lookup(socket_path, 2000)
+        results += _bench_partial(socket_path, 1000)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
