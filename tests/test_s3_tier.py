@@ -38,8 +38,8 @@ def make_chunk(seed: int, num_values: int = 512) -> EncodedChunk:
     return encode_chunk(data, DType.FLOAT16, RawCodec())
 
 
-def blob_of(chunk: EncodedChunk) -> bytes:
-    sealed = chunk.sealed()
+def blob_of(chunk: EncodedChunk, key: ChunkKey) -> bytes:
+    sealed = chunk.bound(key).sealed()
     return sealed.header.pack() + bytes(sealed.contiguous_payload())
 
 
@@ -102,8 +102,8 @@ def test_round_trip_in_concurrent_batches(
     assert tier.get(keys) == [None] * 12
     assert tier.put(list(zip(keys, chunks, strict=True))) == 12
     assert tier.contains(keys) == [True] * 12
-    assert tier.get(keys) == [blob_of(c) for c in chunks]
-    assert tier.get(keys[3:4]) == [blob_of(chunks[3])]  # a batch of one runs inline
+    assert tier.get(keys) == [blob_of(c, k) for c, k in zip(chunks, keys, strict=True)]
+    assert tier.get(keys[3:4]) == [blob_of(chunks[3], keys[3])]  # a batch of one runs inline
     assert tier.put([(keys[0], chunks[0])]) == 1  # present: counts as stored
     assert tier.usage().num_objects == 12
     tier.delete(keys[:5])
@@ -117,17 +117,18 @@ def test_corrupt_objects_are_deleted_not_served(
     s3_server: LocalServer, open_tier: Callable[..., tuple[S3Tier, S3Config]], metrics: Metrics
 ) -> None:
     tier, config = open_tier(s3_server)
-    chunk, keys = make_chunk(1), make_keys(3)
+    chunk, keys = make_chunk(1), make_keys(4)
     tier.put([(key, chunk) for key in keys])
     client = raw_client(config)
-    flipped = bytearray(blob_of(chunk))
+    flipped = bytearray(blob_of(chunk, keys[0]))
     flipped[200] ^= 0x04
-    bodies = [bytes(flipped), b"garbage", blob_of(chunk)[:-1]]  # bit flip, junk, torn
+    # bit flip, junk, torn, and another key's whole valid object (a botched copy)
+    bodies = [bytes(flipped), b"garbage", blob_of(chunk, keys[2])[:-1], blob_of(chunk, keys[0])]
     for key, body in zip(keys, bodies, strict=True):
         client.put_object(Bucket=config.bucket, Key=object_name(config, key), Body=body)
-    assert tier.get(keys) == [None] * 3
+    assert tier.get(keys) == [None] * 4
     assert (
-        metrics.registry.get_sample_value("kvdepot_tier_corrupt_chunks_total", {"tier": "s3"}) == 3
+        metrics.registry.get_sample_value("kvdepot_tier_corrupt_chunks_total", {"tier": "s3"}) == 4
     )
     for key in keys:
         with pytest.raises(ClientError):
@@ -165,7 +166,7 @@ def test_killed_server_is_a_miss_then_recovers(
     assert ops(metrics, "breaker", "opened") >= 1
     assert ops(metrics, "get", "breaker_open") > 0
     fresh_s3.start()  # same data directory: the objects are still there
-    assert wait_until(lambda: tier.get(keys) == [blob_of(chunk)] * 6, timeout_s=20.0)
+    assert wait_until(lambda: tier.get(keys) == [blob_of(chunk, k) for k in keys], timeout_s=20.0)
     assert ops(metrics, "breaker", "closed") >= 1
 
 
@@ -186,7 +187,7 @@ def test_hung_server_times_out_and_breaker_opens(
         assert ops(metrics, "breaker", "opened") == 1
     finally:
         fresh_s3.resume()
-    assert wait_until(lambda: tier.get(keys) == [blob_of(chunk)] * 4, timeout_s=10.0)
+    assert wait_until(lambda: tier.get(keys) == [blob_of(chunk, k) for k in keys], timeout_s=10.0)
 
 
 def test_a_closed_tier_answers_misses(
@@ -223,7 +224,7 @@ tier.close()
 """
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, timeout=60)
     assert done.stdout.strip() == b"3", done.stderr.decode()
-    assert tier.get(keys) == [blob_of(make_chunk(i)) for i in range(3)]
+    assert tier.get(keys) == [blob_of(make_chunk(i), k) for i, k in enumerate(keys)]
 
 
 def test_config_errors() -> None:

@@ -43,8 +43,8 @@ def make_chunk(seed: int, num_values: int = 512) -> EncodedChunk:
     return encode_chunk(data, DType.FLOAT16, RawCodec())
 
 
-def blob_of(chunk: EncodedChunk) -> bytes:
-    sealed = chunk.sealed()
+def blob_of(chunk: EncodedChunk, key: ChunkKey) -> bytes:
+    sealed = chunk.bound(key).sealed()
     return sealed.header.pack() + bytes(sealed.contiguous_payload())
 
 
@@ -101,7 +101,7 @@ def test_round_trip(valkey: LocalServer, open_tier: Callable[..., ValkeyTier]) -
     assert tier.put(list(zip(keys, chunks, strict=True))) == 3
     assert tier.contains(keys) == [True] * 3
     blobs = tier.get(keys)
-    assert blobs == [blob_of(c) for c in chunks]
+    assert blobs == [blob_of(c, k) for c, k in zip(chunks, keys, strict=True)]
     _, array = decode_chunk(blobs[1] or b"", default_registry())
     assert np.array_equal(array, chunks[1].payload.view(np.float16).reshape(array.shape))
     assert tier.usage().num_objects == 3
@@ -123,7 +123,7 @@ def test_large_value_is_split_into_parts(
     assert len(client.get(name) or b"") == 16  # the manifest
     part_sizes = [client.strlen(f"{name}:{p}") for p in range(5)]
     assert max(part_sizes) <= 4096 and sum(part_sizes) == chunk.nbytes
-    assert tier.get([key]) == [blob_of(chunk)]
+    assert tier.get([key]) == [blob_of(chunk, key)]
     tier.delete([key])
     assert list(client.scan_iter(match=f"{tier.config.key_prefix}:*")) == []
     client.close()
@@ -134,11 +134,12 @@ def test_corrupt_values_are_deleted_not_served(
 ) -> None:
     tier = open_tier(valkey, part_size_bytes=4096)
     small, large = make_chunk(1), make_chunk(2, 10_000)
-    keys = make_keys(4)
+    keys = make_keys(5)
     tier.put([(keys[0], small), (keys[1], small), (keys[2], large), (keys[3], large)])
+    tier.put([(keys[4], small)])
     client = raw(valkey)
     names = [tier._name(key) for key in keys]
-    flipped = bytearray(blob_of(small))
+    flipped = bytearray(blob_of(small, keys[0]))
     flipped[100] ^= 0x10
     client.set(names[0], bytes(flipped))  # one bit of the payload
     client.set(names[1], b"garbage")
@@ -146,10 +147,11 @@ def test_corrupt_values_are_deleted_not_served(
     part[0] ^= 0x01
     client.set(f"{names[2]}:3", bytes(part))  # one bit of one part
     client.delete(f"{names[3]}:1")  # a part evicted
-    assert tier.get(keys) == [None] * 4
+    client.set(names[4], blob_of(small, keys[0]))  # another key's valid value (a bad copy)
+    assert tier.get(keys) == [None] * 5
     assert (
         metrics.registry.get_sample_value("kvdepot_tier_corrupt_chunks_total", {"tier": "valkey"})
-        == 4
+        == 5
     )
     assert list(client.scan_iter(match=f"{tier.config.key_prefix}:*")) == []  # parts too
     client.close()
@@ -192,7 +194,7 @@ def test_acl_user_and_password(
         tier = open_tier(server, username="kvdepot", password="s3cret")
         keys, chunk = make_keys(2), make_chunk(7)
         assert tier.put([(key, chunk) for key in keys]) == 2
-        assert tier.get(keys) == [blob_of(chunk)] * 2
+        assert tier.get(keys) == [blob_of(chunk, k) for k in keys]
         intruder = open_tier(server, username="kvdepot", password="wrong")
         assert intruder.get(keys) == [None, None]  # refused: a miss, not an exception
         assert intruder.put([(keys[0], chunk)]) == 0
@@ -232,7 +234,7 @@ def test_killed_server_is_a_miss_then_recovers(
     fresh_valkey.start()  # empty: no persistence
 
     def round_trip() -> bool:
-        return tier.put(items) == 8 and tier.get(keys) == [blob_of(chunk)] * 8
+        return tier.put(items) == 8 and tier.get(keys) == [blob_of(chunk, k) for k in keys]
 
     assert wait_until(round_trip, timeout_s=5.0)
     assert ops(metrics, "breaker", "closed") >= 1
@@ -255,7 +257,7 @@ def test_hung_server_times_out_and_breaker_opens(
         assert ops(metrics, "breaker", "opened") == 1
     finally:
         fresh_valkey.resume()
-    assert wait_until(lambda: tier.get(keys) == [blob_of(chunk)] * 4, timeout_s=5.0)
+    assert wait_until(lambda: tier.get(keys) == [blob_of(chunk, k) for k in keys], timeout_s=5.0)
 
 
 def test_a_closed_tier_answers_misses(
@@ -280,7 +282,7 @@ def test_cluster_node_down_costs_only_its_slots(
     keys = make_keys(60)
     items = list(zip(keys, chunks, strict=True))
     assert tier.put(items) == 60
-    assert tier.get(keys) == [blob_of(c) for c in chunks]
+    assert tier.get(keys) == [blob_of(c, k) for c, k in zip(chunks, keys, strict=True)]
     owner = [node_of(key_slot(k.chunk_hash.hex().encode())) for k in keys]
     assert set(owner) == {0, 1, 2}
     victim = valkey_nodes[1]
@@ -288,15 +290,17 @@ def test_cluster_node_down_costs_only_its_slots(
     try:
         for _ in range(3):
             blobs = tier.get(keys)
-            for blob, chunk, node in zip(blobs, chunks, owner, strict=True):
-                assert blob == (None if node == 1 else blob_of(chunk))
+            for blob, chunk, key, node in zip(blobs, chunks, keys, owner, strict=True):
+                assert blob == (None if node == 1 else blob_of(chunk, key))
             assert tier.put(items) == owner.count(0) + owner.count(2)
     finally:
         victim.start()
     wait_cluster_ok(valkey_nodes)
 
     def all_back() -> bool:
-        return tier.put(items) == 60 and tier.get(keys) == [blob_of(c) for c in chunks]
+        return tier.put(items) == 60 and tier.get(keys) == [
+            blob_of(c, k) for c, k in zip(chunks, keys, strict=True)
+        ]
 
     assert wait_until(all_back, timeout_s=10.0)
 
@@ -323,7 +327,7 @@ tier.close()
 """
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, timeout=60)
     assert done.stdout.strip() == b"3", done.stderr.decode()
-    assert tier.get(keys) == [blob_of(make_chunk(i)) for i in range(3)]
+    assert tier.get(keys) == [blob_of(make_chunk(i), k) for i, k in enumerate(keys)]
 
 
 def test_config_errors() -> None:
