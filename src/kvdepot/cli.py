@@ -217,6 +217,20 @@ def _cmd_bench_pages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from kvdepot.bench import chaos
+
+    names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(chaos.SCENARIOS))
+    if unknown:
+        raise KVDepotError(f"unknown scenarios {unknown}; choose from {sorted(chaos.SCENARIOS)}")
+    results = chaos.run_chaos(args.minutes, names or None, args.workdir)
+    print(chaos.report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if chaos.is_met(results) else 1
+
+
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
     # Runs in the vLLM environment (see kvdepot.bench.vllm); it owns its flags.
     from kvdepot.bench import vllm
@@ -349,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     pages_bench.add_argument("--repeats", type=int, default=9, help="pairs per figure")
     pages_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
     pages_bench.set_defaults(func=_cmd_bench_pages)
+    chaos_bench = benches.add_parser(
+        "chaos", help="fault injection on real daemons and servers: wrong bytes, lost chunks"
+    )
+    chaos_bench.add_argument("--minutes", type=float, default=5.0, help="split over scenarios")
+    chaos_bench.add_argument("--scenarios", default="", help="comma list (default: all)")
+    chaos_bench.add_argument("--workdir", type=Path, default=None, help="keep daemons' files")
+    chaos_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
+    chaos_bench.set_defaults(func=_cmd_bench_chaos)
     vllm_bench = benches.add_parser(
         "vllm",
         help="vLLM head-to-head: TTFT with kvdepot vs peers (flags: kvdepot bench vllm -h)",

@@ -118,9 +118,9 @@ class Metrics:
             ["limit"],
             registry=r,
         )
-        self.daemon_quarantined_bytes = Gauge(
-            "kvdepot_daemon_quarantined_bytes",
-            "Arena bytes held for clients the daemon dropped (they may still touch them)",
+        self.daemon_held_bytes = Gauge(
+            "kvdepot_daemon_held_bytes",
+            "Arena bytes clients hold reserved or leased (expired reservations included)",
             registry=r,
         )
         self.daemon_protocol_errors = Counter(

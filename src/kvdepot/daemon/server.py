@@ -11,9 +11,10 @@ Invariants (see `kvdepot.daemon.session` for what a client holds):
 - Reserved slots belong to their connection; they become visible only through `Commit`.
   `Reserve` answers -1 only for a key that is visible (stored); a key another writer holds
   is -3, never "stored" (that writer may die).
-- Memory a client may still touch is never reused: leases end at `Release` or disconnect,
-  reservations free their memory at commit/abort or disconnect; time limits only take a
-  slow writer's key claim and report overdue leases.
+- Memory a client may still touch is never reused: leases end at `Release` or when the
+  client closes its end, reservations free their memory at commit/abort or then; time
+  limits only take a slow writer's key claim and report overdue leases. After a protocol
+  error the daemon stops serving the connection and waits for the client to close it.
 - Everything a client can make the daemon hold is bounded, with a metric when a bound
   bites: connections (`max_clients`), the hello (`handshake_timeout_s`), frames
   (`protocol.MAX_FRAME_BYTES`), token lists (`MAX_CHUNK_TOKENS`), chunk sizes, and the arena
@@ -101,7 +102,6 @@ class DaemonServer:
         self.started_at = time.time()
         self._listeners: list[socket.socket] = []
         self._sessions: dict[int, Session] = {}
-        self._quarantined: list[Session] = []  # dropped by the daemon with memory held
         self._num_connections = 0  # accepted and not closed, handshake or not
         self._sessions_lock = threading.Lock()
         self._lease_ids = itertools.count(1)
@@ -136,7 +136,7 @@ class DaemonServer:
         with self._sessions_lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            session.close(self.store.memory, client_left=True)
+            session.close(self.store.memory)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -175,12 +175,12 @@ class DaemonServer:
                 if num_overdue:
                     self.metrics.daemon_overdue_leases.inc(num_overdue)
                     logger.warning("%d read leases of %s are overdue", num_overdue, session.name)
+            self.metrics.daemon_held_bytes.set(sum(s.held_bytes for s in sessions))
 
     # ---- one connection ----------------------------------------------------------------
 
     def _serve(self, conn: socket.socket, transport: str) -> None:
         session: Session | None = None
-        client_left = True
         try:
             conn.settimeout(self.limits.handshake_timeout_s)
             session = self._handshake(conn, transport)
@@ -195,28 +195,24 @@ class DaemonServer:
         except (ConnectionError, OSError):
             pass  # the client left
         except p.ProtocolError as exc:
-            client_left = False
             self.metrics.daemon_protocol_errors.inc()
             logger.warning("closing a connection after a protocol error: %s", exc)
+            if session is not None:
+                _wait_for_close(conn)
         finally:
             conn.close()
-            self._end(session, client_left=client_left)
+            self._end(session)
 
-    def _end(self, session: Session | None, *, client_left: bool) -> None:
+    def _end(self, session: Session | None) -> None:
+        """Forget a connection; its session's memory is free: its client closed its end,
+        so nothing of it touches the arena any more."""
         with self._sessions_lock:
             self._num_connections -= 1
             if session is not None:
                 self._sessions.pop(id(session), None)
                 self.metrics.daemon_clients.set(len(self._sessions))
-        if session is None:
-            return
-        quarantined = session.close(self.store.memory, client_left=client_left)
-        if quarantined:
-            with self._sessions_lock:
-                self._quarantined.append(session)
-                total = sum(s.held_bytes for s in self._quarantined)
-            self.metrics.daemon_quarantined_bytes.set(total)
-            logger.warning("%s dropped holding %d arena bytes: kept", session.name, quarantined)
+        if session is not None:
+            session.close(self.store.memory)
 
     def _handshake(self, conn: socket.socket, transport: str) -> Session | None:
         hello = p.recv_request(conn)
@@ -356,7 +352,6 @@ class DaemonServer:
                  "held_bytes": s.held_bytes}
                 for s in self._sessions.values()
             ]  # fmt: skip
-            quarantined = sum(s.held_bytes for s in self._quarantined)
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -372,7 +367,6 @@ class DaemonServer:
             "hit_chunks": self.metrics.counter_value("kvdepot_store_hit_chunks_total"),
             "continuations": len(self.store.continuations),
             "clients": clients,
-            "quarantined_bytes": quarantined,
         }
 
 
@@ -400,6 +394,17 @@ def _check_tokens(*token_lists: bytes) -> None:
     for tokens in token_lists:
         if len(tokens) > _MAX_TOKEN_BYTES or len(tokens) % 4:
             raise p.ProtocolError(f"a token list of {len(tokens)} bytes: not int32 ids of a chunk")
+
+
+def _wait_for_close(conn: socket.socket) -> None:
+    """After a protocol error: serve nothing more, and wait until the client closes its end
+    (or dies) before its memory is freed, since it may still be copying into or out of it.
+    A client that never closes holds its connection slot and its bounded share meanwhile."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)  # the client's next read sees the end
+        conn.settimeout(None)
+        while conn.recv(1 << 16):
+            pass
 
 
 def _keep_alive(conn: socket.socket) -> None:

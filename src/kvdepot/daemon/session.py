@@ -10,10 +10,9 @@ Invariants (the daemon's "time limits reclaim memory from the dead, never from t
   nothing) but keeps its memory, which the slow writer may still be writing.
 - A lease's pins go only at `Release` or when the client disconnects: a live reader's memory
   is never reused, however slow it is. A lease past its deadline is only reported overdue.
-- When the daemon itself drops a connection (a protocol error), it cannot know whether the
-  client still writes or reads the arena: that session's memory stays held (quarantined,
-  counted) rather than risk another client's bytes.
-- `held_bytes` (reserved + leased, expired and quarantined included) is what the per-client
+- A session closes only once its client has closed its end of the connection (or died):
+  then nothing of it touches the arena, and everything it held is freed.
+- `held_bytes` (reserved + leased, expired reservations included) is what the per-client
   limit bounds.
 """
 
@@ -104,20 +103,13 @@ class Session:
             memory.forfeit(reservation.slot)
         return len(reservations), len(overdue)
 
-    def close(self, memory: MemoryTier, *, client_left: bool) -> int:
-        """End the session. When the client left (its socket closed: it is done with the
-        arena), free everything it held; otherwise keep the memory held (forfeiting keys)
-        and return how many bytes stay quarantined."""
+    def close(self, memory: MemoryTier) -> None:
+        """End the session (its client closed its end): free everything it held."""
         with self.lock:
             reservations, self.reservations = list(self.reservations.values()), {}
             leases, self.leases = list(self.leases.values()), {}
-        if not client_left:
-            for reservation in reservations:
-                memory.forfeit(reservation.slot)
-            return self.held_bytes
+            self.held_bytes = 0
         for lease in leases:
             lease.stack.close()
         for reservation in reservations:
             memory.abort(reservation.slot)
-        self.held_bytes = 0
-        return 0
