@@ -568,3 +568,24 @@ def test_reserve_refuses_impossible_sizes(daemon: Daemon, nbytes: int) -> None:
     client = daemon.client()
     assert client.put(items_for(43, 1)) == 1  # type: ignore[arg-type]
     client.close()
+
+
+def test_a_client_pins_at_most_its_share_of_the_arena(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, extra=["--daemon-max-client-bytes", "5MiB"]).start()
+    writer, reader = daemon.client(), daemon.client()
+    try:
+        for half in (0, 1):  # 4 x 2 MiB, in two puts (one put may reserve 5 MiB)
+            assert writer.put(items_for(50, 4, big=True)[2 * half : 2 * half + 2]) == 2  # type: ignore[arg-type]
+        with reader.read(chain(50, 4)) as blobs:
+            assert len(blobs) == 2  # 4 MiB pinned; a third chunk would pass 5 MiB
+            assert [blob_payload(b) for b in blobs] == [
+                payload(50, i, big=True).tobytes() for i in range(2)
+            ]
+            with reader.read(chain(50, 4)) as more:
+                assert more == []  # 1 MiB left: not one more chunk
+        with reader.read(chain(50, 4)) as blobs:
+            assert len(blobs) == 2  # released: the share is back
+    finally:
+        writer.close()
+        reader.close()
+        daemon.stop()

@@ -22,10 +22,16 @@ def test_a_live_owners_file_survives_cleanup_whatever_its_pid(tmp_path: Path) ->
     os.rename(buffer.path, invisible)
     assert remove_stale_shm(tmp_path) == []
     assert invisible.exists()
-    os.close(lock_fd)  # the owner dies
+    buffer.close()  # the owner dies: its mapping and its fd go
+    os.close(lock_fd)
     assert remove_stale_shm(tmp_path) == [invisible]
     assert not invisible.exists()
-    buffer.close()
+
+
+def test_a_file_left_by_an_owner_that_died_starting_is_removed(tmp_path: Path) -> None:
+    half_made = tmp_path / ".kvdepot-123-0badf00d.tmp"
+    half_made.write_bytes(bytes(4096))
+    assert remove_stale_shm(tmp_path) == [half_made]
 
 
 def test_a_host_serves_its_store_and_cleans_up(tmp_path: Path) -> None:

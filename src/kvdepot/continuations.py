@@ -97,13 +97,19 @@ class ContinuationIndex:
     """parent key -> the chunks stored after it, with their tokens (thread-safe)."""
 
     def __init__(
-        self, max_entries: int = 16384, max_children: int = 8, max_bytes: int = 64 << 20
+        self,
+        max_entries: int = 16384,
+        max_children: int = 8,
+        max_bytes: int = 64 << 20,
+        on_evict: Callable[[int], object] | None = None,
     ) -> None:
+        """`on_evict(n)` is told whenever a bound drops n entries (for a metric)."""
         if max_entries < 1 or max_children < 1 or max_bytes < 0:
             raise ValueError("max_entries and max_children must be >= 1, max_bytes >= 0")
         self.max_entries = max_entries
         self.max_children = max_children
         self.max_bytes = max_bytes
+        self._on_evict = on_evict
         self._parents: OrderedDict[ChunkKey, OrderedDict[ChunkKey, np.ndarray]] = OrderedDict()
         self._num_entries = 0
         self._num_bytes = 0
@@ -119,10 +125,13 @@ class ContinuationIndex:
 
     def add(self, entries: Sequence[Continuation]) -> None:
         """Remember that each child key (holding these tokens) follows its parent."""
+        num_evicted = 0
         with self._lock:
             for parent, child, raw in entries:
                 if not 0 < len(raw) <= 4 * MAX_CHUNK_TOKENS or len(raw) % 4:
                     continue  # not the tokens of a chunk
+                if child.namespace != parent.namespace:
+                    continue  # never a child of another model, layout or tenant
                 tokens = np.frombuffer(raw, dtype="<i4")
                 children = self._parents.get(parent)
                 if children is None:
@@ -139,12 +148,16 @@ class ContinuationIndex:
                     _, dropped = children.popitem(last=False)
                     self._num_entries -= 1
                     self._num_bytes -= _cost(dropped)
+                    num_evicted += 1
             while self._parents and (
                 self._num_entries > self.max_entries or self._num_bytes > self.max_bytes
             ):
                 _, oldest = self._parents.popitem(last=False)
                 self._num_entries -= len(oldest)
                 self._num_bytes -= sum(_cost(t) for t in oldest.values())
+                num_evicted += len(oldest)
+        if num_evicted and self._on_evict is not None:
+            self._on_evict(num_evicted)
 
     def best(
         self,

@@ -339,6 +339,9 @@ class CacheEngine:
                         bad_keys.append(keys[i])
                         num_partial = 0
                         break
+                partial_key = hit.partial_key if hit is not None else None
+                if partial_key is not None and partial_key.namespace != keys[0].namespace:
+                    num_partial = 0  # a stranger's chunk: never this prompt's KV
                 if num_partial and hit is not None and hit.partial_key is not None:
                     key = hit.partial_key
                     try:

@@ -33,6 +33,11 @@ from kvdepot.errors import ConfigError
 HASH_VERSION = 1
 """Bump when the hashing scheme changes; old keys then simply stop matching."""
 
+CHUNK_FORMAT_VERSION = 2
+"""The stored-chunk format (`kvdepot.codec.format`), part of every namespace: chunks written
+in another format live under other keys, invisible to this build (a miss), so builds of two
+formats sharing a disk, Valkey or S3 never read, or delete, each other's chunks."""
+
 PARTIAL_TAG = b"\x00kvdepot-partial-chunk"
 """Domain separator of partial-chunk hashes (a full chunk's input never starts with it)."""
 
@@ -101,6 +106,7 @@ class CacheNamespace:
         digest = hashlib.blake2b(
             _field(b"kvdepot-namespace")
             + _field(str(HASH_VERSION).encode())
+            + _field(f"format-{CHUNK_FORMAT_VERSION}".encode())
             + _field(self.algorithm.value.encode())
             + _field(self.model_fingerprint.encode())
             + _field(self.layout_id.encode())

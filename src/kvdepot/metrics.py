@@ -93,6 +93,11 @@ class Metrics:
             registry=r,
         )
 
+        self.continuation_evictions = Counter(
+            "kvdepot_store_continuation_evictions",
+            "Continuation-index entries dropped by its bounds (bytes, entries, children)",
+            registry=r,
+        )
         self.lookup_chunks = Counter(
             "kvdepot_store_lookup_chunks", "Chunks looked up in the store", registry=r
         )

@@ -145,7 +145,9 @@ class TieredStore:
         self._queued_bytes = 0
         self._writer: threading.Thread | None = None
         self._log = RateLimitedLog(logger)
-        self.continuations = ContinuationIndex(max_bytes=continuation_index_bytes)
+        self.continuations = ContinuationIndex(
+            max_bytes=continuation_index_bytes, on_evict=self.metrics.continuation_evictions.inc
+        )
         self._continuations_path = continuations_path
         if continuations_path is not None:
             self.continuations.load(continuations_path)
@@ -175,46 +177,58 @@ class TieredStore:
         return num_hit
 
     @contextlib.contextmanager
-    def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
+    def read(
+        self, keys: Sequence[ChunkKey], *, max_bytes: int | None = None
+    ) -> Iterator[list[memoryview | bytes]]:
         """Blobs of the leading run of hits of `keys` (one chain, head first).
 
         The blobs are validated. A chunk missing from RAM is promoted from the first lower
         tier that has it; blobs that live in RAM are views pinned until the block exits.
+        `max_bytes` bounds what is pinned (the daemon's per-client share): the run ends
+        before the chunk that would exceed it.
         """
         with contextlib.ExitStack() as stack:
-            views = stack.enter_context(self.memory.read(keys))
+            views = stack.enter_context(self.memory.read(keys, max_bytes=max_bytes))
+            left = (
+                None
+                if max_bytes is None
+                else max_bytes - sum(len(v) for v in views if v is not None)
+            )
             blobs: list[memoryview | bytes] = []
             i = 0
-            while i < len(keys):
+            while i < len(views):
                 view = views[i]
                 if view is not None:
                     blobs.append(view)
                     i += 1
                     continue
                 end = i
-                while end < len(keys) and views[end] is None:
+                while end < len(views) and views[end] is None:
                     end += 1
-                found = self._read_lower(keys[i:end], stack)
+                found = self._read_lower(keys[i:end], stack, left)
                 blobs += found
+                if left is not None:
+                    left -= sum(len(blob) for blob in found)
                 if len(found) < end - i:
                     break
                 i = end
             yield blobs
 
     def _read_lower(
-        self, keys: Sequence[ChunkKey], stack: contextlib.ExitStack
+        self, keys: Sequence[ChunkKey], stack: contextlib.ExitStack, max_bytes: int | None
     ) -> list[memoryview | bytes]:
         """The leading run of `keys` found below RAM, promoted and pinned where RAM has room."""
         if not self.lower:
             return []
         fetched = self._fetch_lower(keys[: _leading(self._contains_lower(keys))])
         promoted = [key for key, blob in zip(keys, fetched, strict=False) if blob is None]
-        pinned = iter(stack.enter_context(self.memory.read(promoted, record=False)))
+        read = self.memory.read(promoted, record=False, max_bytes=max_bytes)
+        pinned = iter(stack.enter_context(read))
         out: list[memoryview | bytes] = []
         for blob in fetched:
-            view = next(pinned) if blob is None else blob
+            view = next(pinned, None) if blob is None else blob
             if view is None:
-                break  # evicted between promotion and pinning: the run ends here
+                break  # evicted between promotion and pinning (or over budget): the run ends
             out.append(view)
         return out
 
@@ -347,13 +361,16 @@ class TieredStore:
         return PrefixHit(num_chunks) if found is None else PrefixHit(num_chunks, *found)
 
     @contextlib.contextmanager
-    def read_prefix(self, keys: Sequence[ChunkKey], tail: TailQuery) -> Iterator[Prefix]:
+    def read_prefix(
+        self, keys: Sequence[ChunkKey], tail: TailQuery, *, max_bytes: int | None = None
+    ) -> Iterator[Prefix]:
         """`read`, then the partial chunk after the leading run, pinned alike."""
         with contextlib.ExitStack() as stack:
-            blobs = stack.enter_context(self.read(keys))
+            blobs = stack.enter_context(self.read(keys, max_bytes=max_bytes))
             found = self._tail(keys, len(blobs), tail)
             if found is not None:
-                child = stack.enter_context(self.read([found[0]]))
+                left = None if max_bytes is None else max_bytes - sum(len(b) for b in blobs)
+                child = stack.enter_context(self.read([found[0]], max_bytes=left))
                 if child:  # else it went between the index and the read: no partial hit
                     yield Prefix([*blobs, child[0]], PrefixHit(len(blobs), *found))
                     return
@@ -369,13 +386,23 @@ class TieredStore:
 
     def commit(self, slots: Sequence[WriteSlot]) -> int:
         """Make RAM slots reserved with `memory.reserve` and filled by the caller visible,
-        and queue their write-back (the daemon's two-phase store); returns how many."""
+        and queue their write-back (the daemon's two-phase store); returns how many were
+        published. A slot whose blob is not a chunk bound to its key is aborted."""
+        good = []
+        for slot in slots:
+            try:
+                open_blob(slot.buffer, key=slot.key, verify=False)
+                good.append(slot)
+            except CorruptChunk as exc:
+                self.memory.abort(slot)
+                self.metrics.corrupt_chunks.labels(self.memory.name).inc()
+                self._log.warning("commit", "refused a chunk written wrong: %s", exc)
         if not self.lower:
-            self.memory.commit(slots)
+            num_committed, _ = self.memory.commit(good)
         else:
-            lease = self.memory.commit(slots, pin=[slot.key for slot in slots])
-            self._queue_write_back(lease, {slot.key: len(slot.buffer) for slot in slots})
-        return len(slots)
+            num_committed, lease = self.memory.commit(good, pin=[slot.key for slot in good])
+            self._queue_write_back(lease, {slot.key: len(slot.buffer) for slot in good})
+        return num_committed
 
     def _queue_write_back(self, lease: Lease, sizes: dict[ChunkKey, int]) -> None:
         if not lease.keys:
@@ -410,17 +437,25 @@ class TieredStore:
 
     def _write_back(self, keys: list[ChunkKey]) -> None:
         with self.memory.read(keys, record=False) as views:
-            items = []
+            items, bad = [], []
             for key, view in zip(keys, views, strict=True):
-                if view is not None:  # pinned since put: only a delete/clear removes it
+                if view is None:  # pinned since put: only a delete/clear removes it
+                    continue
+                try:
                     header, payload = open_blob(view, key=key, verify=False)
-                    chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
-                    items.append((key, chunk))
+                except CorruptChunk as exc:  # never copied down; the others still are
+                    self._log.warning("write-back", "not writing back a bad chunk: %s", exc)
+                    bad.append(key)
+                    continue
+                chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
+                items.append((key, chunk))
             for tier in self.lower:
                 try:
                     tier.put(items)
                 except Exception as exc:
                     self._log.warning(f"put-{tier.name}", "tier %s put failed: %s", tier.name, exc)
+        if bad:
+            self.memory.delete(bad)
 
     def _done_one(self, num_chunks: int, nbytes: int) -> None:
         with self._idle:

@@ -19,7 +19,8 @@ Invariants: `open_blob` never returns a payload whose sizes disagree with the he
 trusts a size larger than `MAX_CHUNK_BYTES`, never returns a chunk bound to another key than
 the one asked for, and with `verify=True` returns only sealed chunks whose checksum matches.
 Every violation raises `CorruptChunk`. Chunks of format version 1 (64-byte header, no key)
-are corrupt: a miss, deleted where they lie.
+are never even asked for: the format version is part of every key's namespace
+(`kvdepot.keys.CHUNK_FORMAT_VERSION`); one met anyway is corrupt.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import numpy as np
 import xxhash
 
 from kvdepot.errors import CorruptChunk
-from kvdepot.keys import ChunkKey
+from kvdepot.keys import CHUNK_FORMAT_VERSION, ChunkKey
 from kvdepot.layout import DType
 
 MAGIC = b"KVDC"
-FORMAT_VERSION = 2  # 2: the chunk key in the header (128 bytes); 1: 64 bytes, no key
+FORMAT_VERSION = CHUNK_FORMAT_VERSION  # 2: the key in the header (128 bytes); 1: 64, no key
 HEADER_NBYTES = 128
 MAX_NDIM = 6
 MAX_CHUNK_BYTES = 1 << 30

@@ -204,8 +204,10 @@ class DaemonClient:
                 sock.close()
 
     def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit:
-        request = p.Lookup([k.to_bytes() for k in keys], _wire_tail(tail))
+        request = p.Lookup([k.to_bytes() for k in keys], _wire_tail(tail, len(keys)))
         response = self._call(request, "lookup")
+        if isinstance(response, p.Count):  # asked without a tail
+            return PrefixHit(response.count)
         if not isinstance(response, p.Matched):
             return PrefixHit(0)
         return _hit(response.num_chunks, response.partial_key, response.num_partial_tokens)
@@ -219,7 +221,8 @@ class DaemonClient:
     @contextlib.contextmanager
     def read_prefix(self, keys: Sequence[ChunkKey], tail: TailQuery) -> Iterator[Prefix]:
         """`read` and the partial chunk after the leading run, in one round trip."""
-        with self._read(p.Read([k.to_bytes() for k in keys], _wire_tail(tail))) as prefix:
+        request = p.Read([k.to_bytes() for k in keys], _wire_tail(tail, len(keys)))
+        with self._read(request) as prefix:
             yield prefix
 
     @contextlib.contextmanager
@@ -257,16 +260,7 @@ class DaemonClient:
         try:
             if not isinstance(reply, p.Slots) or buffer is None:
                 return 0
-            written, aborted = [], []
-            for raw, (key, chunk), offset in zip(raw_keys, items, reply.offsets, strict=True):
-                if offset < 0:
-                    continue
-                try:
-                    chunk.bound(key).write_into(buffer.view[offset : offset + chunk.nbytes])
-                    written.append(raw)
-                except (ValueError, IndexError, CorruptChunk) as exc:
-                    self._log.warning("write", "kvdepot: copying a chunk failed: %s", exc)
-                    aborted.append(raw)
+            written, aborted = self._write_slots(buffer, items, raw_keys, reply.offsets)
             with self._lock:
                 is_same = self._sock is sock
             if not is_same:
@@ -276,6 +270,37 @@ class DaemonClient:
             self._unhold(sock)
         num_present = sum(offset == p.SLOT_STORED for offset in reply.offsets)
         return num_present + (committed.count if isinstance(committed, p.Count) else 0)
+
+    def _write_slots(
+        self,
+        buffer: HostBuffer,
+        items: Sequence[tuple[ChunkKey, EncodedChunk]],
+        raw_keys: list[bytes],
+        offsets: list[int],
+    ) -> tuple[list[bytes], list[bytes]]:
+        """Copy each chunk into its reserved slot: (written, aborted) keys. Whatever goes
+        wrong, every reserved key is in one of the two, so none stays reserved."""
+        written: list[bytes] = []
+        reserved = [raw for raw, offset in zip(raw_keys, offsets, strict=False) if offset >= 0]
+        if len(offsets) != len(items):
+            self._log.warning("slots", "kvdepot daemon answered %d slots for %d chunks",
+                              len(offsets), len(items))  # fmt: skip
+            return [], reserved
+        try:
+            for raw, (key, chunk), offset in zip(raw_keys, items, offsets, strict=True):
+                if offset < 0:
+                    continue
+                try:
+                    chunk.bound(key).write_into(buffer.view[offset : offset + chunk.nbytes])
+                    written.append(raw)
+                except (ValueError, IndexError, CorruptChunk) as exc:
+                    self._log.warning("write", "kvdepot: copying a chunk failed: %s", exc)
+        except BaseException:
+            written = []
+            self._call(p.Commit([], reserved), "put", wait=False)
+            raise
+        done = set(written)
+        return written, [raw for raw in reserved if raw not in done]
 
     def remember(self, entries: Sequence[Continuation]) -> None:
         if entries:
@@ -307,13 +332,18 @@ class DaemonClient:
         return {name: TierUsage(**fields) for name, fields in tiers.items()}
 
     def close(self) -> None:
+        """Disconnect. A connection that a read or write still uses is parked (closed by
+        the last of them), and the mapping stays while anything uses it."""
         with self._lock:
             if self._sock is not None:
-                self._sock.close()
+                if self._in_flight.get(self._sock):
+                    self._parked.add(self._sock)
+                else:
+                    self._sock.close()
                 self._sock = None
-            if self._buffer is not None:
+            if self._buffer is not None and not self._in_flight:
                 self._buffer.close()
-                self._buffer = None
+            self._buffer = None
 
 
 def _check_owner(path: Path) -> None:
@@ -327,7 +357,15 @@ def _check_owner(path: Path) -> None:
         raise ConnectionError(f"{path} belongs to uid {owner}, not to this user: refused")
 
 
-def _wire_tail(tail: TailQuery) -> p.Tail:
+_FRAME_HEADROOM_BYTES = 4096
+
+
+def _wire_tail(tail: TailQuery, num_keys: int) -> p.Tail | None:
+    """`tail` for the wire; None (no partial matching) when the frame would outgrow
+    `MAX_FRAME_BYTES`, i.e. for prompts of ~250K tokens and more."""
+    frame_nbytes = len(tail.tokens) + 34 * num_keys + _FRAME_HEADROOM_BYTES
+    if frame_nbytes > p.MAX_FRAME_BYTES:
+        return None
     return p.Tail(tail.root.to_bytes(), tail.tokens, tail.chunk_size_tokens, tail.min_tokens)
 
 

@@ -7,8 +7,8 @@ open the `TieredStore` on it, start the `DaemonServer`; `close` undoes it all.
 
 Invariants:
 - The RAM-tier file is `<shm_dir>/kvdepot-<pid>-<random>.shm`, mode 0600. Its owner holds an
-  exclusive `flock` on it for its whole life, taken before the file appears under that name
-  (it is created under a temporary name, locked, then renamed).
+  exclusive `flock` on it for its whole life, taken as the file is created (under a
+  temporary name `.kvdepot-...tmp`, renamed once sized and touched).
 - Stale-file cleanup deletes a file only when it can take that lock, i.e. when its owner is
   gone. A PID probe would be wrong across PID namespaces (containers sharing /dev/shm): a
   live owner there is invisible, and its file must stay. A file nobody can lock for us
@@ -32,13 +32,13 @@ from kvdepot.store import TieredStore, open_store
 from kvdepot.tiers.arena import HostBuffer
 
 logger = logging.getLogger(__name__)
-SHM_GLOB = "kvdepot-*.shm"
+SHM_GLOBS = ("kvdepot-*.shm", ".kvdepot-*.tmp")  # the second: an owner that died starting
 
 
 def remove_stale_shm(shm_dir: Path) -> list[Path]:
     """Delete the RAM-tier files in `shm_dir` whose owners are gone; returns them."""
     removed = []
-    for path in sorted(shm_dir.glob(SHM_GLOB)):
+    for path in sorted(p for pattern in SHM_GLOBS for p in shm_dir.glob(pattern)):
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
@@ -63,15 +63,18 @@ def create_locked_shm(
     only after unlinking the file)."""
     name = f"kvdepot-{os.getpid()}-{secrets.token_hex(4)}"
     tmp_path = shm_dir / f".{name}.tmp"
-    buffer = HostBuffer.create_shared(tmp_path, capacity_bytes, prefault=prefault)
+    lock_fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    buffer: HostBuffer | None = None
     try:
-        lock_fd = os.open(tmp_path, os.O_RDWR)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else has it open yet
+        buffer = HostBuffer.map_new_file(lock_fd, tmp_path, capacity_bytes, prefault=prefault)
         final = shm_dir / f"{name}.shm"
         os.rename(tmp_path, final)
     except BaseException:
-        buffer.unlink()
-        buffer.close()
+        tmp_path.unlink(missing_ok=True)
+        if buffer is not None:
+            buffer.close()
+        os.close(lock_fd)
         raise
     buffer.path = final
     return buffer, lock_fd

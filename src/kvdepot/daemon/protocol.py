@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import msgspec
 
@@ -20,6 +21,8 @@ PROTOCOL_VERSION = 3
 """3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; Lookup and Read take a `Tail` (partial
 matching in the same call, `Continue` is gone). 2: Remember / Continue."""
 MAX_FRAME_BYTES = 1 << 20
+MAX_HELLO_BYTES = 4096
+"""A `Hello` is small: a client that has not said who it is gets no more buffer than this."""
 SLOT_STORED = -1
 """`Slots` offset: the key is stored (visible) already; counts as stored."""
 SLOT_NO_ROOM = -2
@@ -190,9 +193,14 @@ def send(sock: socket.socket, message: Request | Response) -> None:
     sock.sendall(_LENGTH.pack(len(body)) + body)
 
 
-def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+def _recv_exactly(sock: socket.socket, nbytes: int, deadline: float | None = None) -> bytes:
     chunks, remaining = [], nbytes
     while remaining:
+        if deadline is not None:  # one limit for the whole frame, not for each recv
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError("the peer is too slow")
+            sock.settimeout(left_s)
         data = sock.recv(min(remaining, 1 << 16))
         if not data:
             raise ConnectionError("peer closed the connection")
@@ -201,17 +209,22 @@ def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recv_frame(sock: socket.socket) -> bytes:
-    (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    if length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
-    return _recv_exactly(sock, length)
+def _recv_frame(
+    sock: socket.socket, max_frame_bytes: int = MAX_FRAME_BYTES, deadline: float | None = None
+) -> bytes:
+    (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size, deadline))
+    if length > max_frame_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds {max_frame_bytes}")
+    return _recv_exactly(sock, length, deadline)
 
 
-def recv_request(sock: socket.socket) -> Request:
-    """The next request; ConnectionError when the peer left, ProtocolError on garbage."""
+def recv_request(
+    sock: socket.socket, *, max_frame_bytes: int = MAX_FRAME_BYTES, deadline: float | None = None
+) -> Request:
+    """The next request; ConnectionError when the peer left, ProtocolError on garbage,
+    TimeoutError past `deadline` (a `time.monotonic()` value) for the whole frame."""
     try:
-        return _request_decoder.decode(_recv_frame(sock))
+        return _request_decoder.decode(_recv_frame(sock, max_frame_bytes, deadline))
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable request: {exc}") from None
 

@@ -103,6 +103,7 @@ class DaemonServer:
         self._listeners: list[socket.socket] = []
         self._sessions: dict[int, Session] = {}
         self._num_connections = 0  # accepted and not closed, handshake or not
+        self._conns: set[socket.socket] = set()
         self._sessions_lock = threading.Lock()
         self._lease_ids = itertools.count(1)
         self._stopping = threading.Event()
@@ -124,7 +125,10 @@ class DaemonServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, drop every session (their leases and reservations)."""
+        """Stop accepting and serving. Connected clients see the end of their connections
+        (and serve misses); what they hold is *not* freed, since they may still be copying
+        into or out of it while the store drains its write-back: the arena goes with the
+        process."""
         self._stopping.set()
         for listener in self._listeners:
             with contextlib.suppress(OSError):
@@ -134,9 +138,10 @@ class DaemonServer:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
         with self._sessions_lock:
-            sessions = list(self._sessions.values())
-        for session in sessions:
-            session.close(self.store.memory)
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -151,15 +156,23 @@ class DaemonServer:
                 return
             with self._sessions_lock:
                 is_full = self._num_connections >= self.limits.max_clients
-                self._num_connections += not is_full
+                if not is_full:
+                    self._num_connections += 1
+                    self._conns.add(conn)
             if is_full:
                 self.metrics.daemon_limit_hits.labels("clients").inc()
                 conn.close()
                 continue
             transport = "unix" if listener.family == socket.AF_UNIX else "tcp"
-            if transport == "tcp":
-                _keep_alive(conn)
-            threading.Thread(target=self._serve, args=(conn, transport), daemon=True).start()
+            try:
+                if transport == "tcp":
+                    _keep_alive(conn)
+                thread = threading.Thread(target=self._serve, args=(conn, transport), daemon=True)
+                thread.start()
+            except Exception as exc:  # one bad connection must not stop the listener
+                logger.warning("could not serve a new connection: %s", exc)
+                conn.close()
+                self._end(conn, None)
 
     def _reap_loop(self) -> None:
         interval_s = min(1.0, self.limits.lease_ttl_s / 4, self.limits.reservation_ttl_s / 4)
@@ -201,21 +214,24 @@ class DaemonServer:
                 _wait_for_close(conn)
         finally:
             conn.close()
-            self._end(session)
+            self._end(conn, session)
 
-    def _end(self, session: Session | None) -> None:
+    def _end(self, conn: socket.socket, session: Session | None) -> None:
         """Forget a connection; its session's memory is free: its client closed its end,
-        so nothing of it touches the arena any more."""
+        so nothing of it touches the arena any more (unless the daemon is stopping: then
+        the connection was cut under the client, and its memory is left alone)."""
         with self._sessions_lock:
             self._num_connections -= 1
+            self._conns.discard(conn)
             if session is not None:
                 self._sessions.pop(id(session), None)
                 self.metrics.daemon_clients.set(len(self._sessions))
-        if session is not None:
+        if session is not None and not self._stopping.is_set():
             session.close(self.store.memory)
 
     def _handshake(self, conn: socket.socket, transport: str) -> Session | None:
-        hello = p.recv_request(conn)
+        deadline = time.monotonic() + self.limits.handshake_timeout_s
+        hello = p.recv_request(conn, max_frame_bytes=p.MAX_HELLO_BYTES, deadline=deadline)
         if not isinstance(hello, p.Hello):
             raise p.ProtocolError(f"expected hello, got {type(hello).__name__}")
         if transport == "tcp" and not tokens_match(hello.token, self.token):
@@ -246,6 +262,8 @@ class DaemonServer:
 
     def _dispatch(self, session: Session, request: p.Request) -> p.Response:
         store = self.store
+        if self._stopping.is_set():
+            return p.Failure("the daemon is stopping")
         match request:
             case p.Contains(keys=keys):
                 return p.Found(store.contains(_keys(keys)))
@@ -285,9 +303,9 @@ class DaemonServer:
             raise p.ProtocolError("reserve: keys and sizes differ in length")
         if any(not HEADER_NBYTES < nbytes <= HEADER_NBYTES + MAX_CHUNK_BYTES for nbytes in sizes):
             raise p.ProtocolError(f"reserve: a chunk size outside ({HEADER_NBYTES}, 1 GiB]")
+        chunk_keys = _keys(keys)  # all parsed before anything is reserved
         offsets = []
-        for raw, nbytes in zip(keys, sizes, strict=True):
-            key = ChunkKey.from_bytes(raw)
+        for raw, key, nbytes in zip(keys, chunk_keys, sizes, strict=True):
             if raw in session.reservations:
                 offsets.append(p.SLOT_PENDING)  # this client is writing it already
                 continue
@@ -321,24 +339,33 @@ class DaemonServer:
         return self.store.commit(slots)
 
     def _read(self, session: Session, keys: list[bytes], tail: p.Tail | None) -> p.Extents:
-        if session.held_bytes >= self.max_client_bytes:
+        budget = self.max_client_bytes - session.held_bytes  # what this client may pin more
+        if budget <= 0:
             self.metrics.daemon_limit_hits.labels("client_bytes").inc()
             return p.Extents(0, [], [])
+        chunk_keys = _keys(keys)
         stack = contextlib.ExitStack()
-        if tail is None:
-            blobs, hit = stack.enter_context(self.store.read(_keys(keys))), PrefixHit(0)
-        else:
-            query = _tail(tail, len(keys))
-            prefix = stack.enter_context(self.store.read_prefix(_keys(keys), query))
-            blobs, hit = prefix.blobs, prefix.hit
-        offsets, sizes = [], []
-        for blob in blobs:
-            if not isinstance(blob, memoryview):
-                break  # RAM had no room to promote it: clients can only read the arena
-            offsets.append(self.buffer.offset_of(blob))
-            sizes.append(len(blob))
+        try:
+            if tail is None:
+                blobs = stack.enter_context(self.store.read(chunk_keys, max_bytes=budget))
+                hit = PrefixHit(len(blobs))
+            else:
+                query = _tail(tail, len(keys))
+                read = self.store.read_prefix(chunk_keys, query, max_bytes=budget)
+                prefix = stack.enter_context(read)
+                blobs, hit = prefix.blobs, prefix.hit
+            offsets, sizes = [], []
+            for blob in blobs:
+                if not isinstance(blob, memoryview):
+                    break  # RAM had no room to promote it: clients can only read the arena
+                offsets.append(self.buffer.offset_of(blob))
+                sizes.append(len(blob))
+        except BaseException:
+            stack.close()  # nothing of it reaches the client: unpin now
+            raise
         lease_id = next(self._lease_ids)
-        session.add_lease(lease_id, stack, sum(sizes), self.limits.lease_ttl_s)
+        pinned = sum(len(blob) for blob in blobs if isinstance(blob, memoryview))
+        session.add_lease(lease_id, stack, pinned, self.limits.lease_ttl_s)
         if hit.num_partial_tokens and len(offsets) == len(blobs):
             return p.Extents(lease_id, offsets, sizes, *_partial(hit))
         num_whole = min(len(offsets), len(blobs) - (hit.num_partial_tokens > 0))
@@ -380,7 +407,8 @@ def _tail(tail: p.Tail, num_keys: int) -> TailQuery:
     c = tail.chunk_size_tokens
     if not 0 < c <= MAX_CHUNK_TOKENS or len(tail.tokens) > 4 * c * num_keys:
         raise p.ProtocolError(f"a tail of {len(tail.tokens)} token bytes, chunks of {c}")
-    _check_tokens(tail.tokens[: 4 * c])
+    if len(tail.tokens) % 4:
+        raise p.ProtocolError("tail tokens are not int32 ids")
     return TailQuery(ChunkKey.from_bytes(tail.root), tail.tokens, c, max(tail.min_tokens, 1))
 
 

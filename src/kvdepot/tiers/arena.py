@@ -46,10 +46,18 @@ class HostBuffer:
         unlinks it (`unlink`) when done."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, max(capacity_bytes, 1))
-            mapping = mmap.mmap(fd, max(capacity_bytes, 1), flags=mmap.MAP_SHARED)
+            return cls.map_new_file(fd, path, capacity_bytes, prefault=prefault)
         finally:
             os.close(fd)
+
+    @classmethod
+    def map_new_file(
+        cls, fd: int, path: Path, capacity_bytes: int, *, prefault: bool = True
+    ) -> HostBuffer:
+        """Size the new, empty file open as `fd` (at `path`), map and touch it; the caller
+        keeps `fd` (e.g. to hold a lock on the file)."""
+        os.ftruncate(fd, max(capacity_bytes, 1))
+        mapping = mmap.mmap(fd, max(capacity_bytes, 1), flags=mmap.MAP_SHARED)
         if prefault and capacity_bytes:
             np.frombuffer(mapping, dtype=np.uint8)[:: mmap.PAGESIZE] = 0
         return cls(mapping, path)

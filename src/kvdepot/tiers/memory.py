@@ -21,6 +21,7 @@ Invariants (all under `self._lock`):
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import threading
 import time
@@ -49,11 +50,13 @@ class Refusal(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class WriteSlot:
-    """Reserved, not yet visible room for one chunk: write the blob into `buffer`."""
+    """Reserved, not yet visible room for one chunk: write the blob into `buffer`.
+    `slot_id` is unique for the tier's life: a claim on a key belongs to one slot."""
 
     key: ChunkKey
     offset: int
     buffer: memoryview
+    slot_id: int
 
 
 @dataclass(slots=True)
@@ -70,6 +73,7 @@ class Lease:
 
     keys: list[ChunkKey]
     entries: list[_Entry]
+    num_asked: int = 0  # how many of the asked keys it covers (fewer when a budget cut it)
 
 
 class MemoryTier:
@@ -90,7 +94,8 @@ class MemoryTier:
         self._metrics = metrics if metrics is not None else Metrics().tier(self.name)
         self._lock = threading.Lock()
         self._entries: dict[ChunkKey, _Entry] = {}
-        self._pending: dict[ChunkKey, int] = {}  # key -> offset of the slot that claims it
+        self._pending: dict[ChunkKey, int] = {}  # key -> id of the slot that claims it
+        self._slot_ids = itertools.count(1)
         self._unpinned_bytes = 0  # arena footprint of visible chunks nobody pins: evictable
         self._log = RateLimitedLog(logger)
 
@@ -100,7 +105,7 @@ class MemoryTier:
 
     @contextmanager
     def read(
-        self, keys: Sequence[ChunkKey], *, record: bool = True
+        self, keys: Sequence[ChunkKey], *, record: bool = True, max_bytes: int | None = None
     ) -> Iterator[list[memoryview | None]]:
         """Pinned views of each key's blob (None for a miss), valid inside the block.
 
@@ -108,13 +113,15 @@ class MemoryTier:
             keys: one batch, chain order.
             record: count this as an access (eviction order and metrics); internal readers
                 such as write-back pass False.
+            max_bytes: pin at most this many bytes: the views then stop (the list is shorter
+                than `keys`) before the first present chunk that would exceed it.
         """
         start = time.perf_counter()
-        lease = self.pin(keys)
+        lease = self.pin(keys, max_bytes)
         found = dict(zip(lease.keys, lease.entries, strict=True))
         views = [
             None if (e := found.get(key)) is None else self._slice(e.offset, e.nbytes)
-            for key in keys
+            for key in keys[: lease.num_asked]
         ]
         if record:
             with self._lock:
@@ -125,18 +132,29 @@ class MemoryTier:
         finally:
             self.release(lease)
 
-    def pin(self, keys: Sequence[ChunkKey]) -> Lease:
-        """Pin the present `keys` until `release`; the lease names the keys pinned."""
+    def pin(self, keys: Sequence[ChunkKey], max_bytes: int | None = None) -> Lease:
+        """Pin the present `keys` (in order, up to `max_bytes` of them) until `release`; the
+        lease names the keys pinned."""
         with self._lock:
-            return self._pin_locked(keys)
+            return self._pin_locked(keys, max_bytes)
 
-    def _pin_locked(self, keys: Sequence[ChunkKey]) -> Lease:
-        pinned = [(key, self._entries[key]) for key in keys if key in self._entries]
+    def _pin_locked(self, keys: Sequence[ChunkKey], max_bytes: int | None = None) -> Lease:
+        pinned: list[tuple[ChunkKey, _Entry]] = []
+        num_asked, total = len(keys), 0
+        for i, key in enumerate(keys):
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            if max_bytes is not None and total + entry.nbytes > max_bytes:
+                num_asked = i
+                break
+            total += entry.nbytes
+            pinned.append((key, entry))
         for _, entry in pinned:
             if entry.pins == 0:
                 self._unpinned_bytes -= ArenaAllocator.footprint(entry.nbytes)
             entry.pins += 1
-        return Lease([key for key, _ in pinned], [entry for _, entry in pinned])
+        return Lease([key for key, _ in pinned], [entry for _, entry in pinned], num_asked)
 
     def release(self, lease: Lease) -> None:
         """Drop a lease's pins; a chunk deleted while pinned is freed at its last pin."""
@@ -181,9 +199,9 @@ class MemoryTier:
                 self.abort(slot)
             raise
         keys = [key for key, _ in items]
-        lease = self.commit(slots, touch=keys, pin=keys if pin else ())
+        num_committed, lease = self.commit(slots, touch=keys, pin=keys if pin else ())
         self._metrics.latency("put", time.perf_counter() - start)
-        return num_present + len(slots), lease
+        return num_present + num_committed, lease
 
     def reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | None:
         """Room for a new chunk, invisible until `commit`; None if `key` is stored or being
@@ -194,10 +212,11 @@ class MemoryTier:
 
     def try_reserve(self, key: ChunkKey, nbytes: int) -> WriteSlot | Refusal:
         """`reserve`, saying why when there is no slot."""
-        offset = self._reserve(key, nbytes)
-        if isinstance(offset, Refusal):
-            return offset
-        return WriteSlot(key, offset, self._slice(offset, nbytes))
+        got = self._reserve(key, nbytes)
+        if isinstance(got, Refusal):
+            return got
+        offset, slot_id = got
+        return WriteSlot(key, offset, self._slice(offset, nbytes), slot_id)
 
     def commit(
         self,
@@ -205,16 +224,17 @@ class MemoryTier:
         *,
         touch: Sequence[ChunkKey] = (),
         pin: Sequence[ChunkKey] = (),
-    ) -> Lease:
+    ) -> tuple[int, Lease]:
         """Make reserved chunks visible and pin the present keys of `pin`, atomically.
 
-        `touch` (default: the slots' keys) sets the eviction order. Returns the lease of
-        what was pinned (empty if `pin` is).
+        `touch` (default: the slots' keys) sets the eviction order. Returns how many slots
+        were published (a forfeited one is not: its memory is freed instead) and the lease
+        of what was pinned (empty if `pin` is).
         """
         with self._lock:
             committed = []
             for slot in slots:
-                if self._pending.get(slot.key) != slot.offset:
+                if self._pending.get(slot.key) != slot.slot_id:
                     # Forfeited (another writer may hold the key now): not this slot's to
                     # publish, and its writer is done with the memory.
                     self._arena.free(slot.offset, len(slot.buffer))
@@ -229,12 +249,12 @@ class MemoryTier:
             self._publish_usage()
         self._metrics.op("put", "ok", len(committed))
         self._metrics.bytes("write", sum(len(slot.buffer) for slot in committed))
-        return lease
+        return len(committed), lease
 
     def abort(self, slot: WriteSlot) -> None:
         """Give back a reserved slot that will not be committed (its writer is done)."""
         with self._lock:
-            if self._pending.get(slot.key) == slot.offset:
+            if self._pending.get(slot.key) == slot.slot_id:
                 del self._pending[slot.key]
             self._arena.free(slot.offset, len(slot.buffer))
 
@@ -243,14 +263,14 @@ class MemoryTier:
         memory, which a slow writer may still be writing: `abort` frees it later, once the
         writer is known to be done (or dead)."""
         with self._lock:
-            if self._pending.get(slot.key) == slot.offset:
+            if self._pending.get(slot.key) == slot.slot_id:
                 del self._pending[slot.key]
 
     def _slice(self, offset: int, nbytes: int) -> memoryview:
         return self._buffer.view[offset : offset + nbytes]
 
-    def _reserve(self, key: ChunkKey, nbytes: int) -> int | Refusal:
-        """The offset for a new chunk, or why there is none.
+    def _reserve(self, key: ChunkKey, nbytes: int) -> tuple[int, int] | Refusal:
+        """(offset, slot id) for a new chunk, or why there is none.
 
         Evicts unpinned chunks in policy order until the chunk fits.
         """
@@ -258,6 +278,7 @@ class MemoryTier:
             if key in self._entries:
                 return Refusal.STORED
             if key in self._pending:
+                self._metrics.op("put", "pending")
                 return Refusal.PENDING
             offset = self._arena.alloc(nbytes)
             reachable = self._arena.capacity_bytes - self._arena.used_bytes + self._unpinned_bytes
@@ -279,8 +300,9 @@ class MemoryTier:
                 self._metrics.op("put", "no_room")
                 self._log.warning("full", "RAM tier has no room for a %d-byte chunk", nbytes)
                 return Refusal.NO_ROOM
-            self._pending[key] = offset
-            return offset
+            slot_id = next(self._slot_ids)
+            self._pending[key] = slot_id
+            return offset, slot_id
 
     def _is_pinned(self, key: ChunkKey) -> bool:
         return self._entries[key].pins > 0

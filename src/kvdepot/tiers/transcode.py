@@ -46,7 +46,10 @@ class CodecTier:
         return self.inner.get(keys)
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
-        return self.inner.put([(key, self.transcode(chunk)) for key, chunk in items])
+        # Bound before and after: a chunk of another key is refused, never re-keyed.
+        return self.inner.put(
+            [(key, self.transcode(chunk.bound(key)).bound(key)) for key, chunk in items]
+        )
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         self.inner.delete(keys)
