@@ -271,3 +271,20 @@ def test_store_counts_only_what_the_store_holds() -> None:
         2 * CHUNK
     )
     small.close()
+
+
+def test_a_chunk_whose_memory_holds_another_keys_chunk_is_a_miss(store: TieredStore) -> None:
+    # As if the RAM under a reader were reused: chunk 1's slot now holds chunk 0's blob.
+    engine = make_engine(store)
+    tokens = list(range(3 * CHUNK))
+    kv = kv_for(engine, len(tokens))
+    engine.store(tokens, kv)
+    keys = engine.chunk_keys(tokens)
+    with store.memory.read(keys[:2], record=False) as (first, second):
+        assert first is not None and second is not None and len(first) == len(second)
+        second[:] = first
+    out = engine.retrieve(tokens)
+    assert out.shape[2] == CHUNK and torch.equal(out, kv[:, :, :CHUNK])
+    corrupt = store.metrics.counter_value("kvdepot_tier_corrupt_chunks_total", {"tier": "memory"})
+    assert corrupt == 1
+    assert engine.lookup(tokens) == CHUNK  # deleted: a miss from now on

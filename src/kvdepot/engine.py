@@ -353,7 +353,8 @@ class CacheEngine:
                 self.metrics.retrieved_tokens.inc(sum(int(piece.shape[2]) for piece in kv))
                 yield kv
         finally:
-            if bad_keys:
+            if bad_keys:  # found in the store's RAM (here or the daemon's): counted there
+                self.metrics.corrupt_chunks.labels("memory").inc(len(bad_keys))
                 self.backend.delete(bad_keys)  # a miss from now on, so it can be stored again
 
     def _chunk_kv(
