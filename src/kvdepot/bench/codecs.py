@@ -33,9 +33,9 @@ import torch
 
 from kvdepot.bench.timing import format_table, gbps, median_seconds, paired_seconds
 from kvdepot.codec import Codec, CodecRegistry, decode_chunk_into, encode_chunk
-from kvdepot.engine import as_numpy_bits
 from kvdepot.errors import KVDepotError
 from kvdepot.layout import DType
+from kvdepot.tensors import as_numpy_bits
 from kvdepot.workloads import make_document
 
 CHUNK_TOKENS = 256

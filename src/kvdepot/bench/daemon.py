@@ -32,7 +32,8 @@ import torch
 from kvdepot.bench.tiers import CHUNK_TOKENS, LAYOUTS, Result, results_table
 from kvdepot.bench.timing import gbps, paired_seconds
 from kvdepot.daemon.client import DaemonClient
-from kvdepot.engine import CacheEngine, as_numpy_bits
+from kvdepot.engine import CacheEngine
+from kvdepot.tensors import as_numpy_bits
 from kvdepot.tiers.arena import HostBuffer
 
 

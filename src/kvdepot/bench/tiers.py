@@ -25,11 +25,12 @@ import torch
 
 from kvdepot.bench.timing import format_table, gbps, median_seconds, paired_seconds
 from kvdepot.codec import RawCodec, encode_chunk
-from kvdepot.engine import CacheEngine, as_numpy_bits
+from kvdepot.engine import CacheEngine
 from kvdepot.keys import CacheNamespace, ChunkKey, HashAlgorithm, chunk_keys
 from kvdepot.layout import DType, KVLayout
 from kvdepot.metrics import Metrics
 from kvdepot.store import TieredStore
+from kvdepot.tensors import as_numpy_bits
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.memory import MemoryTier

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import xxhash
 
-from kvdepot.engine import CacheEngine, as_numpy_bits, dtype_from_torch
+from kvdepot.engine import CacheEngine
 from kvdepot.errors import ConfigError, KVDepotError
 from kvdepot.keys import HashAlgorithm
 from kvdepot.layout import KVLayout
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.store import ChunkStore
+from kvdepot.tensors import as_numpy_bits, dtype_from_torch
 
 try:
     from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList

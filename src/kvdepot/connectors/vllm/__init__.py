@@ -33,12 +33,16 @@ vLLM creates two instances, in two processes (modules: `connector`, `scheduler`,
 - **worker side** (the process holding the KV tensors): `start_load_kv` retrieves the chunks
   and scatters them, page by page, into the paged tensors before the forward pass;
   `wait_for_save` gathers the pages of the chunks to save into `[L, 2, T, H, D]` and stores
-  them. Both are synchronous; `index_select` / `index_copy_` run on CPU and CUDA alike.
+  them. Both are synchronous. The copies are torch only (CPU and CUDA alike): strided
+  copies of runs of consecutive pages, all layers at once where vLLM allocated them at one
+  spacing, indexed copies only for scattered pages of layers allocated apart; CPU loads copy
+  straight from the store's memory (`pages.scatter_views`).
 
 Deployment (`mode`): **daemon**: both sides are clients of `kvdepot serve`. **embedded**: the
 tiered store lives in the worker process (KV bytes never leave it); the worker serves it on a
 private socket next to `daemon.socket_path` (`embedded_socket_path`) so that the scheduler
-can look keys up, and `kvdepot stats` can inspect it. Its RAM tier is a shared-memory file,
+can look keys up, and `kvdepot stats` can inspect it. Its RAM tier is a shared-memory file
+(`kvdepot.daemon.host.SharedStoreHost`, as in `kvdepot serve`), locked while it lives and
 removed at shutdown (or, after a crash, by the next `kvdepot serve` or embedded worker).
 
 Per request, `SamplingParams(extra_args={"kv_transfer_params": {...}})` may opt out:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvdepot.engine import as_numpy_bits, dtype_from_torch, torch_from_bits
 from kvdepot.errors import ConfigError
+from kvdepot.tensors import as_numpy_bits, dtype_from_torch, torch_from_bits
 
 KVParts = tuple[torch.Tensor, torch.Tensor]
 """One layer's (K, V) page views, each with the page index first."""

@@ -26,11 +26,12 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from kvdepot.config import KVDepotConfig, load_config
 from kvdepot.connectors.vllm.pages import cpu_attention_isa
-from kvdepot.engine import CacheEngine, dtype_from_torch
+from kvdepot.engine import CacheEngine
 from kvdepot.errors import ConfigError, KVDepotError
 from kvdepot.keys import HashAlgorithm
 from kvdepot.layout import KVLayout
 from kvdepot.store import ChunkStore
+from kvdepot.tensors import dtype_from_torch
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -37,10 +37,11 @@ from kvdepot.connectors.vllm.pages import (
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.deployment import open_cache
-from kvdepot.engine import CacheEngine, torch_dtype
+from kvdepot.engine import CacheEngine
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.store import ChunkStore
+from kvdepot.tensors import torch_dtype
 
 logger = logging.getLogger(__name__)
 
