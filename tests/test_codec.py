@@ -569,7 +569,7 @@ def test_unknown_codec_name_lists_known_names() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.uint8])
 def test_large_raw_copies_are_bit_exact_into_strided_views(dtype: type) -> None:
-    from kvdepot.codec.raw import PARALLEL_COPY_BYTES, copy_array
+    from kvdepot.codec.copies import PARALLEL_COPY_BYTES, copy_array
 
     rng = np.random.default_rng(0)
     src = rng.integers(0, 255, size=(4, 2, 64, 3, 1024), dtype=np.uint8).view(dtype)

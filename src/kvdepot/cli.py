@@ -231,6 +231,22 @@ def _cmd_bench_chaos(args: argparse.Namespace) -> int:
     return 0 if chaos.is_met(results) else 1
 
 
+def _cmd_bench_all(args: argparse.Namespace) -> int:
+    from kvdepot.bench import summary
+
+    names = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(names) - {bench.name for bench in summary.BENCHES})
+    if unknown:
+        raise KVDepotError(f"unknown benchmarks {unknown}")
+    goals = summary.run_all(
+        quick=args.quick, names=names, progress=lambda line: print(line, file=sys.stderr)
+    )
+    print(summary.report(goals, quick=args.quick))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(g) for g in goals], indent=2))
+    return 1 if args.strict and any(g.is_met is False for g in goals) else 0
+
+
 def _cmd_bench_vllm(args: argparse.Namespace) -> int:
     # Runs in the vLLM environment (see kvdepot.bench.vllm); it owns its flags.
     from kvdepot.bench import vllm
@@ -363,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     pages_bench.add_argument("--repeats", type=int, default=9, help="pairs per figure")
     pages_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
     pages_bench.set_defaults(func=_cmd_bench_pages)
+    bench_all = benches.add_parser(
+        "all", help="every benchmark (small with --quick), then a table of goals met/missed"
+    )
+    bench_all.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
+    bench_all.add_argument("--only", default="", help="comma list of benchmarks (default: all)")
+    bench_all.add_argument("--json", type=Path, default=None, help="also write JSON")
+    bench_all.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+    bench_all.set_defaults(func=_cmd_bench_all)
     chaos_bench = benches.add_parser(
         "chaos", help="fault injection on real daemons and servers: wrong bytes, lost chunks"
     )

@@ -163,13 +163,19 @@ def report(results: list[TTFTResult]) -> str:
         "limit = numpy copy of the KV bytes + one decode step over the cache; "
         "warm disk = RAM emptied and page cache dropped",
     ]
-    at_4k = [r for r in results if r.num_tokens == 4096]
-    for r in at_4k:
-        met_cold = r.warm_vs_cold <= 0.1
-        met_limit = r.warm_vs_limit <= 2.0
-        lines.append(
-            f"goals at 4096 tokens: warm RAM <= 1/10 cold: {'met' if met_cold else 'MISSED'}"
-            f" (1/{1 / r.warm_vs_cold:.0f}); warm RAM <= 2x limit: "
-            f"{'met' if met_limit else 'MISSED'} ({r.warm_vs_limit:.2f}x)"
-        )
+    lines += [f"goal {'met' if met else 'MISSED'}: {text}" for text, met in goal_lines(results)]
     return "\n".join(lines)
+
+
+def goal_lines(results: list[TTFTResult]) -> list[tuple[str, bool]]:
+    """The goals, judged at 4,096 tokens (or the longest prompt measured, if shorter)."""
+    if not results:
+        return []
+    at = [r for r in results if r.num_tokens == 4096] or [max(results, key=lambda r: r.num_tokens)]
+    r = at[0]
+    return [
+        (f"warm RAM <= 1/10 cold at {r.num_tokens} tokens: 1/{1 / r.warm_vs_cold:.0f}",
+         r.warm_vs_cold <= 0.1),
+        (f"warm RAM <= 2x limit at {r.num_tokens} tokens: {r.warm_vs_limit:.2f}x",
+         r.warm_vs_limit <= 2.0),
+    ]  # fmt: skip

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import xxhash
 
+from kvdepot.codec.copies import copy_array
 from kvdepot.errors import CorruptChunk
 from kvdepot.keys import CHUNK_FORMAT_VERSION, ChunkKey
 from kvdepot.layout import DType
@@ -224,4 +225,4 @@ class EncodedChunk:
         dst = np.frombuffer(
             buf, dtype=self.payload.dtype, count=self.payload.size, offset=HEADER_NBYTES
         )
-        np.copyto(dst.reshape(self.payload.shape), self.payload)
+        copy_array(dst.reshape(self.payload.shape), self.payload)
