@@ -111,19 +111,28 @@ PRESSURE = """
                 errors += 1
                 print("E", type(exc).__name__, exc, file=sys.stderr, flush=True)
             ops += 1
-        print(wrong, errors, ops, hits, flush=True)
+        # One write of one line: atomic on a pipe, never mixed with another child's.
+        os.write(1, f"{wrong} {errors} {ops} {hits}\\n".encode())
 
     pids = []
     for i in range(num):
         pid = os.fork()
         if pid == 0:
+            code = 0
             try:
                 work(random.Random(i))
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                code = 1
             finally:
-                os._exit(0)
+                sys.stderr.flush()
+                os._exit(code)
         pids.append(pid)
-    for pid in pids:
-        os.waitpid(pid, 0)
+    for i, pid in enumerate(pids):
+        _, status = os.waitpid(pid, 0)
+        if status:
+            print(f"client {i} ended with wait status {status:#x}", file=sys.stderr, flush=True)
 """
 """Forks client processes that put and read (checked) chains of a pool larger than the RAM
 tier for some seconds; each prints `wrong errors ops hits`."""
@@ -329,7 +338,7 @@ def _count_pressure(result: ScenarioResult, out: str, err: str) -> None:
     fields = out.split()
     if len(fields) != 4:
         result.exceptions_into_caller += 1
-        result.note(f"a client process failed: {err.strip()[-300:]}")
+        result.note(f"a client process failed (its line: {out!r}): {err.strip()[-300:]}")
         return
     wrong, errors, ops, hits = map(int, fields)
     result.wrong_bytes_served += wrong
