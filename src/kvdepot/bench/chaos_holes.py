@@ -27,11 +27,13 @@ from kvdepot.bench.chaos_kit import (
     chunk_key,
     count_wrong,
     disk_chunk_path,
+    disk_store_config,
     guarded,
     num_clients,
     read_copies,
     run_trials,
     wait_for,
+    write_to_disk,
 )
 from kvdepot.bench.chaos_procs import (
     DaemonProcess,
@@ -41,7 +43,6 @@ from kvdepot.bench.chaos_procs import (
     scripts,
     spawn_script,
 )
-from kvdepot.config import load_config
 from kvdepot.daemon import protocol as p
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.metrics import Metrics
@@ -93,13 +94,8 @@ def misplaced_chunks(budget_s: float, workdir: Path) -> ScenarioResult:
 
     def trial(i: int) -> None:
         seed, root = 10_000 + i, workdir / f"trial{i}" / "disk"
-        config = load_config(overrides={
-            "memory.capacity_bytes": "16MiB", "memory.prefault": False,
-            "disk.path": str(root), "disk.fsync": False,
-        })  # fmt: skip
-        with open_store(config) as store:
-            store.put(chain_items(seed, MISPLACED_CHUNKS, MISPLACED_KIB))
-            store.flush(30)
+        config = disk_store_config(root)
+        write_to_disk(root, chain_items(seed, MISPLACED_CHUNKS, MISPLACED_KIB))
         paths = [disk_chunk_path(root, chunk_key(seed, j)) for j in range(MISPLACED_CHUNKS)]
         if not all(path.exists() for path in paths):
             result.note("write-back did not write every chunk file")

@@ -25,14 +25,15 @@ from kvdepot.bench.chaos_kit import (
     chunk_key,
     count_wrong,
     disk_chunk_path,
+    disk_store_config,
     guarded,
     read_copies,
     run_trials,
     wait_for,
+    write_to_disk,
 )
 from kvdepot.bench.chaos_procs import DaemonProcess, raw_connection, sampling
 from kvdepot.codec.format import HEADER_NBYTES
-from kvdepot.config import load_config
 from kvdepot.daemon import protocol as p
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.metrics import Metrics
@@ -56,13 +57,8 @@ def disk_corruption(budget_s: float, workdir: Path) -> ScenarioResult:
 
     def trial(i: int) -> None:
         seed, root = 130_000 + i, workdir / f"trial{i}" / "disk"
-        config = load_config(overrides={
-            "memory.capacity_bytes": "16MiB", "memory.prefault": False,
-            "disk.path": str(root), "disk.fsync": False,
-        })  # fmt: skip
-        with open_store(config) as store:
-            store.put(chain_items(seed, DISK_CHUNKS, DISK_KIB))
-            store.flush(30)
+        config = disk_store_config(root)
+        write_to_disk(root, chain_items(seed, DISK_CHUNKS, DISK_KIB))
         rng = random.Random(seed)
         kinds = [CORRUPTIONS[j % len(CORRUPTIONS)] for j in range(DISK_CHUNKS)]
         rng.shuffle(kinds)

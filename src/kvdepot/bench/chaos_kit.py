@@ -22,11 +22,12 @@ import numpy as np
 
 from kvdepot.codec import RawCodec, encode_chunk
 from kvdepot.codec.format import HEADER_NBYTES, EncodedChunk, parse_header
+from kvdepot.config import KVDepotConfig, load_config
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkHash, ChunkKey
 from kvdepot.layout import DType
-from kvdepot.store import ChunkStore
+from kvdepot.store import ChunkStore, open_store
 
 T = TypeVar("T")
 CALL_DEADLINE_S = 20.0
@@ -220,3 +221,18 @@ def disk_chunk_path(root: Path, key: ChunkKey) -> Path:
     """Where the disk tier keeps `key` (its documented layout)."""
     name = key.chunk_hash.hex()
     return root / key.namespace.hex() / name[:2] / f"{name}.kvc"
+
+
+def disk_store_config(root: Path) -> KVDepotConfig:
+    """An embedded store with a 16 MiB RAM tier and a disk tier at `root` (no fsync)."""
+    return load_config(overrides={
+        "memory.capacity_bytes": "16MiB", "memory.prefault": False,
+        "disk.path": str(root), "disk.fsync": False,
+    })  # fmt: skip
+
+
+def write_to_disk(root: Path, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> None:
+    """Store `items` in a `disk_store_config` store and close it once written down."""
+    with open_store(disk_store_config(root)) as store:
+        store.put(items)
+        store.flush(30)
