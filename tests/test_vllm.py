@@ -8,6 +8,7 @@ a fake forward pass (seconds). The `slow` tests start real engines, each in its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -507,6 +508,90 @@ def test_views_scatter_straight_from_the_stores_memory(
         assert torch.equal(cache, want)
 
 
+def make_tp_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Engine]:
+    """TP=2: one scheduler, one worker per rank (each its own embedded store), as vLLM's
+    multiprocessing executor runs them; rank r's fake model writes its own KV heads."""
+    from kvdepot.connectors.vllm import worker as worker_module
+
+    config = vllm_config(tmp_path, tp=2)
+    scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config())
+    monkeypatch.setattr(worker_module, "any_rank", lambda flag: flag)  # a collective in vLLM
+    ranks = []
+    for rank in range(2):
+        monkeypatch.setattr(worker_module, "tp_rank", lambda rank=rank: rank)
+        worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_cache_config())
+        caches = dict(zip(NAMES, torch.zeros(len(NAMES), B, H, N, 2 * D), strict=True))
+        worker.register_kv_caches(caches)
+        ranks.append(Engine(scheduler, worker, caches))
+    return ranks
+
+
+def tp_step(
+    ranks: list[Engine], reqs: list[tuple[SimpleNamespace, list[int], int, int]]
+) -> set[int]:
+    """One step on every rank with one metadata (as vLLM broadcasts it); the union of the
+    ranks' failed blocks (as vLLM aggregates them)."""
+    meta = ranks[0].scheduler.build_connector_meta(
+        SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(b,),
+                                                            num_computed_tokens=d)
+                                            for r, b, d, _ in reqs],
+                        scheduled_cached_reqs=cached_reqs(),
+                        num_scheduled_tokens={r.request_id: n for r, _, _, n in reqs},
+                        preempted_req_ids=None)
+    )  # fmt: skip
+    failed: set[int] = set()
+    for rank, engine in enumerate(ranks):
+        engine.worker.bind_connector_metadata(meta)
+        engine.worker.start_load_kv(None)
+        for i, name in enumerate(NAMES):
+            for r, blocks, done, n in reqs:
+                for t in range(done, done + n):
+                    k, v = true_kv(r.all_token_ids, t, i)
+                    write_kv(engine.caches[name], blocks[t // N], t % N, (k + rank, v - rank))
+        engine.worker.wait_for_save()
+        failed |= set(engine.worker.get_block_ids_with_load_errors())
+        engine.worker.clear_connector_metadata()
+    return failed
+
+
+def test_tensor_parallel_ranks_store_their_own_shards_and_hit_only_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranks = make_tp_engine(tmp_path, monkeypatch)
+    try:
+        first, again = request("a", PROMPT), request("b", PROMPT)
+        assert ranks[0].lookup(first) == 0
+        assert tp_step(ranks, [(first, list(range(7)), 0, 200)]) == set()
+        assert ranks[0].lookup(again) == 199
+        settings = ranks[0].scheduler.scheduler_side.settings
+        clients = [DaemonClient(socket_path=settings.rank_socket_path(r)) for r in range(2)]
+        try:
+            caches = [engine.worker.worker_side._cache for engine in ranks]
+            keys = [c.chunk_keys(PROMPT, include_partial=True) for c in caches if c is not None]
+            assert not set(keys[0]) & set(keys[1])  # each rank's shard under its own keys
+            assert [clients[r].contains(keys[r]) for r in range(2)] == [[True] * 4] * 2
+            assert clients[0].contains(keys[1]) == [False] * 4
+            # Rank 0 holds its shard of every chunk; rank 1 loses its third chunk's.
+            clients[1].delete(keys[1][2:3])
+            assert ranks[0].lookup(request("c", PROMPT)) == 128  # a miss for both ranks
+            # Between lookup and load, rank 1 loses its tail too: its blocks fail on all ranks.
+            clients[1].delete(keys[1][3:])
+            blocks = list(range(10, 17))
+            failed = tp_step(ranks, [(again, blocks, 199, 1)])
+            assert failed == set(blocks[4:])  # from token 128 on, recomputed on both ranks
+        finally:
+            for client in clients:
+                client.close()
+        for rank, engine in enumerate(ranks):  # what loaded is each rank's own KV
+            k, v = read_kv(engine.caches[NAMES[1]], blocks[1], 5)
+            want_k, want_v = true_kv(PROMPT, N + 5, 1)
+            assert torch.equal(k, want_k + rank) and torch.equal(v, want_v - rank)
+    finally:
+        ranks[0].scheduler.shutdown()
+        for engine in ranks:
+            engine.worker.shutdown()
+
+
 def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean"):
         connector_config({"memory.capacity": "1GiB"})
@@ -514,11 +599,50 @@ def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> Non
         {"daemon": {"socket_path": "/x/d.sock"}, "mode": "daemon"}
     )
     assert (config.mode, config.daemon.socket_path, fingerprint) == ("daemon", "/x/d.sock", None)
-    with pytest.raises(ConfigError, match="parallel"):
-        KVDepotConnector(vllm_config(tmp_path, tp=2), KVConnectorRole.SCHEDULER, kv_cache_config())
+    pipelined = vllm_config(tmp_path)
+    pipelined.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(ConfigError, match="does not support pipeline parallelism"):
+        KVDepotConnector(pipelined, KVConnectorRole.SCHEDULER, kv_cache_config())
     strict = vllm_config(tmp_path, policy="fail")
     KVDepotConnector(strict, KVConnectorRole.SCHEDULER, kv_cache_config()).shutdown()
     assert strict.kv_transfer_config.kv_load_failure_policy == "recompute"
+
+
+def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
+    from vllm.v1.kv_cache_interface import (
+        KVQuantMode,
+        MambaSpec,
+        MLAAttentionSpec,
+        SlidingWindowSpec,
+    )
+
+    full = FullAttentionSpec(block_size=N, num_kv_heads=H, head_size=D, dtype=torch.float32)
+    window = SlidingWindowSpec(
+        block_size=N, num_kv_heads=H, head_size=D, dtype=torch.float32, sliding_window=256
+    )
+    return {  # KV cache groups: what the message must say
+        "hybrid": ([full, window], r"several KV cache groups \(this one has 2: full attention, "
+                   r"sliding-window attention\)"),
+        # vLLM's hybrid allocator off: sliding-window layers come as full attention, windowed.
+        "windowed-full": ([dataclasses.replace(full, sliding_window=256)],
+                          "does not support sliding-window attention"),
+        "mla": ([MLAAttentionSpec(block_size=N, num_kv_heads=1, head_size=576,
+                                  dtype=torch.bfloat16)], r"latent attention \(MLA\)"),
+        "mamba": ([MambaSpec(block_size=N, shapes=((4,),), dtypes=(torch.float32,))],
+                  "Mamba.*not KV"),
+        "fp8": ([dataclasses.replace(full, dtype=torch.uint8,
+                                     kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)],
+                "quantized KV cache .FP8_PER_TENSOR"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", ["hybrid", "windowed-full", "mla", "mamba", "fp8"])
+def test_unsupported_models_are_refused_saying_what_and_why(tmp_path: Path, shape: str) -> None:
+    specs, message = unsupported_specs()[shape]
+    groups = [KVCacheGroupSpec([f"layer.{i}"], spec) for i, spec in enumerate(specs)]
+    with pytest.raises(ConfigError, match=message):
+        KVDepotConnector(vllm_config(tmp_path), KVConnectorRole.SCHEDULER,
+                         KVCacheConfig(B, [], groups))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -564,7 +688,9 @@ def model_dir() -> Path:
     return default_model_dir()
 
 
-def run_engine(scenario: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def run_engine(
+    scenario: str, spec: dict[str, Any], workdir: Path, env: dict[str, str] = ENGINE_ENV
+) -> dict[str, Any]:
     """Run tests/vllm_scripts/engine.py in its own process; its JSON result."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = (workdir / n for n in ("spec.json", "out.json", "log.txt"))
@@ -574,7 +700,7 @@ def run_engine(scenario: str, spec: dict[str, Any], workdir: Path) -> dict[str, 
         proc = subprocess.run(
             [sys.executable, str(script), scenario, str(spec_path), str(out_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=420,
-            env={**os.environ, **ENGINE_ENV},
+            env={**os.environ, **env},
         )  # fmt: skip
     if proc.returncode != 0:
         pytest.fail(f"{scenario} engine failed:\n{log_path.read_text()[-4000:]}")
@@ -716,3 +842,103 @@ def test_fresh_engine_reads_the_daemon_and_outlives_it(
     assert [r["num_cached"] for r in rest] == [1299, 1036]
     assert novel["tokens"] == result["novel"]["tokens"]  # computed alone, nothing cached
     assert_same_as_reference(list(steps.values()) + rest + result["after_kill"], populated)
+
+
+# ---- tensor parallelism: a tiny random-weight Llama, TP=2 -------------------------------------
+
+TP_ENV = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank
+TP_LLM = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+TP_SHARD = [4, 1, 64]  # layers, KV heads per rank (2 in all), head size
+# Logprobs of the same greedy tokens from loaded and from computed KV: the loaded KV is the
+# computed KV bit for bit, but the rest of the prompt then runs in another batch shape, so
+# fp32 sums round differently (SmolLM2: up to 1.8e-5; here up to 3.3e-6); 10x the worst
+# allowed. These weights give logprobs near -6 (uniform: -10.8) that move with the context, so
+# a wrong or mixed shard would change them by far more.
+LOGPROB_ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def tp_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 query and 2 KV heads: each rank holds one KV head (tests/vllm_scripts/tiny_models)."""
+    folder = tmp_path_factory.mktemp("models") / "llama-tp"
+    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
+    subprocess.run([sys.executable, str(script), "llama-tp", str(folder)], check=True,
+                   cwd=REPO, timeout=300, capture_output=True)  # fmt: skip
+    return folder
+
+
+def tp_spec(model: Path, engine_id: str, extra: dict[str, Any], rank1_socket: Path) -> Any:
+    return {"model": str(model), "engine_id": engine_id, "extra": extra, "llm": TP_LLM,
+            "stats_socket": extra["daemon.socket_path"], "shard_layout": TP_SHARD,
+            "rank1_socket": str(rank1_socket)}  # fmt: skip
+
+
+def assert_same_logprobs(results: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Same greedy tokens as the reference, and their logprobs within LOGPROB_ATOL."""
+    for result in results:
+        want = reference[result["name"]]
+        assert result["tokens"] == want["tokens"], f"{result['name']}: outputs differ"
+        diffs = [abs(a - b) for a, b in zip(result["logprobs"], want["logprobs"], strict=True)]
+        assert max(diffs) <= LOGPROB_ATOL, f"{result['name']}: logprobs differ by {max(diffs)}"
+        print(f"{result['name']}: max logprob difference {max(diffs):.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tensor_parallel_engines_share_shards_through_the_daemon(
+    tp_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.test_daemon import Daemon
+
+    d = Daemon(tmp_path_factory.mktemp("tp-daemon"), extra=["--memory-capacity-bytes", "256MiB"])
+    d.start()
+    try:
+        extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
+        spec = tp_spec(tp_model, "tp", extra, d.socket_path)
+        populated = run_engine("tp_populate", spec, tmp_path_factory.mktemp("tp1"), TP_ENV)
+        fresh = run_engine("tp_fresh", spec, tmp_path_factory.mktemp("tp2"), TP_ENV)
+    finally:
+        d.stop()
+    assert [r["num_cached"] for r in populated["cold"]] == [0, 1024]
+    steps = fresh["steps"]
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    # The scheduler looks each rank's shards up (11 chunk hits per rank for "full"); a hit
+    # needs both. Rank 1 lost its shard of chunk 4: rank 0 hits 11 chunks, rank 1 hits 4, and
+    # both ranks load chunks 0-3 only and compute the rest.
+    assert got == {
+        "full": (1299, 22),
+        "partial": (1036, 18),
+        "miss": (0, 0),
+        "lost_shard": (512, 15),
+    }
+    reference = populated["reference"]
+    assert_same_logprobs(populated["cold"] + list(steps.values()), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tensor_parallel_embedded_ranks_keep_their_own_stores(
+    tp_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from kvdepot.connectors.vllm.settings import rank_socket_path
+
+    workdir = tmp_path_factory.mktemp("tp-embedded")
+    extra = {"mode": "embedded", "memory.capacity_bytes": "256MiB", "memory.prefault": False,
+             "daemon.socket_path": str(workdir / "run" / "daemon.sock")}  # fmt: skip
+    config, _ = connector_config(extra)
+    rank0 = embedded_socket_path(config, "tp-embedded")
+    spec = tp_spec(tp_model, "tp-embedded", extra, rank_socket_path(rank0, 1))
+    spec["stats_socket"] = str(rank0)
+    result = run_engine("tp_embedded", spec, workdir, TP_ENV)
+    steps = result["steps"]
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    # hit_chunks: rank 0's store only, which still holds every chunk of "full" when rank 1's
+    # store lost its shard of chunk 4; vLLM is granted chunks 0-3 only.
+    assert got == {
+        "cold": (0, 0),
+        "full": (1299, 11),
+        "partial": (1024, 8),
+        "miss": (0, 0),
+        "lost_shard": (512, 11),
+    }
+    assert_same_logprobs(list(steps.values()), result["reference"])

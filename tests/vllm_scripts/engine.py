@@ -12,7 +12,11 @@ asserts. Scenarios:
   request finished), a local prefix-cache hit topped up by kvdepot, another tenant's salt,
   a batch;
 - fresh (daemon mode, a new process): hits served by the daemon, then the daemon killed as
-  soon as it has answered a batch's lookups.
+  soon as it has answered a batch's lookups;
+- tp_populate, tp_fresh, tp_embedded: a tiny random-weight model with tensor parallelism 2
+  (`spec["llm"]`): reference and cold runs into the daemon, then a new engine's hits from it,
+  and the same embedded (each rank its own store); each ends with one rank's shard of one
+  chunk deleted, which must make that chunk a miss for both ranks.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class Engine:
             enforce_eager=True,
             kv_transfer_config=transfer,
             seed=0,
+            **spec.get("llm", {}),
         )
         self.startup_s = time.perf_counter() - start
         self.prompts = prompts(self.llm.get_tokenizer())
@@ -91,6 +96,7 @@ class Engine:
         params = SamplingParams(
             max_tokens=MAX_TOKENS,
             temperature=0.0,
+            logprobs=1,  # the chosen token's logprob, whatever its rank
             skip_reading_prefix_cache=bypass,
             extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
@@ -107,6 +113,12 @@ class Engine:
             {
                 "name": name,
                 "tokens": list(out.outputs[0].token_ids),
+                "logprobs": [
+                    step[token].logprob
+                    for token, step in zip(
+                        out.outputs[0].token_ids, out.outputs[0].logprobs or [], strict=True
+                    )
+                ],
                 "num_prompt": len(self.prompts[name]),
                 "num_cached": out.num_cached_tokens,
                 "seconds": elapsed_s,
@@ -208,7 +220,65 @@ def fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     return {"steps": steps, "during_kill": during, "after_kill": after, "novel": novel, **record}
 
 
-SCENARIOS = {"populate": populate, "embedded": embedded, "fresh": fresh}
+def drop_shard(engine: Engine, spec: dict[str, Any], name: str, chunk: int) -> None:
+    """Delete TP rank 1's shard of chunk `chunk` of prompt `name` (rank 0's stays)."""
+    from kvdepot.connectors.vllm import model_fingerprint
+    from kvdepot.daemon.client import DaemonClient
+    from kvdepot.engine import CacheEngine
+    from kvdepot.layout import DType, KVLayout
+
+    layers, heads, head_size = spec["shard_layout"]
+    client = DaemonClient(socket_path=Path(spec["rank1_socket"]), reconnect_interval_s=0.0)
+    try:
+        cache = CacheEngine(
+            client,
+            KVLayout(layers, heads, head_size, DType.FLOAT32),
+            model_fingerprint(spec["model"]) + ":tp1of2",
+            chunk_size_tokens=CHUNK_TOKENS,
+        )
+        keys = cache.chunk_keys(engine.prompts[name], include_partial=True)
+        assert client.contains(keys) == [True] * len(keys), "rank 1's shards are not stored"
+        client.delete(keys[chunk : chunk + 1])
+    finally:
+        client.close()
+
+
+def tp_reference(engine: Engine) -> dict[str, Any]:
+    """The outputs of vLLM alone: every cache read bypassed, nothing stored."""
+    names = ["full", "partial", "miss"]
+    no_store = {"kvdepot.store": False}
+    return {r["name"]: r for r in engine.generate(names, bypass=True, kv_params=no_store)}
+
+
+def tp_populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    reference = tp_reference(engine)
+    return {"reference": reference, "cold": [engine.one(name) for name in ("full", "partial")]}
+
+
+def tp_fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    steps = {name: engine.one(name) for name in ("full", "partial", "miss")}
+    drop_shard(engine, spec, "full", 4)
+    steps["lost_shard"] = engine.one("full")
+    return {"steps": steps}
+
+
+def tp_embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    reference = tp_reference(engine)
+    steps = {"cold": engine.one("full")}
+    steps |= {name: engine.one(name) for name in ("full", "partial", "miss")}
+    drop_shard(engine, spec, "full", 4)
+    steps["lost_shard"] = engine.one("full")
+    return {"steps": steps, "reference": reference}
+
+
+SCENARIOS = {
+    "populate": populate,
+    "embedded": embedded,
+    "fresh": fresh,
+    "tp_populate": tp_populate,
+    "tp_fresh": tp_fresh,
+    "tp_embedded": tp_embedded,
+}
 
 
 def main() -> None:

@@ -59,9 +59,13 @@ Invariants:
 - Loads only write blocks past vLLM's own prefix-cache hit: freshly allocated, private pages.
 
 Paged layouts (CPU attention, FlashAttention, FlashInfer): see `kvdepot.connectors.vllm.pages`.
+Tensor parallelism: each rank stores and loads its own shard (its KV heads) under keys that
+carry its rank and the world size; the scheduler grants a chunk only when every rank holds its
+shard (`settings`, `scheduler`, `worker`).
+
 Not supported (the connector refuses them at start): several KV cache groups (hybrid,
-sliding-window or MLA models), quantized KV caches, tensor or pipeline parallelism > 1; LoRA,
-multimodal and prompt-embedding requests are served by vLLM alone.
+sliding-window or MLA models), quantized KV caches, pipeline parallelism; LoRA, multimodal and
+prompt-embedding requests are served by vLLM alone. The README has the tested matrix.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ scheduler step into a `KVDepotMetadata` for the worker: per request, the prompt,
 table, the token range to load and the whole chunks (and the prompt's partial tail) newly
 computed, to save. Every lookup failure is a miss.
 
+Tensor parallelism: every rank stores its own shard of a chunk, so a prompt's hit is the
+shortest of its ranks' hits: a chunk is loaded only when all ranks hold their shard of it.
+Daemon mode asks the daemon once per rank; embedded mode asks each rank's worker, each of
+which serves its own store.
+
 Generated tokens (`store_generated`): when a request finishes, its blocks are held (vLLM's
 delayed free) and the next step's plan saves the KV of the prompt's last chunk onwards,
 generated tokens included; the worker reports the save done and vLLM frees the blocks. A
@@ -64,30 +69,46 @@ class SchedulerSide:
         self.settings = settings
         self.is_loading = is_loading
         self.is_saving = is_saving
-        self._cache: CacheEngine | None = None
+        self._caches: list[CacheEngine] = []  # one per TP rank
         self._log = RateLimitedLog(logger)
         self._requests: dict[str, RequestState] = {}
         self._num_hit_tokens: dict[str, int] = {}
         self._finishing: list[RequestTransfer] = []  # final saves for the next step
         self._pending: dict[str, PendingSave] = {}
 
-    def _engine(self) -> CacheEngine:
-        if self._cache is None:
+    def _engines(self) -> list[CacheEngine]:
+        """One `CacheEngine` per TP rank (its shard's keys); daemon mode: over one client."""
+        if not self._caches:
             config = self.settings.config
-            d = config.daemon
-            store: ChunkStore = (
-                open_cache(config)
-                if config.mode == "daemon"
-                else DaemonClient(
-                    socket_path=self.settings.socket_path,
-                    connect_timeout_s=d.connect_timeout_s,
-                    request_timeout_s=d.request_timeout_s,
-                    reconnect_interval_s=d.reconnect_interval_s,
-                    client_name=f"vllm-scheduler:{os.getpid()}",
-                )
-            )
-            self._cache = self.settings.make_engine(store)
-        return self._cache
+            ranks = range(self.settings.tp_size)
+            if config.mode == "daemon":
+                store = open_cache(config)
+                self._caches = [self.settings.make_engine(store, rank) for rank in ranks]
+            else:
+                self._caches = [
+                    self.settings.make_engine(self._worker_store(rank), rank) for rank in ranks
+                ]
+        return self._caches
+
+    def _worker_store(self, rank: int) -> ChunkStore:
+        """A client of TP rank `rank`'s embedded worker store."""
+        d = self.settings.config.daemon
+        return DaemonClient(
+            socket_path=self.settings.rank_socket_path(rank),
+            connect_timeout_s=d.connect_timeout_s,
+            request_timeout_s=d.request_timeout_s,
+            reconnect_interval_s=d.reconnect_interval_s,
+            client_name=f"vllm-scheduler:{os.getpid()}",
+        )
+
+    def _lookup(self, tokens: list[int], salt: bytes) -> int:
+        """Cached tokens of `tokens` that every TP rank can load."""
+        num_hit = len(tokens)
+        for cache in self._engines():
+            num_hit = min(num_hit, cache.lookup(tokens, tenant_salt=salt))
+            if num_hit == 0:
+                break
+        return num_hit
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -99,7 +120,7 @@ class SchedulerSide:
         if self._waits_for_save(tokens):
             return None, False
         try:
-            num_hit = self._engine().lookup(tokens, tenant_salt=tenant_salt(request))
+            num_hit = self._lookup(tokens, tenant_salt(request))
         except Exception as exc:  # fail open: a miss
             self._log.warning("lookup", "kvdepot: lookup failed, a miss: %s", exc)
             num_hit = 0
@@ -240,12 +261,22 @@ class SchedulerSide:
     def reset_cache(self) -> bool | None:
         """Empty the cache (`llm.reset_prefix_cache(reset_connector=True)`)."""
         try:
-            self._engine().backend.clear()
+            for store in self._stores():
+                store.clear()
         except Exception as exc:
             self._log.warning("clear", "kvdepot: clearing the cache failed: %s", exc)
             return False
         return True
 
+    def _stores(self) -> list[ChunkStore]:
+        """The distinct stores behind the ranks' engines."""
+        stores: list[ChunkStore] = []
+        for cache in self._engines():
+            if all(cache.backend is not store for store in stores):
+                stores.append(cache.backend)
+        return stores
+
     def shutdown(self) -> None:
-        if self._cache is not None:
-            self._cache.backend.close()
+        if self._caches:
+            for store in self._stores():
+                store.close()

@@ -9,6 +9,12 @@ with the CPU backend's 128-token blocks, 8 blocks of 16 on GPU). A new prompt th
 prefix with a stored one recomputes the tokens past its last whole shared chunk: on CPU at
 most one block, as vLLM's own prefix cache does. An explicit size wins, and must be a
 multiple of the block size, so that chunk boundaries fall on block boundaries.
+
+Tensor parallelism: each rank holds its own KV heads, so a chunk is stored as one shard per
+rank, under keys that carry the rank and the world size (`shard_names`). The scheduler counts
+a chunk as hit only when every rank's shard of it is there (`SchedulerSide`), so a rank that
+lost its shard makes the chunk a miss for all ranks, never a mix of cached and recomputed
+heads.
 """
 
 from __future__ import annotations
@@ -57,9 +63,11 @@ class ConnectorSettings:
         block_size: vLLM's block size, in tokens.
         cpu_isa: the CPU attention kernel family; None off CPU.
         is_token_exact: page rows are tokens (partial pages and tails can move).
-        socket_path: where an embedded worker serves its store to the scheduler.
+        socket_path: where an embedded worker of TP rank 0 serves its store to the
+            scheduler (`rank_socket_path` for the others).
         model: (model, revision), for the default fingerprint.
         fingerprint: an explicit model fingerprint, or None.
+        tp_size: vLLM's tensor-parallel world size; each rank stores its own shard.
     """
 
     config: KVDepotConfig
@@ -71,6 +79,7 @@ class ConnectorSettings:
     socket_path: Path
     model: tuple[str, str | None]
     fingerprint: str | None
+    tp_size: int = 1
 
     @classmethod
     def from_vllm(
@@ -79,8 +88,12 @@ class ConnectorSettings:
         """Parse and check; ConfigError for what kvdepot does not support."""
         transfer = vllm_config.kv_transfer_config
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
-            raise ConfigError("kvdepot's vLLM connector needs tensor and pipeline parallel 1")
+        if parallel.pipeline_parallel_size != 1:
+            raise ConfigError(
+                "kvdepot's vLLM connector does not support pipeline parallelism "
+                f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); use tensor "
+                "parallelism, which it supports"
+            )
         layout, layer_names, spec = kv_layout(kv_cache_config)
         block_size = int(spec.block_size)
         extra = transfer.kv_connector_extra_config
@@ -91,13 +104,28 @@ class ConnectorSettings:
         model = (vllm_config.model_config.model, vllm_config.model_config.revision)
         socket_path = embedded_socket_path(config, str(transfer.engine_id))
         return cls(config, layout, sorted(layer_names, key=layer_order), block_size, cpu_isa,
-                   is_token_exact, socket_path, model, fingerprint)  # fmt: skip
+                   is_token_exact, socket_path, model, fingerprint,
+                   int(parallel.tensor_parallel_size))  # fmt: skip
 
-    def make_engine(self, store: ChunkStore) -> CacheEngine:
-        """A `CacheEngine` over `store` with this model's keys."""
+    @property
+    def shard_names(self) -> list[str]:
+        """What each TP rank's chunks are called in their keys: one name per rank, or one
+        empty name without tensor parallelism."""
+        if self.tp_size == 1:
+            return [""]
+        return [f"tp{rank}of{self.tp_size}" for rank in range(self.tp_size)]
+
+    def rank_socket_path(self, rank: int) -> Path:
+        """Where an embedded worker of TP rank `rank` serves its store."""
+        return rank_socket_path(self.socket_path, rank)
+
+    def make_engine(self, store: ChunkStore, rank: int = 0) -> CacheEngine:
+        """A `CacheEngine` over `store` with the keys of this model's shard on TP rank `rank`."""
         fingerprint = self.fingerprint or model_fingerprint(*self.model)
         if not self.is_token_exact:  # chunks hold pages in this kernel's own format
             fingerprint += f":pages-cpu-{self.cpu_isa}"
+        if shard := self.shard_names[rank]:
+            fingerprint += f":{shard}"
         return CacheEngine(
             store,
             self.layout,
@@ -179,12 +207,22 @@ def kv_layout(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, list[str], Full
     """(layout, attention layer names, their spec); ConfigError when not supported."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
-        raise ConfigError(f"kvdepot supports one KV cache group, this model has {len(groups)}")
+        kinds = sorted({attention_kind(g.kv_cache_spec) for g in groups})
+        raise ConfigError(
+            f"kvdepot's vLLM connector does not support models with several KV cache groups "
+            f"(this one has {len(groups)}: {', '.join(kinds)}); it supports one group of "
+            "full attention"
+        )
     spec = groups[0].kv_cache_spec
-    if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
-        raise ConfigError(f"kvdepot supports full attention only, not {type(spec).__name__}")
-    if spec.head_size_v != spec.head_size or spec.kv_quant_mode.name != "NONE":
-        raise ConfigError("kvdepot needs unquantized KV with equal K and V head sizes")
+    if (kind := attention_kind(spec)) != "full attention":
+        raise ConfigError(
+            f"kvdepot's vLLM connector does not support {kind}; it supports full attention"
+        )
+    if spec.kv_quant_mode.name != "NONE":
+        raise ConfigError(
+            "kvdepot's vLLM connector does not support a quantized KV cache "
+            f"({spec.kv_quant_mode.name}, stored as {spec.dtype}): use kv_cache_dtype='auto'"
+        )
     try:
         dtype = dtype_from_torch(spec.dtype)
     except KVDepotError as exc:
@@ -194,10 +232,33 @@ def kv_layout(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, list[str], Full
     return layout, names, spec
 
 
+def attention_kind(spec: object) -> str:
+    """What a vLLM KV cache spec holds, in words (for messages and refusals)."""
+    name = type(spec).__name__
+    if "Mamba" in name:
+        return "state-space (Mamba) layers, whose per-request state is not KV"
+    if "MLA" in name:
+        return "multi-head latent attention (MLA)"
+    if getattr(spec, "sliding_window", None):
+        return "sliding-window attention"
+    if getattr(spec, "attention_chunk_size", None):
+        return "chunked local attention"
+    if type(spec) is not FullAttentionSpec:
+        return f"{name} layers"
+    if getattr(spec, "head_size_v", None) not in (None, getattr(spec, "head_size", None)):
+        return "K and V of different head sizes"
+    return "full attention"
+
+
 def embedded_socket_path(config: KVDepotConfig, engine_id: str) -> Path:
     """Where an embedded worker serves its store to its scheduler (and to `kvdepot stats`)."""
     digest = hashlib.blake2b(engine_id.encode(), digest_size=6).hexdigest()
     return Path(config.daemon.socket_path).parent / f"vllm-{digest}.sock"
+
+
+def rank_socket_path(socket_path: Path, rank: int) -> Path:
+    """TP rank `rank`'s embedded socket: rank 0's path, suffixed for the other ranks."""
+    return socket_path if rank == 0 else socket_path.with_name(f"{socket_path.stem}-r{rank}.sock")
 
 
 def layer_order(name: str) -> tuple[int, str]:

@@ -13,6 +13,13 @@ recomputes them; a step with a failed load saves nothing it computed, so KV comp
 unloaded blocks is never stored; a failed save only costs a future miss. A finished request's
 final save (its KV was computed in earlier steps) always runs, and is always reported done
 (`get_finished`), so vLLM frees its blocks whether it worked or not.
+
+Tensor parallelism: each rank's worker stores and loads its own shard (its KV heads) under
+its rank's keys; embedded, each rank serves its own store (`rank_socket_path`). A rank's
+failed load also poisons what the other ranks compute in that step (every layer's input is
+summed across ranks), so before saving, the ranks agree over vLLM's TP group whether any load
+failed (one tiny all-reduce, only in steps that load and save, which the step's metadata,
+identical on every rank, decides alike everywhere).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class WorkerSide:
         self._is_load_failed = False
         self._finished_saves: set[str] = set()
         self._host: SharedStoreHost | None = None
+        self._rank = 0  # TP rank, known once vLLM registers the KV caches
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the paged layout, open the store (embedded: and serve it to the scheduler)."""
@@ -78,23 +86,25 @@ class WorkerSide:
         self._stacked = stack_layers(self._layers)  # all layers in one copy, if allocated so
         self._page_size = page_size(self._layers[0], self._paged)
         self._device = kv_caches[names[0]].device
+        self._rank = tp_rank() if self.settings.tp_size > 1 else 0
         if self.settings.block_size % self._page_size:
             raise ConfigError(
                 f"block size {self.settings.block_size} is not a multiple of the page size"
             )
-        self._cache = self.settings.make_engine(self._open_worker_store())
+        self._cache = self.settings.make_engine(self._open_worker_store(), self._rank)
         logger.info(
-            "kvdepot: %s mode, %s layout, %d layers (%s), block %d, chunk %d tokens",
+            "kvdepot: %s mode, %s layout, %d layers (%s), block %d, chunk %d tokens, TP %d/%d",
             self.settings.config.mode, self._paged.name, len(names),
             "one allocation" if self._stacked is not None else "apart",
             self.settings.block_size, self.settings.config.chunk_size_tokens,
+            self._rank, self.settings.tp_size,
         )  # fmt: skip
 
     def _open_worker_store(self) -> ChunkStore:
         if self.settings.config.mode == "daemon":
             return open_cache(self.settings.config)
         self._host = SharedStoreHost.open(
-            self.settings.config, socket_path=self.settings.socket_path, tcp=False
+            self.settings.config, socket_path=self.settings.rank_socket_path(self._rank), tcp=False
         )
         return self._host.store
 
@@ -198,7 +208,7 @@ class WorkerSide:
         """Store the chunks this step completed (none after a failed load), then the finished
         requests' final saves."""
         saves = [t for t in meta.requests if t.save_end > t.save_start and not t.is_finished]
-        if saves and self._is_load_failed:
+        if saves and self._any_load_failed(meta):
             # Some KV this step computed may rest on blocks that did not load.
             self._log.warning("skip-save", "kvdepot: a load failed, this step stores nothing")
             saves = []
@@ -208,6 +218,15 @@ class WorkerSide:
             if transfer.is_finished:
                 self._save(transfer)
                 self._finished_saves.add(transfer.req_id)
+
+    def _any_load_failed(self, meta: KVDepotMetadata) -> bool:
+        """Whether a load of this step failed on any TP rank (call only in steps that save:
+        with TP, every rank must make the same calls)."""
+        if self.settings.tp_size == 1:
+            return self._is_load_failed
+        if not any(t.load_end > t.load_start for t in meta.requests):
+            return False  # no rank loaded anything
+        return any_rank(self._is_load_failed)
 
     def get_finished(self) -> set[str]:
         """The finished requests whose final save is done: vLLM may free their blocks."""
@@ -250,3 +269,22 @@ class WorkerSide:
             self._host.close()  # the store too
         elif self._cache is not None:
             self._cache.backend.close()
+
+
+def tp_rank() -> int:
+    """This worker's tensor-parallel rank (vLLM's distributed state is set up by now)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank of vLLM's tensor-parallel group (a collective:
+    every rank must call it)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    torch.distributed.all_reduce(
+        value, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().cpu_group
+    )
+    return bool(value.item())

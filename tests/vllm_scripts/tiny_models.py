@@ -1,0 +1,71 @@
+"""Tiny random-weight models for the deployment shapes no offline model has (TP, MLA, ...).
+
+`make_model(kind, folder)` writes a Hugging Face folder vLLM loads: a small config of the
+shape, weights initialised by transformers with a larger `initializer_range` (vLLM's own
+"dummy" weights give near-uniform logits, which would hide wrong KV; these give peaked,
+context-dependent outputs), and SmolLM2's tokenizer. Seeded: the same kind gives the same
+weights. Run as a script to make one: `python tiny_models.py KIND FOLDER`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+COMMON = {
+    "vocab_size": 49152,
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.06,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+KINDS: dict[str, dict[str, Any]] = {
+    # 8 query heads and 2 KV heads: with TP=2 each rank holds one KV head.
+    "llama-tp": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    },
+}
+
+
+def make_model(kind: str, folder: Path) -> Path:
+    """Write the `kind` model to `folder` (once: an existing folder is reused)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvdepot.connectors.model import default_model_dir
+
+    if (folder / "config.json").is_file():
+        return folder
+    spec = {**COMMON, **KINDS[kind]}
+    config = AutoConfig.for_model(**{k: v for k, v in spec.items() if k != "architectures"})
+    config.architectures = spec["architectures"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        if (source := default_model_dir() / name).is_file():
+            shutil.copy(source, staging / name)
+    staging.rename(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    path = make_model(sys.argv[1], Path(sys.argv[2]))
+    print(json.dumps({"folder": str(path)}))
