@@ -1,7 +1,8 @@
 """The `kvdepot` command: arguments → config → library calls. Nothing else lives here.
 
 Runs in the user's shell process. Config precedence is resolved here, once: YAML file
-(`--config`) < `KVDEPOT_*` environment variables < flags.
+(`--config`) < `KVDEPOT_*` environment variables < flags. The `bench` subcommands come from
+the registry in `kvdepot.bench`: each benchmark's own module declares its flags and runs it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from kvdepot import __version__
+from kvdepot.bench import BENCHMARKS, Benchmark
 from kvdepot.config import FIELDS, KVDepotConfig, load_config, redacted
 from kvdepot.errors import KVDepotError
 
@@ -43,22 +44,6 @@ def _config(args: argparse.Namespace) -> KVDepotConfig:
 def _cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(redacted(_config(args)), indent=2))
     return 0
-
-
-def _cmd_bench_tiers(args: argparse.Namespace) -> int:
-    from kvdepot.bench import tiers
-
-    layouts = [name.strip() for name in args.layouts.split(",")]
-    unknown = set(layouts) - set(tiers.LAYOUTS)
-    if unknown:
-        raise KVDepotError(
-            f"unknown layouts {sorted(unknown)}; choose from {sorted(tiers.LAYOUTS)}"
-        )
-    results = tiers.run(layouts, args.total_mib, args.repeats, args.disk_dir)
-    print(tiers.report(results))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0 if all(r.is_met for r in results) or not args.strict else 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -132,126 +117,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_daemon(args: argparse.Namespace) -> int:
-    from kvdepot.bench import daemon
+class _BenchmarkParser(argparse.ArgumentParser):
+    """The parser of one `kvdepot bench <name>`: its module is imported, and declares its flags,
+    only when argparse hands it the command line, i.e. when that benchmark is chosen."""
 
-    results = daemon.run(args.layouts.split(","), args.total_mib, args.repeats)
-    print(daemon.report(results))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0
+    undeclared: Benchmark | None = None
+    """The benchmark whose flags are still to be declared."""
 
-
-def _cmd_bench_remote(args: argparse.Namespace) -> int:
-    from kvdepot.bench import remote
-
-    run = remote.run(
-        layouts=tuple(args.layouts.split(",")), total_mib=args.total_mib, repeats=args.repeats,
-        backends=tuple(args.backends.split(",")),
-    )  # fmt: skip
-    print(remote.report(run))
-    return 0
+    def parse_known_args(  # type: ignore[override]  # argparse calls it with (args, None)
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self.undeclared is not None:
+            module, self.undeclared = self.undeclared.load(), None
+            module.add_arguments(self)
+        return super().parse_known_args(args, namespace)
 
 
-def _cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from kvdepot.bench import ttft
-    from kvdepot.connectors.model import prepare_model
-
-    lengths = [int(n) for n in args.lengths.split(",")]
-    results = ttft.run(prepare_model(args.model_dir), lengths, args.repeats)
-    print(ttft.report(results))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0
+def _cmd_bench(args: argparse.Namespace) -> int:
+    benchmark: Benchmark = args.benchmark
+    return benchmark.load().cli_main(args)
 
 
-def _cmd_bench_codecs(args: argparse.Namespace) -> int:
-    from kvdepot.bench import codecs
-    from kvdepot.codec import load_registry
-    from kvdepot.connectors.model import prepare_model
-
-    registry = load_registry(args.plugin)
-    names = [n.strip() for n in args.codecs.split(",")] if args.codecs else registry.names()
-    for name in names:
-        registry.by_name(name)  # ConfigError listing the known names, before the model loads
-    results = codecs.run(
-        prepare_model(args.model_dir), registry, names, context_tokens=args.context_tokens,
-        heldout_tokens=args.heldout_tokens, num_prompts=args.prompts,
-        max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-        progress=lambda line: print(line, file=sys.stderr),
-    )  # fmt: skip
-    print(codecs.report(results, args.context_tokens, args.heldout_tokens))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0 if all(met for _, met in codecs.goal_lines(results)) or not args.strict else 1
-
-
-def _cmd_bench_blend(args: argparse.Namespace) -> int:
-    from kvdepot.bench import blend
-    from kvdepot.connectors.model import prepare_model
-
-    ratios = tuple(float(r) for r in args.ratios.split(","))
-    bench = blend.run(
-        prepare_model(args.model_dir), seed=args.seed, num_documents=args.documents,
-        docs_per_prompt=args.docs_per_prompt, num_questions=args.questions,
-        products_per_doc=args.products_per_doc, filler_per_product=args.filler,
-        ratios=ratios, max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens,
-        goal_ratio=args.goal_ratio, selections=tuple(args.selections.split(",")),
-        progress=lambda line: print(line, file=sys.stderr),
-    )  # fmt: skip
-    print(blend.report(bench))
-    if args.plot:
-        blend.plot(bench, args.plot)
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in bench.results], indent=2))
-    return 0 if all(met for _, met in blend.goal_lines(bench)) or not args.strict else 1
-
-
-def _cmd_bench_pages(args: argparse.Namespace) -> int:
-    from kvdepot.bench import pages
-
-    results = pages.run(args.tokens, args.repeats)
-    print(pages.report(results, args.tokens))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0
-
-
-def _cmd_bench_chaos(args: argparse.Namespace) -> int:
-    from kvdepot.bench import chaos
-
-    names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(chaos.SCENARIOS))
-    if unknown:
-        raise KVDepotError(f"unknown scenarios {unknown}; choose from {sorted(chaos.SCENARIOS)}")
-    results = chaos.run_chaos(args.minutes, names or None, args.workdir)
-    print(chaos.report(results))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0 if chaos.is_met(results) else 1
-
-
-def _cmd_bench_all(args: argparse.Namespace) -> int:
-    from kvdepot.bench import summary
-
-    names = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = sorted(set(names) - {bench.name for bench in summary.BENCHES})
-    if unknown:
-        raise KVDepotError(f"unknown benchmarks {unknown}")
-    goals = summary.run_all(
-        quick=args.quick, names=names, progress=lambda line: print(line, file=sys.stderr)
+def _add_benchmarks(bench: argparse.ArgumentParser) -> None:
+    benches = bench.add_subparsers(
+        dest="bench", required=True, metavar="BENCHMARK", parser_class=_BenchmarkParser
     )
-    print(summary.report(goals, quick=args.quick))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(g) for g in goals], indent=2))
-    return 1 if args.strict and any(g.is_met is False for g in goals) else 0
-
-
-def _cmd_bench_vllm(args: argparse.Namespace) -> int:
-    # Runs in the vLLM environment (see kvdepot.bench.vllm); it owns its flags.
-    from kvdepot.bench import vllm
-
-    return vllm.main(args.rest, prog="kvdepot bench vllm")
+    for benchmark in BENCHMARKS:
+        parser = benches.add_parser(
+            benchmark.name, help=benchmark.help, add_help=not benchmark.parses_own_flags
+        )
+        parser.undeclared = benchmark
+        parser.set_defaults(func=_cmd_bench, benchmark=benchmark)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,117 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="convert again")
     prepare.set_defaults(func=_cmd_model_prepare)
 
-    bench = commands.add_parser("bench", help="run a benchmark")
-    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    tiers = benches.add_parser(
-        "tiers", help="RAM/disk tier GB/s and lookup latency vs plain copies and files"
-    )
-    tiers.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
-    tiers.add_argument("--total-mib", type=int, default=512, help="KV bytes per measurement")
-    tiers.add_argument("--repeats", type=int, default=7, help="runs per measurement (median)")
-    tiers.add_argument("--disk-dir", type=Path, default=None, help="where the disk test writes")
-    tiers.add_argument("--json", type=Path, default=None, help="also write results as JSON")
-    tiers.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
-    tiers.set_defaults(func=_cmd_bench_tiers)
-    bench_daemon = benches.add_parser(
-        "daemon", help="store/retrieve GB/s through the daemon vs /dev/shm; lookup latency"
-    )
-    bench_daemon.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
-    bench_daemon.add_argument("--total-mib", type=int, default=256, help="KV bytes per run")
-    bench_daemon.add_argument("--repeats", type=int, default=7, help="runs per figure (median)")
-    bench_daemon.add_argument("--json", type=Path, default=None, help="also write JSON")
-    bench_daemon.set_defaults(func=_cmd_bench_daemon)
-    bench_remote = benches.add_parser(
-        "remote", help="Valkey and S3 tier GB/s vs raw client GET/SET and get/put_object"
-    )
-    bench_remote.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
-    bench_remote.add_argument("--total-mib", type=int, default=64, help="KV bytes per run")
-    bench_remote.add_argument("--repeats", type=int, default=5, help="pairs per figure")
-    bench_remote.add_argument("--backends", default="valkey,s3", help="comma list")
-    bench_remote.set_defaults(func=_cmd_bench_remote)
-    ttft = benches.add_parser(
-        "ttft", help="TTFT on the real model: cold, warm RAM, warm disk, vs copy+decode limit"
-    )
-    ttft.add_argument("--lengths", default="1024,2048,4096,8000", help="prompt lengths")
-    ttft.add_argument("--repeats", type=int, default=4, help="warm runs per length (median)")
-    ttft.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
-    ttft.add_argument("--json", type=Path, default=None, help="also write results as JSON")
-    ttft.set_defaults(func=_cmd_bench_ttft)
-    codec_bench = benches.add_parser(
-        "codecs", help="codec ratio, GB/s and model quality (perplexity, greedy) on real KV"
-    )
-    codec_bench.add_argument("--codecs", default="", help="comma list (default: all registered)")
-    codec_bench.add_argument(
-        "--plugin", action="append", default=[], help="codec import path 'pkg.module:Factory'"
-    )
-    codec_bench.add_argument("--context-tokens", type=int, default=3072, help="KV context")
-    codec_bench.add_argument("--heldout-tokens", type=int, default=512, help="perplexity text")
-    codec_bench.add_argument("--prompts", type=int, default=8, help="greedy questions")
-    codec_bench.add_argument("--max-new-tokens", type=int, default=12, help="tokens per answer")
-    codec_bench.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
-    codec_bench.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
-    codec_bench.add_argument("--json", type=Path, default=None, help="also write results as JSON")
-    codec_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
-    codec_bench.set_defaults(func=_cmd_bench_codecs)
-    blend_bench = benches.add_parser(
-        "blend", help="CacheBlend: quality and TTFT on multi-document QA vs full prefill"
-    )
-    blend_bench.add_argument("--documents", type=int, default=6, help="documents in the pool")
-    blend_bench.add_argument("--docs-per-prompt", type=int, default=4, help="documents per prompt")
-    blend_bench.add_argument("--questions", type=int, default=24, help="questions")
-    blend_bench.add_argument("--products-per-doc", type=int, default=2, help="~300 tok each")
-    blend_bench.add_argument("--filler", type=int, default=14, help="filler sentences per product")
-    blend_bench.add_argument("--ratios", default="0.05,0.15,0.3", help="recompute ratios")
-    blend_bench.add_argument("--goal-ratio", type=float, default=0.15, help="ratio of the goals")
-    blend_bench.add_argument(
-        "--selections", default="query,deviation:1",
-        help="token rankings, comma-separated: deviation (blend@r), query (query@r); the "
-        "first is the one the goals judge",
-    )  # fmt: skip
-    blend_bench.add_argument("--max-new-tokens", type=int, default=12, help="tokens per answer")
-    blend_bench.add_argument("--kl-tokens", type=int, default=4, help="answer tokens in the KL")
-    blend_bench.add_argument("--seed", type=int, default=7, help="workload seed")
-    blend_bench.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
-    blend_bench.add_argument("--plot", type=Path, default=None, help="write the chart (PNG)")
-    blend_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
-    blend_bench.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
-    blend_bench.set_defaults(func=_cmd_bench_blend)
-    pages_bench = benches.add_parser(
-        "pages", help="vLLM connector page copies vs a plain copy (needs the vllm extra)"
-    )
-    pages_bench.add_argument("--tokens", type=int, default=3200, help="tokens per load")
-    pages_bench.add_argument("--repeats", type=int, default=9, help="pairs per figure")
-    pages_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
-    pages_bench.set_defaults(func=_cmd_bench_pages)
-    bench_all = benches.add_parser(
-        "all", help="every benchmark (small with --quick), then a table of goals met/missed"
-    )
-    bench_all.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
-    bench_all.add_argument("--only", default="", help="comma list of benchmarks (default: all)")
-    bench_all.add_argument("--json", type=Path, default=None, help="also write JSON")
-    bench_all.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
-    bench_all.set_defaults(func=_cmd_bench_all)
-    chaos_bench = benches.add_parser(
-        "chaos", help="fault injection on real daemons and servers: wrong bytes, lost chunks"
-    )
-    chaos_bench.add_argument("--minutes", type=float, default=5.0, help="split over scenarios")
-    chaos_bench.add_argument("--scenarios", default="", help="comma list (default: all)")
-    chaos_bench.add_argument("--workdir", type=Path, default=None, help="keep daemons' files")
-    chaos_bench.add_argument("--json", type=Path, default=None, help="also write JSON")
-    chaos_bench.set_defaults(func=_cmd_bench_chaos)
-    vllm_bench = benches.add_parser(
-        "vllm",
-        help="vLLM head-to-head: TTFT with kvdepot vs peers (flags: kvdepot bench vllm -h)",
-        add_help=False,
-    )
-    vllm_bench.set_defaults(func=_cmd_bench_vllm)
+    _add_benchmarks(commands.add_parser("bench", help="run a benchmark"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.func is not _cmd_bench_vllm:
+    benchmark: Benchmark | None = getattr(args, "benchmark", None)
+    if rest and not (benchmark and benchmark.parses_own_flags):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvdepot never downloads weights

@@ -25,10 +25,13 @@ accuracy, agreement and KL.
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +314,46 @@ def plot(bench: BlendBench, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--documents", type=int, default=6, help="documents in the pool")
+    add("--docs-per-prompt", type=int, default=4, help="documents per prompt")
+    add("--questions", type=int, default=24, help="questions")
+    add("--products-per-doc", type=int, default=2, help="~300 tok each")
+    add("--filler", type=int, default=14, help="filler sentences per product")
+    add("--ratios", default="0.05,0.15,0.3", help="recompute ratios")
+    add("--goal-ratio", type=float, default=0.15, help="ratio of the goals")
+    add(
+        "--selections", default="query,deviation:1",
+        help="token rankings, comma-separated: deviation (blend@r), query (query@r); the "
+        "first is the one the goals judge",
+    )  # fmt: skip
+    add("--max-new-tokens", type=int, default=12, help="tokens per answer")
+    add("--kl-tokens", type=int, default=4, help="answer tokens in the KL")
+    add("--seed", type=int, default=7, help="workload seed")
+    add("--model-dir", type=Path, default=None, help="prepared model folder")
+    add("--plot", type=Path, default=None, help="write the chart (PNG)")
+    add("--json", type=Path, default=None, help="also write JSON")
+    add("--strict", action="store_true", help="exit 1 if a goal is missed")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from kvdepot.connectors.model import prepare_model
+
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    bench = run(
+        prepare_model(args.model_dir), seed=args.seed, num_documents=args.documents,
+        docs_per_prompt=args.docs_per_prompt, num_questions=args.questions,
+        products_per_doc=args.products_per_doc, filler_per_product=args.filler,
+        ratios=ratios, max_new_tokens=args.max_new_tokens, kl_tokens=args.kl_tokens,
+        goal_ratio=args.goal_ratio, selections=tuple(args.selections.split(",")),
+        progress=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(report(bench))
+    if args.plot:
+        plot(bench, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in bench.results], indent=2))
+    return 0 if all(met for _, met in goal_lines(bench)) or not args.strict else 1

@@ -16,11 +16,14 @@ killed on purpose, no call overruns a generous deadline; and each scenario's own
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from kvdepot.bench.chaos_holes import misplaced_chunks, pending_writer, shm_cleanup, slow_reader
@@ -34,6 +37,7 @@ from kvdepot.bench.chaos_limits import (
     stalled_writer,
 )
 from kvdepot.bench.chaos_remote import s3_faults, valkey_faults
+from kvdepot.errors import KVDepotError
 from kvdepot.tables import format_table
 
 Scenario = Callable[[float, Path], ScenarioResult]
@@ -133,3 +137,22 @@ def report(results: Sequence[ScenarioResult]) -> str:
 
 def _peaks(result: ScenarioResult) -> str:
     return ", ".join(f"{name} {value:g}" for name, value in result.high_water.items()) or "-"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--minutes", type=float, default=5.0, help="split over scenarios")
+    parser.add_argument("--scenarios", default="", help="comma list (default: all)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep daemons' files")
+    parser.add_argument("--json", type=Path, default=None, help="also write JSON")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        raise KVDepotError(f"unknown scenarios {unknown}; choose from {sorted(SCENARIOS)}")
+    results = run_chaos(args.minutes, names or None, args.workdir)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if is_met(results) else 1

@@ -19,12 +19,15 @@ construction and the model is not run for them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +279,38 @@ def report(results: Sequence[CodecResult], context_tokens: int, heldout_tokens: 
     ]
     lines += [line for line, _ in goal_lines(results)]
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--codecs", default="", help="comma list (default: all registered)")
+    parser.add_argument(
+        "--plugin", action="append", default=[], help="codec import path 'pkg.module:Factory'"
+    )
+    parser.add_argument("--context-tokens", type=int, default=3072, help="KV context")
+    parser.add_argument("--heldout-tokens", type=int, default=512, help="perplexity text")
+    parser.add_argument("--prompts", type=int, default=8, help="greedy questions")
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="tokens per answer")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
+    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from kvdepot.codec import load_registry
+    from kvdepot.connectors.model import prepare_model
+
+    registry = load_registry(args.plugin)
+    names = [n.strip() for n in args.codecs.split(",")] if args.codecs else registry.names()
+    for name in names:
+        registry.by_name(name)  # ConfigError listing the known names, before the model loads
+    results = run(
+        prepare_model(args.model_dir), registry, names, context_tokens=args.context_tokens,
+        heldout_tokens=args.heldout_tokens, num_prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+        progress=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    print(report(results, args.context_tokens, args.heldout_tokens))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if all(met for _, met in goal_lines(results)) or not args.strict else 1

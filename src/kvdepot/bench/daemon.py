@@ -15,6 +15,8 @@ Goals: store and retrieve >= 0.6 of the limit; lookup p50 <= 200 us; partial <= 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import secrets
 import shutil
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +179,18 @@ def report(results: list[Result]) -> str:
     head = f"kvdepot bench daemon | {os.cpu_count()} cores | torch {torch.__version__}"
     table = results_table(results)
     return f"{head}\n{table}\nlimit: numpy.copyto of the same bytes into / out of /dev/shm"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
+    parser.add_argument("--total-mib", type=int, default=256, help="KV bytes per run")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per figure (median)")
+    parser.add_argument("--json", type=Path, default=None, help="also write JSON")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    results = run(args.layouts.split(","), args.total_mib, args.repeats)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0

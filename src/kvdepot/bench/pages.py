@@ -1,6 +1,7 @@
 """`kvdepot bench pages`: the vLLM connector's page copies vs a plain copy of the same bytes.
 
-Runs in the caller's process; needs the `vllm` extra (the page code lives in the connector).
+Runs in the caller's process; needs the `vllm` extra (the page code lives in the connector),
+imported when the benchmark runs, so that `--help` works without it.
 The geometry is SmolLM2-135M's on vLLM's CPU backend: 30 layers, 3 KV heads, head size 64,
 fp32, 128-token pages, K transposed inside a page ("cpu-vec"), every layer in one tensor at
 one spacing, as vLLM 0.32 allocates them. Chunks live in a RAM-tier store, as in embedded
@@ -19,21 +20,19 @@ copy on the stacked view copied the whole KV cache).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import random
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvdepot.bench.tiers import Result, results_table
 from kvdepot.bench.timing import paired_seconds
-from kvdepot.connectors.vllm.pages import (
-    LAYOUTS,
-    KVParts,
-    gather_pages,
-    scatter_views,
-    stack_layers,
-)
 from kvdepot.engine import CacheEngine
 from kvdepot.layout import DType, KVLayout
 from kvdepot.metrics import Metrics
@@ -41,12 +40,17 @@ from kvdepot.store import TieredStore
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
 
+if TYPE_CHECKING:
+    from kvdepot.connectors.vllm.pages import KVParts
+
 LAYOUT = KVLayout(30, 3, 64, DType.FLOAT32)  # SmolLM2-135M
 PAGE = 128
 GOAL = ">= 0.25"
 
 
 def _pages(num_blocks: int, *, one_tensor: bool) -> tuple[list[KVParts], KVParts | None]:
+    from kvdepot.connectors.vllm.pages import LAYOUTS, stack_layers
+
     shape = (num_blocks, LAYOUT.num_kv_heads, PAGE, 2 * LAYOUT.head_dim)
     caches = (
         list(torch.zeros(LAYOUT.num_layers, *shape))
@@ -86,6 +90,7 @@ def _loader(
     stacked: KVParts | None,
 ) -> Callable[[], None]:
     """The worker's load of tokens `[0, end)` into pages `ids`, as a call to time."""
+    from kvdepot.connectors.vllm.pages import LAYOUTS, scatter_views
 
     def load() -> None:
         with engine.retrieve_views(tokens) as kv:
@@ -96,6 +101,8 @@ def _loader(
 
 def run(num_tokens: int, repeats: int) -> list[Result]:
     """Measure every figure; returns the results (printed by `report`)."""
+    from kvdepot.connectors.vllm.pages import LAYOUTS, gather_pages
+
     num_pages = -(-num_tokens // PAGE)
     num_blocks = 4 * num_pages
     rng = random.Random(0)
@@ -130,3 +137,17 @@ def report(results: list[Result], num_tokens: int) -> str:
     )
     limit = "limit: torch copy of one contiguous tensor of the same bytes; ratio = limit / ours"
     return f"{head}\n{results_table(results)}\n{limit}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=3200, help="tokens per load")
+    parser.add_argument("--repeats", type=int, default=9, help="pairs per figure")
+    parser.add_argument("--json", type=Path, default=None, help="also write JSON")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    results = run(args.tokens, args.repeats)
+    print(report(results, args.tokens))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0

@@ -17,6 +17,7 @@ Server and client share this machine's cores, so both sides pay for the server's
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -290,3 +291,19 @@ def _weed_version() -> str:
     done = subprocess.run([str(weed_path()), "version"], capture_output=True, timeout=30)
     words = done.stdout.decode(errors="replace").split()
     return words[2] if len(words) > 2 else "?"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
+    parser.add_argument("--total-mib", type=int, default=64, help="KV bytes per run")
+    parser.add_argument("--repeats", type=int, default=5, help="pairs per figure")
+    parser.add_argument("--backends", default="valkey,s3", help="comma list")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    measured = run(
+        layouts=tuple(args.layouts.split(",")), total_mib=args.total_mib, repeats=args.repeats,
+        backends=tuple(args.backends.split(",")),
+    )  # fmt: skip
+    print(report(measured))
+    return 0

@@ -11,12 +11,17 @@ not fail the build); the full run is what docs/benchmarks.md records.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from kvdepot.bench.tiers import Result
+from kvdepot.errors import KVDepotError
 from kvdepot.tables import format_table
 
 
@@ -157,3 +162,24 @@ def report(goals: Sequence[Goal], *, quick: bool) -> str:
         + (f"; MISSED: {', '.join(sorted({g.bench for g in missed}))}" if missed else ""),
     ]
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
+    parser.add_argument("--only", default="", help="comma list of benchmarks (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    names = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(names) - {bench.name for bench in BENCHES})
+    if unknown:
+        raise KVDepotError(f"unknown benchmarks {unknown}")
+    goals = run_all(
+        quick=args.quick, names=names, progress=lambda line: print(line, file=sys.stderr)
+    )
+    print(report(goals, quick=args.quick))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(g) for g in goals], indent=2))
+    return 1 if args.strict and any(g.is_met is False for g in goals) else 0

@@ -11,12 +11,14 @@ Every figure is a ratio to a limit measured in the same run on the same bytes:
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 from kvdepot.bench.timing import format_table, gbps, median_seconds, paired_seconds
 from kvdepot.codec import RawCodec, encode_chunk
 from kvdepot.engine import CacheEngine
+from kvdepot.errors import KVDepotError
 from kvdepot.keys import CacheNamespace, ChunkKey, HashAlgorithm, chunk_keys
 from kvdepot.layout import DType, KVLayout
 from kvdepot.metrics import Metrics
@@ -241,3 +244,24 @@ def report(results: list[Result]) -> str:
         f" | torch {torch.__version__}"
     )
     return f"{head}\n{results_table(results)}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layouts", default="small,7b", help="comma list of: small, 7b")
+    parser.add_argument("--total-mib", type=int, default=512, help="KV bytes per measurement")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per measurement (median)")
+    parser.add_argument("--disk-dir", type=Path, default=None, help="where the disk test writes")
+    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a goal is missed")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    layouts = [name.strip() for name in args.layouts.split(",")]
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown:
+        raise KVDepotError(f"unknown layouts {sorted(unknown)}; choose from {sorted(LAYOUTS)}")
+    results = run(layouts, args.total_mib, args.repeats, args.disk_dir)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0 if all(r.is_met for r in results) or not args.strict else 1

@@ -13,12 +13,14 @@ Goals at 4K tokens: warm RAM <= 1/10 of cold, and <= 2x the limit.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -179,3 +181,21 @@ def goal_lines(results: list[TTFTResult]) -> list[tuple[str, bool]]:
         (f"warm RAM <= 2x limit at {r.num_tokens} tokens: {r.warm_vs_limit:.2f}x",
          r.warm_vs_limit <= 2.0),
     ]  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", default="1024,2048,4096,8000", help="prompt lengths")
+    parser.add_argument("--repeats", type=int, default=4, help="warm runs per length (median)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
+    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from kvdepot.connectors.model import prepare_model
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    results = run(prepare_model(args.model_dir), lengths, args.repeats)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0

@@ -280,5 +280,14 @@ def _child_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
     ]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """None here: `main` parses its own flags (`Benchmark.parses_own_flags`), with the module
+    docstring as its help, and the `--child` processes parse them the same way."""
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    return main(args.rest, prog="kvdepot bench vllm")
+
+
 if __name__ == "__main__":
     sys.exit(main())
