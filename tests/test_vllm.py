@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -153,11 +154,15 @@ def cached_reqs(**fields: Any) -> SimpleNamespace:
 
 
 def request(
-    req_id: str, tokens: list[int], salt: str | None = None, params: dict[str, Any] | None = None
+    req_id: str,
+    tokens: list[int],
+    salt: str | None = None,
+    params: dict[str, Any] | None = None,
+    lora: Any = None,
 ) -> SimpleNamespace:
     return SimpleNamespace(
         request_id=req_id, prompt_token_ids=tokens, num_tokens=len(tokens), cache_salt=salt,
-        mm_features=[], lora_request=None, prompt_embeds=None, kv_transfer_params=params,
+        mm_features=[], lora_request=lora, prompt_embeds=None, kv_transfer_params=params,
         all_token_ids=list(tokens), num_computed_tokens=0,
     )  # fmt: skip
 
@@ -254,6 +259,46 @@ def test_cache_salt_isolates_tenants(engine: Engine) -> None:
     assert engine.lookup(request("b", PROMPT, salt="tenant-a")) == 199
     assert engine.lookup(request("c", PROMPT, salt="tenant-b")) == 0
     assert engine.lookup(request("d", PROMPT)) == 0
+
+
+def write_adapter(folder: Path, seed: int) -> Path:
+    """A LoRA adapter's files: its config and random weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    weights = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))
+    save_file(
+        {"base_model.model.lora_A.weight": weights}, str(folder / "adapter_model.safetensors")
+    )
+    return folder
+
+
+def test_lora_requests_are_keyed_by_their_adapters_weights(engine: Engine, tmp_path: Path) -> None:
+    def lora(name: str, path: Path, int_id: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(lora_name=name, lora_int_id=int_id, lora_path=str(path))
+
+    adapter = lora("sql", write_adapter(tmp_path / "sql", seed=1))
+    engine.lookup(base := request("a", PROMPT))
+    engine.step([(base, list(range(7)), 0, 200)])
+    assert engine.lookup(request("b", PROMPT, lora=adapter)) == 0  # base KV: not for a LoRA
+    engine.lookup(tuned := request("c", PROMPT, lora=adapter))
+    engine.step([(tuned, list(range(7, 14)), 0, 200)])
+    assert engine.lookup(request("d", PROMPT, lora=adapter)) == 199
+    assert engine.lookup(request("e", PROMPT, salt="t", lora=adapter)) == 0  # tenants still
+    # The same name and id with other weights (reloaded in place) misses; the same files under
+    # another name and path hit: the key is the weights, not what the adapter is called.
+    other = lora("sql", write_adapter(tmp_path / "sql-v2", seed=2))
+    assert engine.lookup(request("f", PROMPT, lora=other)) == 0
+    shutil.copytree(tmp_path / "sql", tmp_path / "copy")
+    assert engine.lookup(request("g", PROMPT, lora=lora("q", tmp_path / "copy", 7))) == 199
+    write_adapter(tmp_path / "sql", seed=3)  # changed on disk: new keys
+    assert engine.lookup(request("h", PROMPT, lora=adapter)) == 0
+    # An adapter whose files are not here is served by vLLM alone: no lookup, no store.
+    lost = request("i", PROMPT, lora=lora("gone", tmp_path / "missing"))
+    assert engine.lookup(lost) == 0
+    assert "i" not in engine.scheduler.scheduler_side._requests
+    assert engine.lookup(request("j", PROMPT)) == 199  # base KV is still the base's
 
 
 def test_requests_can_opt_out_of_stores_and_loads(engine: Engine) -> None:
@@ -942,3 +987,64 @@ def test_tensor_parallel_embedded_ranks_keep_their_own_stores(
         "lost_shard": (512, 11),
     }
     assert_same_logprobs(list(steps.values()), result["reference"])
+
+
+# ---- LoRA: SmolLM2 with random adapters made by peft ------------------------------------------
+
+LORA_LLM = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 2}
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """name: [vLLM's int id, folder]; "sql-copy" holds a copy of "sql"'s files."""
+    pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("adapters")
+    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
+    for name, seed in (("sql", 1), ("other", 2)):
+        subprocess.run([sys.executable, str(script), "lora", str(root / name), str(seed)],
+                       check=True, cwd=REPO, timeout=300, capture_output=True)  # fmt: skip
+    shutil.copytree(root / "sql", root / "sql-copy")
+    return {"sql": [1, str(root / "sql")], "other": [2, str(root / "other")],
+            "sql-copy": [3, str(root / "sql-copy")]}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_lora_kv_is_keyed_by_the_adapter_across_engines(
+    model_dir: Path, adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.test_daemon import Daemon
+
+    d = Daemon(tmp_path_factory.mktemp("lora-daemon"), extra=["--memory-capacity-bytes", "512MiB"])
+    d.start()
+    try:
+        extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
+        spec = {"model": str(model_dir), "engine_id": "lora", "extra": extra, "llm": LORA_LLM,
+                "stats_socket": str(d.socket_path), "adapters": adapters}  # fmt: skip
+        first = run_engine("lora_populate", spec, tmp_path_factory.mktemp("lora1"))
+        fresh = run_engine("lora_fresh", spec, tmp_path_factory.mktemp("lora2"))
+    finally:
+        d.stop()
+    reference = first["reference"] | fresh["reference"]
+    for a, b in (("sql", "base"), ("other", "sql"), ("other", "base")):  # the adapters matter
+        diffs = [
+            abs(x - y)
+            for x, y in zip(reference[a]["logprobs"], reference[b]["logprobs"], strict=False)
+        ]
+        assert reference[a]["tokens"] != reference[b]["tokens"] or max(diffs) > 50 * LOGPROB_ATOL
+    steps = first["steps"] | fresh["steps"]
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    assert got == {
+        "sql_cold": (0, 0),
+        "base_after_sql": (0, 0),
+        "sql_warm": (1299, 11),
+        "base_warm": (1299, 11),
+        "sql_partial": (1024, 8),
+        "renamed": (1299, 11),  # the same files under another name, in another engine
+        "other": (0, 0),
+        "base": (1299, 11),
+    }
+    model = {"sql_cold": "sql", "base_after_sql": "base", "sql_warm": "sql", "base_warm": "base",
+             "renamed": "sql", "other": "other", "base": "base"}  # fmt: skip
+    for step, name in model.items():
+        assert_same_logprobs([{**steps[step], "name": name}], reference)

@@ -16,7 +16,10 @@ asserts. Scenarios:
 - tp_populate, tp_fresh, tp_embedded: a tiny random-weight model with tensor parallelism 2
   (`spec["llm"]`): reference and cold runs into the daemon, then a new engine's hits from it,
   and the same embedded (each rank its own store); each ends with one rank's shard of one
-  chunk deleted, which must make that chunk a miss for both ranks.
+  chunk deleted, which must make that chunk a miss for both ranks;
+- lora_populate, lora_fresh (daemon mode): SmolLM2 with random LoRA adapters: an adapter's KV
+  never serves the base model or another adapter, and serves the same files under another
+  name in a new engine.
 """
 
 from __future__ import annotations
@@ -87,9 +90,10 @@ class Engine:
         salt: str | None = None,
         bypass: bool = False,
         kv_params: dict[str, Any] | None = None,
+        lora: Any = None,
     ) -> list[dict[str, Any]]:
         """Greedy outputs; `bypass` skips every cache read (vLLM's and kvdepot's);
-        `kv_params` are the requests' `kv_transfer_params`."""
+        `kv_params` are the requests' `kv_transfer_params`; `lora` a `LoRARequest`."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -107,7 +111,7 @@ class Engine:
                 prompt["cache_salt"] = salt
             batch.append(prompt)
         start = time.perf_counter()
-        outputs = self.llm.generate(batch, params, use_tqdm=False)
+        outputs = self.llm.generate(batch, params, use_tqdm=False, lora_request=lora)
         elapsed_s = time.perf_counter() - start
         return [
             {
@@ -133,13 +137,14 @@ class Engine:
         salt: str | None = None,
         reset: bool = True,
         kv_params: dict[str, Any] | None = None,
+        lora: Any = None,
     ) -> dict[str, Any]:
         """One request after emptying vLLM's own prefix cache (so hits come from kvdepot),
         with the store's hit statistics before and after."""
         if reset:
             self.llm.reset_prefix_cache()
         before = self.stats()
-        (result,) = self.generate([name], salt=salt, kv_params=kv_params)
+        (result,) = self.generate([name], salt=salt, kv_params=kv_params, lora=lora)
         after = self.stats()
         for key in ("lookup_chunks", "hit_chunks"):
             result[key] = after.get(key, 0) - before.get(key, 0)
@@ -271,6 +276,44 @@ def tp_embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     return {"steps": steps, "reference": reference}
 
 
+def adapter(spec: dict[str, Any], name: str) -> Any:
+    """The `LoRARequest` of adapter `name` of `spec["adapters"]` (name: [id, folder])."""
+    from vllm.lora.request import LoRARequest
+
+    int_id, path = spec["adapters"][name]
+    return LoRARequest(name, int_id, path)
+
+
+def lora_reference(engine: Engine, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    no_store = {"kvdepot.store": False}
+    lora = adapter(spec, name) if name != "base" else None
+    (result,) = engine.generate(["full"], bypass=True, kv_params=no_store, lora=lora)
+    return result
+
+
+def lora_populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    sql = adapter(spec, "sql")
+    reference = {name: lora_reference(engine, name, spec) for name in ("base", "sql")}
+    steps = {
+        "sql_cold": engine.one("full", lora=sql),
+        "base_after_sql": engine.one("full"),  # the adapter's KV is not the base model's
+        "sql_warm": engine.one("full", lora=sql),
+        "base_warm": engine.one("full"),
+        "sql_partial": engine.one("partial", lora=sql),
+    }
+    return {"reference": reference, "steps": steps}
+
+
+def lora_fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    reference = {"other": lora_reference(engine, "other", spec)}
+    steps = {
+        "renamed": engine.one("full", lora=adapter(spec, "sql-copy")),  # same files
+        "other": engine.one("full", lora=adapter(spec, "other")),  # other weights
+        "base": engine.one("full"),
+    }
+    return {"reference": reference, "steps": steps}
+
+
 SCENARIOS = {
     "populate": populate,
     "embedded": embedded,
@@ -278,6 +321,8 @@ SCENARIOS = {
     "tp_populate": tp_populate,
     "tp_fresh": tp_fresh,
     "tp_embedded": tp_embedded,
+    "lora_populate": lora_populate,
+    "lora_fresh": lora_fresh,
 }
 
 

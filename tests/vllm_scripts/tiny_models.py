@@ -4,7 +4,8 @@
 shape, weights initialised by transformers with a larger `initializer_range` (vLLM's own
 "dummy" weights give near-uniform logits, which would hide wrong KV; these give peaked,
 context-dependent outputs), and SmolLM2's tokenizer. Seeded: the same kind gives the same
-weights. Run as a script to make one: `python tiny_models.py KIND FOLDER`.
+weights. `make_lora` makes a random LoRA adapter for SmolLM2 with `peft`. Run as a script to
+make one: `python tiny_models.py KIND FOLDER` or `python tiny_models.py lora FOLDER SEED`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,37 @@ def make_model(kind: str, folder: Path) -> Path:
     return folder
 
 
+def make_lora(folder: Path, seed: int) -> Path:
+    """A random LoRA adapter (rank 8 on q, k, v and o) for SmolLM2, made with `peft`; its
+    K and V projections change, so a request's KV depends on the adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kvdepot.connectors.model import default_model_dir
+
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,  # random A and B (peft's default B = 0 changes nothing)
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # a visible but not overwhelming change of the outputs
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
-    path = make_model(sys.argv[1], Path(sys.argv[2]))
+    if sys.argv[1] == "lora":
+        path = make_lora(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        path = make_model(sys.argv[1], Path(sys.argv[2]))
     print(json.dumps({"folder": str(path)}))

@@ -26,7 +26,7 @@ class RequestTransfer:
         req_id: vLLM's request id.
         token_ids: the prompt; for a finished request, the prompt and the generated tokens
             whose KV was computed.
-        tenant_salt: the request's `cache_salt`, as bytes.
+        tenant_salt: the request's `cache_salt` (and LoRA adapter), as bytes (`tenant_salt`).
         block_ids: the request's block table (KV cache group 0), in token order.
         load_start, load_end: tokens whose KV to load; empty when equal.
         save_start, save_end: tokens whose KV to store (`save_start` on a chunk boundary,
@@ -68,7 +68,7 @@ class RequestState:
 
 def cacheable_prompt(request: Request) -> list[int] | None:
     """The prompt, or None for requests whose KV is not a function of tokens alone."""
-    if request.prompt_token_ids is None or request.mm_features or request.lora_request:
+    if request.prompt_token_ids is None or request.mm_features:
         return None
     if getattr(request, "prompt_embeds", None) is not None:
         return None
@@ -86,5 +86,12 @@ def opts_in(request: Request, name: str, log: RateLimitedLog) -> bool:
     return value
 
 
-def tenant_salt(request: Request) -> bytes:
-    return (request.cache_salt or "").encode()
+def tenant_salt(request: Request, adapter: str | None = None) -> bytes:
+    """What keeps a request's keys apart from other requests' with the same tokens: its
+    `cache_salt` and, for a LoRA request, its adapter's fingerprint (`lora`). A base request's
+    salt is its `cache_salt` in UTF-8, which never holds a 0xff byte, so no `cache_salt` can
+    spell a LoRA request's salt."""
+    salt = (request.cache_salt or "").encode()
+    if adapter is None:
+        return salt
+    return b"\xfflora:" + adapter.encode() + b"\xff" + salt

@@ -26,6 +26,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from kvdepot.connectors.vllm.lora import AdapterFingerprints
 from kvdepot.connectors.vllm.metadata import (
     KVDepotMetadata,
     RequestState,
@@ -75,6 +76,7 @@ class SchedulerSide:
         self._num_hit_tokens: dict[str, int] = {}
         self._finishing: list[RequestTransfer] = []  # final saves for the next step
         self._pending: dict[str, PendingSave] = {}
+        self._adapters = AdapterFingerprints()
 
     def _engines(self) -> list[CacheEngine]:
         """One `CacheEngine` per TP rank (its shard's keys); daemon mode: over one client."""
@@ -101,6 +103,23 @@ class SchedulerSide:
             client_name=f"vllm-scheduler:{os.getpid()}",
         )
 
+    def _salt(self, request: Request) -> bytes | None:
+        """The request's salt (`tenant_salt`); None when its KV cannot be keyed exactly: a
+        LoRA adapter whose files this process cannot read (served by vLLM alone)."""
+        adapter = None
+        if request.lora_request is not None:
+            adapter = self._adapters.of(request.lora_request)
+            if adapter is None:
+                name = getattr(request.lora_request, "lora_name", "?")
+                self._log.warning(
+                    "lora-files",
+                    "kvdepot: LoRA adapter %r has no readable weight files here; its requests "
+                    "are served by vLLM alone",
+                    name,
+                )
+                return None
+        return tenant_salt(request, adapter)
+
     def _lookup(self, tokens: list[int], salt: bytes) -> int:
         """Cached tokens of `tokens` that every TP rank can load."""
         num_hit = len(tokens)
@@ -114,13 +133,15 @@ class SchedulerSide:
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         """Cached prompt tokens beyond vLLM's own hit, leaving the last token to compute."""
-        tokens = cacheable_prompt(request)
-        if not self.is_loading or tokens is None or not opts_in(request, "load", self._log):
+        tokens, salt = cacheable_prompt(request), self._salt(request)
+        if tokens is None or salt is None:
+            return 0, False
+        if not self.is_loading or not opts_in(request, "load", self._log):
             return 0, False
         if self._waits_for_save(tokens):
             return None, False
         try:
-            num_hit = self._lookup(tokens, tenant_salt(request))
+            num_hit = self._lookup(tokens, salt)
         except Exception as exc:  # fail open: a miss
             self._log.warning("lookup", "kvdepot: lookup failed, a miss: %s", exc)
             num_hit = 0
@@ -137,10 +158,12 @@ class SchedulerSide:
             return
         state = self._requests.get(request.request_id)
         if state is None:
+            if (salt := self._salt(request)) is None:
+                return
             is_storing = opts_in(request, "store", self._log)
             if num_hit < len(tokens):  # a partial match is another prompt's chunk: not ours
                 num_hit -= num_hit % self.settings.config.chunk_size_tokens
-            state = RequestState(tokens, tenant_salt(request), num_hit, is_storing)
+            state = RequestState(tokens, salt, num_hit, is_storing)
             self._requests[request.request_id] = state
         state.num_load_tokens = num_external_tokens
 
