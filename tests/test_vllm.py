@@ -301,6 +301,35 @@ def test_lora_requests_are_keyed_by_their_adapters_weights(engine: Engine, tmp_p
     assert engine.lookup(request("j", PROMPT)) == 199  # base KV is still the base's
 
 
+def test_multimodal_requests_are_keyed_by_their_inputs(engine: Engine) -> None:
+    def image(identifier: str, offset: int = 10) -> SimpleNamespace:
+        place = SimpleNamespace(offset=offset, length=20)
+        return SimpleNamespace(modality="image", identifier=identifier, mm_position=place)
+
+    def with_images(req_id: str, *images: SimpleNamespace) -> SimpleNamespace:
+        req = request(req_id, PROMPT)
+        req.mm_features = list(images)
+        return req
+
+    engine.lookup(first := with_images("a", image("cat")))
+    engine.step([(first, list(range(7)), 0, 200)])
+    assert engine.lookup(with_images("b", image("cat"))) == 199
+    assert engine.lookup(with_images("c", image("dog"))) == 0  # same placeholder tokens
+    assert engine.lookup(with_images("d", image("cat", offset=40))) == 0
+    assert engine.lookup(with_images("e", image("cat"), image("dog", 100))) == 0
+    assert engine.lookup(request("f", PROMPT)) == 0  # text only: other keys
+    # What cannot be keyed exactly is left to vLLM, and counted.
+    unhashed = with_images("g", image(""))
+    assert engine.lookup(unhashed) == 0
+    embeds = request("h", PROMPT)
+    embeds.prompt_embeds = torch.zeros(200, 8)
+    assert engine.lookup(embeds) == 0
+    engine.lookup(unhashed)  # asked again (vLLM may): counted once
+    counts = engine.scheduler.scheduler_side.uncached_requests
+    assert counts == {"multimodal-unhashed": 1, "prompt-embeds": 1}
+    assert {"g", "h"}.isdisjoint(engine.scheduler.scheduler_side._requests)
+
+
 def test_requests_can_opt_out_of_stores_and_loads(engine: Engine) -> None:
     private = request("a", PROMPT, params={"kvdepot.store": False})
     assert engine.lookup(private) == 0

@@ -55,8 +55,8 @@ Invariants:
   `get_block_ids_with_load_errors` and vLLM recomputes them (the connector switches vLLM's
   `kv_load_failure_policy` to "recompute": a cache must never fail a request); a step with a
   failed load saves nothing, so KV computed over unloaded blocks is never stored.
-- Keys carry the model fingerprint, the layout, the request's `cache_salt` and LoRA adapter,
-  and with tensor parallelism the rank and world size.
+- Keys carry the model fingerprint, the layout, the request's `cache_salt`, LoRA adapter and
+  multimodal inputs, and with tensor parallelism the rank and world size.
 - Loads only write blocks past vLLM's own prefix-cache hit: freshly allocated, private pages.
 
 Paged layouts (CPU attention, FlashAttention, FlashInfer): see `kvdepot.connectors.vllm.pages`.
@@ -64,12 +64,14 @@ Tensor parallelism: each rank stores and loads its own shard (its KV heads) unde
 carry its rank and the world size; the scheduler grants a chunk only when every rank holds its
 shard (`settings`, `scheduler`, `worker`).
 
-LoRA: a LoRA request's keys carry a fingerprint of its adapter's files (`lora`); an adapter
-whose files the scheduler cannot read is served by vLLM alone.
+LoRA: a LoRA request's keys carry a fingerprint of its adapter's files (`lora`). Multimodal:
+a request's keys carry each input's identity (vLLM's hash) and place (`metadata.tenant_salt`).
+What cannot be keyed exactly (an adapter whose files the scheduler cannot read, an input
+without a hash, prompt embeddings) is served by vLLM alone and counted by reason.
 
 Not supported (the connector refuses them at start): several KV cache groups (hybrid,
-sliding-window or MLA models), quantized KV caches, pipeline parallelism; multimodal and
-prompt-embedding requests are served by vLLM alone. The README has the tested matrix.
+sliding-window or MLA models), quantized KV caches, pipeline parallelism. The README has the
+tested matrix.
 """
 
 from __future__ import annotations

@@ -67,12 +67,23 @@ class RequestState:
 
 
 def cacheable_prompt(request: Request) -> list[int] | None:
-    """The prompt, or None for requests whose KV is not a function of tokens alone."""
-    if request.prompt_token_ids is None or request.mm_features:
-        return None
-    if getattr(request, "prompt_embeds", None) is not None:
-        return None
-    return list(request.prompt_token_ids)
+    """The prompt, or None for requests whose KV is not a function of their tokens and salt
+    (`tenant_salt`): prompt embeddings instead of tokens, multimodal inputs without an
+    identity (`uncacheable_reason` says which)."""
+    return None if uncacheable_reason(request) else list(request.prompt_token_ids)
+
+
+def uncacheable_reason(request: Request) -> str | None:
+    """Why vLLM alone must serve the request (a metric label), or None."""
+    if getattr(request, "prompt_embeds", None) is not None or request.prompt_token_ids is None:
+        return "prompt-embeds"
+    for feature in request.mm_features or ():
+        if (
+            not getattr(feature, "identifier", None)
+            or getattr(feature, "mm_position", None) is None
+        ):
+            return "multimodal-unhashed"
+    return None
 
 
 def opts_in(request: Request, name: str, log: RateLimitedLog) -> bool:
@@ -88,10 +99,18 @@ def opts_in(request: Request, name: str, log: RateLimitedLog) -> bool:
 
 def tenant_salt(request: Request, adapter: str | None = None) -> bytes:
     """What keeps a request's keys apart from other requests' with the same tokens: its
-    `cache_salt` and, for a LoRA request, its adapter's fingerprint (`lora`). A base request's
-    salt is its `cache_salt` in UTF-8, which never holds a 0xff byte, so no `cache_salt` can
-    spell a LoRA request's salt."""
+    `cache_salt`; for a LoRA request its adapter's fingerprint (`lora`); for a multimodal
+    request each input's identity (vLLM's hash of the item) and place in the prompt, since
+    the placeholder tokens of two images are the same tokens. A plain request's salt is its
+    `cache_salt` in UTF-8, which never holds a 0xff byte, so no `cache_salt` can spell the
+    salt of a LoRA or multimodal request."""
     salt = (request.cache_salt or "").encode()
-    if adapter is None:
+    parts = [] if adapter is None else [f"lora:{adapter}"]
+    features = sorted(request.mm_features or (), key=lambda f: f.mm_position.offset)
+    parts += [
+        f"mm:{f.modality}:{f.identifier}@{f.mm_position.offset}+{f.mm_position.length}"
+        for f in features
+    ]
+    if not parts:
         return salt
-    return b"\xfflora:" + adapter.encode() + b"\xff" + salt
+    return b"\xff" + b"\xff".join(part.encode() for part in parts) + b"\xff" + salt

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from kvdepot.connectors.vllm.lora import AdapterFingerprints
@@ -34,6 +35,7 @@ from kvdepot.connectors.vllm.metadata import (
     cacheable_prompt,
     opts_in,
     tenant_salt,
+    uncacheable_reason,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings
 from kvdepot.daemon.client import DaemonClient
@@ -77,6 +79,8 @@ class SchedulerSide:
         self._finishing: list[RequestTransfer] = []  # final saves for the next step
         self._pending: dict[str, PendingSave] = {}
         self._adapters = AdapterFingerprints()
+        self.uncached_requests: Counter[str] = Counter()  # requests vLLM alone served, by why
+        self._uncached_ids: dict[str, None] = {}
 
     def _engines(self) -> list[CacheEngine]:
         """One `CacheEngine` per TP rank (its shard's keys); daemon mode: over one client."""
@@ -104,21 +108,30 @@ class SchedulerSide:
         )
 
     def _salt(self, request: Request) -> bytes | None:
-        """The request's salt (`tenant_salt`); None when its KV cannot be keyed exactly: a
-        LoRA adapter whose files this process cannot read (served by vLLM alone)."""
+        """The request's salt (`tenant_salt`); None when its KV cannot be keyed exactly
+        (served by vLLM alone, counted in `uncached_requests`)."""
+        reason = uncacheable_reason(request)
         adapter = None
-        if request.lora_request is not None:
+        if reason is None and request.lora_request is not None:
             adapter = self._adapters.of(request.lora_request)
-            if adapter is None:
-                name = getattr(request.lora_request, "lora_name", "?")
-                self._log.warning(
-                    "lora-files",
-                    "kvdepot: LoRA adapter %r has no readable weight files here; its requests "
-                    "are served by vLLM alone",
-                    name,
-                )
-                return None
+            reason = "lora-files-unreadable" if adapter is None else None
+        if reason is not None:
+            self._count_uncached(request, reason)
+            return None
         return tenant_salt(request, adapter)
+
+    def _count_uncached(self, request: Request, reason: str) -> None:
+        """Count (once per request) and log a request that vLLM alone serves."""
+        if request.request_id not in self._uncached_ids:
+            self._uncached_ids[request.request_id] = None
+            if len(self._uncached_ids) > 4096:  # only recent ones: asked at most twice
+                del self._uncached_ids[next(iter(self._uncached_ids))]
+            self.uncached_requests[reason] += 1
+            self._log.warning(
+                f"uncached-{reason}",
+                "kvdepot: a request vLLM alone serves (%s): its KV cannot be keyed exactly",
+                reason,
+            )
 
     def _lookup(self, tokens: list[int], salt: bytes) -> int:
         """Cached tokens of `tokens` that every TP rank can load."""
