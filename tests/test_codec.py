@@ -29,7 +29,7 @@ from kvdepot.codec import (
     parse_header,
     seal,
 )
-from kvdepot.codec.format import UNBOUND_KEY
+from kvdepot.codec.format import UNBOUND_KEY, ChecksumStream
 from kvdepot.errors import ConfigError, CorruptChunk, UnknownCodec
 from kvdepot.keys import ChunkHash, ChunkKey
 from kvdepot.layout import DType
@@ -649,3 +649,25 @@ def test_a_version_1_chunk_is_corrupt_not_a_crash() -> None:
     for blob in (v1 + bytes(16), v1 + bytes(200)):
         with pytest.raises(CorruptChunk):
             open_blob(blob, key=_key(1), verify=True)
+
+
+@BY_CODEC
+@given(data=st.data())
+def test_a_checksum_streamed_in_any_pieces_verifies_like_a_second_pass(
+    codec_cls: type[Codec], data: st.DataObject
+) -> None:
+    blob = kv_blob(codec_cls)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=6), label="cuts"))
+    bit = data.draw(st.none() | _flippable_bits(len(blob)), label="flipped bit")
+    read = bytearray(blob)
+    if bit is not None:
+        read[bit // 8] ^= 1 << (bit % 8)
+    stream = ChecksumStream()
+    for start, end in zip([0, *cuts], [*cuts, len(read)], strict=True):
+        stream.update(memoryview(read)[start:end])
+    assert stream.nbytes == len(read)
+    if bit is None:
+        open_blob(bytes(read), key=None, verify=True, streamed=stream)
+    else:
+        with pytest.raises(CorruptChunk):
+            open_blob(bytes(read), key=None, verify=True, streamed=stream)

@@ -7,15 +7,19 @@ never share a key; the braces are a cluster hash tag, which puts all parts of on
 same node. A blob of at most `part_size_bytes` is one value; a larger one is stored as parts
 `<key>:0 .. <key>:n-1` of near-equal size, and `<key>` holds a 16-byte manifest ("KVDP", part
 count, blob length) written after the parts, so a reader that finds the manifest finds the parts.
+A read is one round trip for the values (or manifests), then one for all the parts of all split
+blobs, each part read from the socket straight into its place in its blob's memory.
 
 Invariants:
 - `get` serves only blobs whose checksum verifies (`open_blob(verify=True)`); a corrupt or
-  incomplete value (a part evicted or expired) is deleted and answered as a miss.
+  incomplete value (a part evicted, expired or of another size) is deleted and answered as a
+  miss.
 - Every server call has a connect and a read timeout and goes through the node's circuit
   breaker; a failure is a miss or a dropped put, counted and logged (rate-limited), never an
   exception out of `contains` / `get` / `put` / `delete` / `clear`.
-- Writes send the header and the payload straight from the chunk's memory: no copy of a
-  value is made in this process (see `kvdepot.tiers.valkey_wire`).
+- Writes send the header and the payload straight from the chunk's memory, and reads land in
+  the returned blob's memory: no copy of a value is made in this process (see
+  `kvdepot.tiers.valkey_wire`).
 - Cluster mode routes each key to the primary that owns its slot (`CLUSTER SLOTS`, refreshed
   on a MOVED reply or when a node's breaker opens); a node that is down costs misses for its
   slots only. Servers should keep serving with slots uncovered
@@ -33,7 +37,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kvdepot.codec.format import HEADER_NBYTES, MAX_CHUNK_BYTES, EncodedChunk, open_blob
+from kvdepot.codec.format import (
+    HEADER_NBYTES,
+    MAX_CHUNK_BYTES,
+    ChecksumStream,
+    EncodedChunk,
+    open_blob,
+)
 from kvdepot.errors import ConfigError, CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
@@ -43,8 +53,10 @@ from kvdepot.tiers.base import TierUsage
 from kvdepot.tiers.breaker import CircuitBreaker
 from kvdepot.tiers.valkey_wire import (
     REMOTE_ERRORS,
+    BytesBuilder,
     Gather,
     NodeClient,
+    Tap,
     is_timeout,
     key_slot,
     open_client,
@@ -54,10 +66,12 @@ logger = logging.getLogger(__name__)
 
 _MANIFEST = struct.Struct("<4sIQ")
 _MANIFEST_MAGIC = b"KVDP"
+_MIN_PART_NBYTES = 1024  # the least `part_size_bytes`: bounds a manifest's part count
 _NUM_SLOTS = 16384
 _REFRESH_INTERVAL_S = 1.0
 _SCAN_COUNT = 512
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
@@ -175,41 +189,97 @@ class ValkeyTier:
 
     def _get_on(self, node: _Node, keys: list[ChunkKey]) -> list[bytes | None]:
         names = [self._name(key) for key in keys]
-        values = self._pipeline(node, "get", [("GET", n) for n in names])
+        streams = {name: ChecksumStream() for name in names}
+        taps = [streams[name].update for name in names]
+        values = self._replies(node, "get", len(names), lambda client: client.get(names, taps))
         if values is None:
             return [None] * len(names)  # counted as breaker_open or error
         manifests = {j: m for j, v in enumerate(values) if (m := _manifest(v)) is not None}
-        part_names = [f"{names[j]}:{p}" for j, (num, _) in manifests.items() for p in range(num)]
-        part_values = self._pipeline(node, "get", [("GET", n) for n in part_names], len(manifests))
-        parts = iter(part_values or [])
+        split = {names[j]: m for j, m in manifests.items()}
+        streams.update({name: ChecksumStream() for name in split})
+        joined = self._get_parts(node, split, streams)
         blobs: list[bytes | None] = []
         num_misses = 0
         for j, value in enumerate(values):
-            found = manifests.get(j)
-            if found is not None and part_values is None:
+            found, stream = manifests.get(j), streams[names[j]]
+            if found is None:
+                blobs.append(self._validated(node, keys[j], None, value, stream))
+            elif joined is None:
                 blobs.append(None)  # the node failed meanwhile: counted there
                 continue
-            if found is not None:
-                value = _join([next(parts) for _ in range(found[0])])
-            blobs.append(self._validated(node, keys[j], found, value))
+            else:
+                blobs.append(self._validated(node, keys[j], found, joined[names[j]], stream))
             num_misses += blobs[-1] is None
         self._metrics.op("get", "miss", num_misses)
         return blobs
 
+    def _get_parts(
+        self,
+        node: _Node,
+        manifests: dict[str, tuple[int, int]],
+        streams: dict[str, ChecksumStream],
+    ) -> dict[str, object] | None:
+        """Each split blob (name: its manifest), its parts read in one round trip straight into
+        their places in the blob's memory (and hashed into `streams[name]` on the way): the
+        blob, or the `CorruptChunk` that says why it is torn, or an error reply. None if the
+        node failed."""
+        if not manifests:
+            return {}
+        builders = {name: BytesBuilder(nbytes) for name, (_, nbytes) in manifests.items()}
+        lengths = self._read_parts(node, manifests, builders, streams)
+        if lengths is None:
+            return None
+        heads = iter(lengths)
+        joined: dict[str, object] = {}
+        for name, (num_parts, nbytes) in manifests.items():
+            expected = [end - start for start, end in _part_bounds(nbytes, num_parts)]
+            got = [next(heads) for _ in expected]
+            torn = _torn(got, expected)
+            joined[name] = builders[name].finish() if torn is None else torn
+        return joined
+
+    def _read_parts(
+        self,
+        node: _Node,
+        manifests: dict[str, tuple[int, int]],
+        builders: dict[str, BytesBuilder],
+        streams: dict[str, ChecksumStream],
+    ) -> Sequence[int | Exception | None] | None:
+        """GETs of every part into its slice of its builder, in order (the slices die on
+        return, so `finish` hands the bytes out without a copy)."""
+        names: list[str] = []
+        targets: list[memoryview] = []
+        taps: list[Tap] = []
+        for name, (num_parts, nbytes) in manifests.items():
+            for p, (start, end) in enumerate(_part_bounds(nbytes, num_parts)):
+                names.append(f"{name}:{p}")
+                targets.append(builders[name].view[start:end])
+                taps.append(streams[name].update)
+        return self._replies(
+            node, "get", len(manifests), lambda client: client.get_into(names, targets, taps)
+        )
+
     def _validated(
-        self, node: _Node, key: ChunkKey, found: tuple[int, int] | None, value: object
+        self,
+        node: _Node,
+        key: ChunkKey,
+        found: tuple[int, int] | None,
+        value: object,
+        stream: ChecksumStream,
     ) -> bytes | None:
-        """`value` if it is a blob of `key` that verifies; otherwise deletes it (and its
-        parts)."""
+        """`value` if it is a blob of `key` that verifies (`stream`: its bytes hashed as they
+        were read); otherwise deletes it (and its parts)."""
         name = self._name(key)
-        if value is None or isinstance(value, Exception):
+        if value is None or (isinstance(value, Exception) and not isinstance(value, CorruptChunk)):
             return None  # absent, or an error reply (counted where it was sent)
         try:
+            if isinstance(value, CorruptChunk):
+                raise value
             if not isinstance(value, bytes):
-                raise CorruptChunk(f"a part is missing (evicted or expired): {value!r}")
+                raise CorruptChunk(f"not a value: {type(value).__name__}")
             if found is not None and len(value) != found[1]:
                 raise CorruptChunk(f"parts add up to {len(value)} bytes, not {found[1]}")
-            open_blob(value, key=key, verify=True)
+            open_blob(value, key=key, verify=True, streamed=stream)
         except CorruptChunk as exc:
             self._metrics.corrupt()
             self._log.warning("corrupt", "valkey tier: deleting bad chunk %s: %s", name, exc)
@@ -252,10 +322,8 @@ class ValkeyTier:
         num_parts = -(-nbytes // self.config.part_size_bytes)
         if num_parts == 1:
             return [("SET", name, Gather(header, payload), *expiry)]
-        part_nbytes = -(-nbytes // num_parts)
         commands: list[tuple[object, ...]] = []
-        for p, offset in enumerate(range(0, nbytes, part_nbytes)):
-            end = min(offset + part_nbytes, nbytes)
+        for p, (offset, end) in enumerate(_part_bounds(nbytes, num_parts)):
             value = (
                 Gather(header, payload[: end - HEADER_NBYTES])
                 if offset == 0
@@ -288,7 +356,13 @@ class ValkeyTier:
         if not commands:
             return []
         count = len(commands) if num_chunks < 0 else num_chunks
-        replies = self._call(node, op, count, lambda client: client.pipeline(commands))
+        return self._replies(node, op, count, lambda client: client.pipeline(commands))
+
+    def _replies(
+        self, node: _Node, op: str, count: int, fn: Callable[[NodeClient], list[R]]
+    ) -> list[R] | None:
+        """`_call` of a batch of commands, whose replies may say a slot moved."""
+        replies = self._call(node, op, count, fn)
         if replies is not None and any(_is_moved(reply) for reply in replies):
             self._refresh(force=True)
         return replies
@@ -411,16 +485,30 @@ def _manifest(value: object) -> tuple[int, int] | None:
     if not isinstance(value, bytes) or len(value) != _MANIFEST.size:
         return None
     magic, num_parts, nbytes = _MANIFEST.unpack(value)
-    if magic != _MANIFEST_MAGIC or not 2 <= num_parts <= nbytes:
+    if magic != _MANIFEST_MAGIC or not 2 <= num_parts <= -(-nbytes // _MIN_PART_NBYTES):
         return None
+    if -(-nbytes // -(-nbytes // num_parts)) != num_parts:
+        return None  # not a split `_part_bounds` makes
     return (num_parts, nbytes) if nbytes <= MAX_CHUNK_BYTES + HEADER_NBYTES else None
 
 
-def _join(pieces: list[object]) -> bytes | list[object]:
-    """The parts joined, or the pieces themselves when one is not a value."""
-    if all(isinstance(p, bytes) for p in pieces):
-        return b"".join(p for p in pieces if isinstance(p, bytes))
-    return [p for p in pieces if not isinstance(p, bytes)]
+def _part_bounds(nbytes: int, num_parts: int) -> list[tuple[int, int]]:
+    """(start, end) of each part of a blob of `nbytes` split into `num_parts` near-equal
+    parts (the last one may be shorter)."""
+    part_nbytes = -(-nbytes // num_parts)
+    return [(start, min(start + part_nbytes, nbytes)) for start in range(0, nbytes, part_nbytes)]
+
+
+def _torn(lengths: Sequence[object], expected: list[int]) -> object:
+    """What keeps the parts read (their lengths) from making up the blob, or None if they do:
+    an error reply, or the `CorruptChunk` of a part missing (evicted or expired) or resized."""
+    for p, (length, want) in enumerate(zip(lengths, expected, strict=True)):
+        if isinstance(length, Exception):
+            return length
+        if length != want:
+            what = "missing (evicted or expired)" if length is None else f"{length} bytes"
+            return CorruptChunk(f"part {p} is {what}, not {want} bytes")
+    return None
 
 
 def _names_of(name: str, found: tuple[int, int] | None) -> list[str]:
