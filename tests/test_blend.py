@@ -378,3 +378,26 @@ def test_real_model_blend_quality(smollm2: tuple[torch.nn.Module, object]) -> No
                 kl[ratio] += float((reference.exp() * (reference - logits.log_softmax(-1))).sum())
     assert kl[0.15] < kl[0.0]
     store.close()
+
+
+def test_a_blend_in_inference_mode_then_a_generate_outside_it(store: TieredStore) -> None:
+    """`blended_cache` inside `torch.inference_mode` (the blend benchmark scores its KL
+    there) fetches segments into the reused scratch tensor first; a `generate` outside it
+    then fetches into the same scratch: blended, no fallback, a prefill's tokens at ratio 1."""
+    from kvdepot.connectors.transformers import FirstTokenClock, generate_from_cache
+
+    model = tiny_llama()
+    generator = BlendGenerator.for_generator(
+        KVDepotGenerator.for_model(model, store, chunk_size_tokens=16),
+        BlendConfig(recompute_ratio=1.0),
+    )
+    segments = three_docs()
+    shuffled = [segments[0], segments[3], segments[1], segments[2], segments[4]]
+    assert generator.index(segments) == 115
+    with torch.inference_mode():
+        assert generator.blended_cache(segments, 1.0).num_reused == 115
+    result = generator.generate(shuffled, max_new_tokens=6)
+    assert result.fallback_reason is None and result.num_reused_tokens == 115
+    ids = prompt_ids(shuffled)
+    full, _ = generate_from_cache(model, torch.tensor([ids]), None, FirstTokenClock(), 6)
+    assert result.token_ids == full[len(ids) :].tolist()

@@ -262,3 +262,42 @@ def test_sampling_config_is_respected(store: TieredStore) -> None:
         result = generator.generate(list(range(5, 30)), max_new_tokens=8, generation_config=config)
         outputs.add(tuple(result.token_ids))
     assert len(outputs) > 1
+
+
+def test_a_prefix_loaded_in_inference_mode_is_reused_outside_it(
+    store: TieredStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blend benchmark's order: generate, then `load_prefix` inside
+    `torch.inference_mode` (its first hit allocates the reused KV buffer there), then
+    generate outside it into the same buffer: a hit, not a fallback."""
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+    first = list(range(5, 69))  # 4 chunks
+    second = [*first[:48], 200, 201, 202]  # shares 3 chunks; fits the buffer `first` made
+    generator.generate(first, max_new_tokens=2)
+    with torch.inference_mode():
+        num_cached, cache = generator.load_prefix(torch.tensor(first), b"")
+    assert num_cached == len(first) - 1 and cache is not None
+    with caplog.at_level(logging.WARNING, logger="kvdepot"):
+        result = generator.generate(second, max_new_tokens=6)
+    assert result.fallback_reason is None and "kvdepot" not in caplog.text
+    assert result.num_cached_tokens == 48
+    assert result.token_ids == plain_generate(model, second, 6)
+
+
+def test_without_store_generated_the_prompt_is_still_stored(
+    store: TieredStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`store_generated=False` (the blend fallback's generator) stores the prompt's KV even
+    though the cache holds the generated tokens' too."""
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(
+        model, store, chunk_size_tokens=16, store_generated=False
+    )
+    prompt = list(range(5, 45))  # 2 chunks + an 8-token tail
+    with caplog.at_level(logging.WARNING, logger="kvdepot"):
+        first = generator.generate(prompt, max_new_tokens=6)
+    assert first.num_stored_tokens == 40 and "kvdepot" not in caplog.text
+    second = generator.generate(prompt, max_new_tokens=6)
+    assert second.num_cached_tokens == 39
+    assert second.token_ids == first.token_ids == plain_generate(model, prompt, 6)

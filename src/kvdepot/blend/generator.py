@@ -300,10 +300,15 @@ class BlendGenerator:
         return kv
 
     def _scratch(self, num_tokens: int) -> torch.Tensor:
-        """A reused CPU tensor with room for one segment of `num_tokens` (fresh memory is slow)."""
+        """A reused CPU tensor with room for one segment of `num_tokens` (fresh memory is slow).
+
+        Always a normal tensor, even when `blended_cache` first runs inside
+        `torch.inference_mode`: an inference tensor cannot be filled again outside it.
+        """
         if self._scratch_kv is None or self._scratch_kv.shape[2] < num_tokens:
             shape = self.engine.layout.chunk_shape(num_tokens)
-            self._scratch_kv = torch.empty(shape, dtype=self.model.dtype)
+            with torch.inference_mode(False):
+                self._scratch_kv = torch.empty(shape, dtype=self.model.dtype)
         return self._scratch_kv
 
     def _compute_own_kv(self, tokens: list[int]) -> torch.Tensor:

@@ -256,12 +256,17 @@ class KVDepotGenerator:
         return num_cached, DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def _buffer(self, num_tokens: int) -> torch.Tensor:
-        """A reused CPU tensor with room for `num_tokens` (fresh memory is slow to fill)."""
+        """A reused CPU tensor with room for `num_tokens` (fresh memory is slow to fill).
+
+        Always a normal tensor, even when the call that makes it runs inside
+        `torch.inference_mode`: an inference tensor cannot be filled again outside it.
+        """
         layout = self.engine.layout
         if self._kv_buffer is None or self._kv_buffer.shape[2] < num_tokens:
-            self._kv_buffer = torch.empty(
-                layout.chunk_shape(num_tokens), dtype=self.model.dtype, device="cpu"
-            )
+            with torch.inference_mode(False):
+                self._kv_buffer = torch.empty(
+                    layout.chunk_shape(num_tokens), dtype=self.model.dtype, device="cpu"
+                )
         return self._kv_buffer
 
     def _generate(
@@ -290,11 +295,15 @@ class KVDepotGenerator:
         c = self.engine.chunk_size_tokens
         start = num_cached // c * c
         try:
-            num_kv = cache.get_seq_length() if self.store_generated else num_prompt
+            num_positions = cache.get_seq_length()  # the prompt, and all but the last output
+            num_kv = num_positions if self.store_generated else min(num_prompt, num_positions)
             if num_kv <= start:
                 return 0
-            kv = torch.stack([torch.stack(layer_kv(layer, num_kv)) for layer in cache.layers])
-            kv = kv[:, :, :, start:num_kv].permute(0, 1, 3, 2, 4).cpu()
+            layers = [layer_kv(layer, num_positions) for layer in cache.layers]
+            kv = torch.stack(
+                [torch.stack((k[:, start:num_kv], v[:, start:num_kv])) for k, v in layers]
+            )
+            kv = kv.permute(0, 1, 3, 2, 4).cpu()
             num_stored = self.engine.store(
                 output[:num_prompt], kv, tenant_salt=tenant_salt, kv_start_token=start
             )
