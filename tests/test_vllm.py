@@ -918,6 +918,33 @@ def test_fresh_engine_reads_the_daemon_and_outlives_it(
     assert_same_as_reference(list(steps.values()) + rest + result["after_kill"], populated)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_concurrent_requests_with_preemption_match_vllm_alone(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    workdir = tmp_path_factory.mktemp("concurrent")
+    extra = {"mode": "embedded", "memory.capacity_bytes": "512MiB", "memory.prefault": False,
+             "daemon.socket_path": str(workdir / "run" / "daemon.sock")}  # fmt: skip
+    config, _ = connector_config(extra)
+    # 8 running at most, 24 blocks of 128 tokens: 16 prompts of 760 tokens (a document's 5
+    # shared blocks and one of their own) fill the blocks, then each decode needs a 7th block:
+    # vLLM preempts the newest requests, and resumes them later.
+    llm = {"max_num_seqs": 8, "num_gpu_blocks_override": 24, "max_model_len": 2048,
+           "disable_log_stats": False}  # fmt: skip
+    spec = {"model": str(model_dir), "engine_id": "concurrent", "extra": extra, "llm": llm,
+            "stats_socket": str(embedded_socket_path(config, "concurrent"))}  # fmt: skip
+    result = run_engine("concurrent", spec, workdir)
+    assert result["preemptions"] > 0, "nothing was preempted: the test lost its point"
+    served = result["served"]
+    assert len(served) == 16
+    assert_same_logprobs(served, result["reference"])
+    cached = {r["name"]: r["num_cached"] for r in served}
+    # Documents 0 and 1 (stored before): at least their 640 tokens of whole chunks.
+    assert all(cached[f"doc{d}-q{q}"] >= 640 for d in (0, 1) for q in range(4)), cached
+    print("preemptions", result["preemptions"], "cached", cached)
+
+
 # ---- tensor parallelism: a tiny random-weight Llama, TP=2 -------------------------------------
 
 TP_ENV = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank

@@ -19,7 +19,8 @@ asserts. Scenarios:
   chunk deleted, which must make that chunk a miss for both ranks;
 - lora_populate, lora_fresh (daemon mode): SmolLM2 with random LoRA adapters: an adapter's KV
   never serves the base model or another adapter, and serves the same files under another
-  name in a new engine.
+  name in a new engine;
+- concurrent (embedded): 16 requests at once with preemption, partial hits and misses.
 """
 
 from __future__ import annotations
@@ -69,16 +70,9 @@ class Engine:
             engine_id=spec["engine_id"],
         )
         start = time.perf_counter()
-        self.llm = LLM(
-            model=spec["model"],
-            dtype="float32",
-            max_model_len=4096,
-            enable_prefix_caching=True,
-            enforce_eager=True,
-            kv_transfer_config=transfer,
-            seed=0,
-            **spec.get("llm", {}),
-        )
+        options = {"dtype": "float32", "max_model_len": 4096, "enable_prefix_caching": True,
+                   "enforce_eager": True, "seed": 0, **spec.get("llm", {})}  # fmt: skip
+        self.llm = LLM(model=spec["model"], kv_transfer_config=transfer, **options)
         self.startup_s = time.perf_counter() - start
         self.prompts = prompts(self.llm.get_tokenizer())
         self.socket_path = spec["stats_socket"]
@@ -276,6 +270,45 @@ def tp_embedded(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     return {"steps": steps, "reference": reference}
 
 
+def num_preemptions(engine: Engine) -> int:
+    """vLLM's own count of preempted requests so far."""
+    metrics = engine.llm.get_metrics()
+    return int(sum(getattr(m, "value", 0) for m in metrics if m.name == "vllm:num_preemptions"))
+
+
+def concurrent(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    """16 requests at once (4 documents x 4 questions) in an engine that runs at most 8 and
+    has KV blocks for about 4: vLLM preempts and resumes requests while kvdepot loads and
+    stores their KV. Documents 0 and 1 were stored before (partial hits), 2 and 3 not."""
+    from kvdepot.workloads import make_document
+
+    tokenizer = engine.llm.get_tokenizer()
+    questions = ["which product weighs the most?", "who leads each product?",
+                 "which product is the cheapest?", "what does the first product do?"]  # fmt: skip
+    names = []
+    for d in range(4):
+        doc = tokenizer(make_document(seed=21 + d, num_products=3).text)["input_ids"]
+        for q, question in enumerate(questions):
+            asked = tokenizer(f"\n\nQuestion: {question}\nAnswer:")["input_ids"]
+            # 760 tokens: 8 short of 6 blocks, so each request needs a 7th block as it decodes.
+            engine.prompts[name := f"doc{d}-q{q}"] = doc[: 760 - len(asked)] + asked
+            names.append(name)
+    no_store = {"kvdepot.store": False}
+    before = num_preemptions(engine)
+    reference = engine.generate(names, bypass=True, kv_params=no_store)
+    reference_preemptions = num_preemptions(engine) - before
+    engine.generate(["doc0-q0", "doc1-q0"])  # stores documents 0 and 1
+    engine.llm.reset_prefix_cache()
+    before = num_preemptions(engine)
+    served = engine.generate(names)
+    return {
+        "reference": {r["name"]: r for r in reference},
+        "served": served,
+        "preemptions": num_preemptions(engine) - before,
+        "reference_preemptions": reference_preemptions,
+    }
+
+
 def adapter(spec: dict[str, Any], name: str) -> Any:
     """The `LoRARequest` of adapter `name` of `spec["adapters"]` (name: [id, folder])."""
     from vllm.lora.request import LoRARequest
@@ -323,6 +356,7 @@ SCENARIOS = {
     "tp_embedded": tp_embedded,
     "lora_populate": lora_populate,
     "lora_fresh": lora_fresh,
+    "concurrent": concurrent,
 }
 
 
