@@ -48,6 +48,16 @@ Tokens = TokenIds | torch.Tensor
 """Token ids: a list, a 1-D integer numpy array or a 1-D integer tensor."""
 
 
+def floor_to_chunk(num_tokens: int, chunk_size: int) -> int:
+    """The tokens of `num_tokens` that fill whole chunks (a chunk boundary at or before it)."""
+    return num_tokens - num_tokens % chunk_size
+
+
+def ceil_to_chunk(num_tokens: int, chunk_size: int) -> int:
+    """The first chunk boundary at or after `num_tokens`."""
+    return -(-num_tokens // chunk_size) * chunk_size
+
+
 def _token_ids(tokens: Tokens) -> TokenIds:
     """`tokens` as a list or numpy array (a tensor is copied to the host)."""
     if isinstance(tokens, torch.Tensor):

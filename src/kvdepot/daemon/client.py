@@ -82,16 +82,27 @@ class DaemonClient:
         self._log = RateLimitedLog(logger, interval_s=5.0)
 
     @classmethod
-    def from_config(cls, config: KVDepotConfig, metrics: Metrics | None = None) -> DaemonClient:
+    def from_config(
+        cls,
+        config: KVDepotConfig,
+        metrics: Metrics | None = None,
+        *,
+        socket_path: Path | None = None,
+        client_name: str = "",
+    ) -> DaemonClient:
+        """A client of the daemon `config` names, or of the server on `socket_path` (an
+        embedded store served to its engine's other processes), with `config`'s timeouts."""
         d = config.daemon
+        tcp = d.tcp_host and socket_path is None
         return cls(
-            socket_path=None if d.tcp_host else Path(d.socket_path),
-            tcp_address=(d.tcp_host, d.tcp_port) if d.tcp_host else None,
+            socket_path=None if tcp else (socket_path or Path(d.socket_path)),
+            tcp_address=(d.tcp_host, d.tcp_port) if tcp else None,
             token=d.token,
             connect_timeout_s=d.connect_timeout_s,
             request_timeout_s=d.request_timeout_s,
             reconnect_interval_s=d.reconnect_interval_s,
             metrics=metrics,
+            client_name=client_name,
         )
 
     # ---- connection ----------------------------------------------------------------------

@@ -38,9 +38,8 @@ from kvdepot.connectors.vllm.metadata import (
     uncacheable_reason,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings
-from kvdepot.daemon.client import DaemonClient
 from kvdepot.deployment import open_cache
-from kvdepot.engine import CacheEngine
+from kvdepot.engine import CacheEngine, floor_to_chunk
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.store import ChunkStore
 
@@ -86,26 +85,23 @@ class SchedulerSide:
         """One `CacheEngine` per TP rank (its shard's keys); daemon mode: over one client."""
         if not self._caches:
             config = self.settings.config
-            ranks = range(self.settings.tp_size)
-            if config.mode == "daemon":
-                store = open_cache(config)
+            name, ranks = f"vllm-scheduler:{os.getpid()}", range(self.settings.tp_size)
+            if config.mode == "daemon":  # one client: every rank's shards are in the daemon
+                store = open_cache(config, client_name=name)
                 self._caches = [self.settings.make_engine(store, rank) for rank in ranks]
-            else:
+            else:  # each rank's worker serves its own store
                 self._caches = [
-                    self.settings.make_engine(self._worker_store(rank), rank) for rank in ranks
+                    self.settings.make_engine(
+                        open_cache(
+                            config,
+                            embedded_socket=self.settings.rank_socket_path(rank),
+                            client_name=name,
+                        ),
+                        rank,
+                    )
+                    for rank in ranks
                 ]
         return self._caches
-
-    def _worker_store(self, rank: int) -> ChunkStore:
-        """A client of TP rank `rank`'s embedded worker store."""
-        d = self.settings.config.daemon
-        return DaemonClient(
-            socket_path=self.settings.rank_socket_path(rank),
-            connect_timeout_s=d.connect_timeout_s,
-            request_timeout_s=d.request_timeout_s,
-            reconnect_interval_s=d.reconnect_interval_s,
-            client_name=f"vllm-scheduler:{os.getpid()}",
-        )
 
     def _salt(self, request: Request) -> bytes | None:
         """The request's salt (`tenant_salt`); None when its KV cannot be keyed exactly
@@ -175,7 +171,7 @@ class SchedulerSide:
                 return
             is_storing = opts_in(request, "store", self._log)
             if num_hit < len(tokens):  # a partial match is another prompt's chunk: not ours
-                num_hit -= num_hit % self.settings.config.chunk_size_tokens
+                num_hit = floor_to_chunk(num_hit, self.settings.config.chunk_size_tokens)
             state = RequestState(tokens, salt, num_hit, is_storing)
             self._requests[request.request_id] = state
         state.num_load_tokens = num_external_tokens
@@ -206,7 +202,9 @@ class SchedulerSide:
             if not is_resumed and num_computed < state.num_expected_tokens:
                 # vLLM rolled the request back after a failed load: that step saved nothing.
                 c = self.settings.config.chunk_size_tokens
-                state.num_saved_tokens = min(state.num_saved_tokens, num_computed // c * c)
+                state.num_saved_tokens = min(
+                    state.num_saved_tokens, floor_to_chunk(num_computed, c)
+                )
             self._plan(meta, req_id, state, num_computed, num_scheduled[req_id])
         meta.requests.extend(self._finishing)
         self._finishing = []
@@ -247,7 +245,7 @@ class SchedulerSide:
         num_prompt = len(state.token_ids)
         end = min(state.num_expected_tokens, num_prompt)
         if end < num_prompt or not self.settings.is_token_exact:
-            end -= end % self.settings.config.chunk_size_tokens
+            end = floor_to_chunk(end, self.settings.config.chunk_size_tokens)
         if self.is_saving and state.is_storing and end > state.num_saved_tokens:
             transfer.save_start, transfer.save_end = state.num_saved_tokens, end
             state.num_saved_tokens = end
@@ -280,7 +278,7 @@ class SchedulerSide:
             request.num_tokens - 1,  # the last sampled token was never fed back
         )
         c = self.settings.config.chunk_size_tokens
-        end = num_kv if self.settings.is_token_exact else num_kv - num_kv % c
+        end = num_kv if self.settings.is_token_exact else floor_to_chunk(num_kv, c)
         end = min(end, len(block_ids) * self.settings.block_size)
         if end <= max(state.num_saved_tokens, len(state.token_ids)):
             return None  # no generated token's KV to add
@@ -289,7 +287,7 @@ class SchedulerSide:
             list(request.all_token_ids[:end]),
             state.tenant_salt,
             list(block_ids),
-            save_start=state.num_saved_tokens - state.num_saved_tokens % c,
+            save_start=floor_to_chunk(state.num_saved_tokens, c),
             save_end=end,
             is_finished=True,
         )

@@ -44,7 +44,7 @@ from kvdepot.connectors.vllm.pages import (
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.deployment import open_cache
-from kvdepot.engine import CacheEngine
+from kvdepot.engine import CacheEngine, ceil_to_chunk, floor_to_chunk
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.store import ChunkStore
@@ -149,8 +149,8 @@ class WorkerSide:
             self.settings.config.chunk_size_tokens,
         )
         tokens = transfer.token_ids
-        if end <= len(tokens) // c * c:
-            tokens = tokens[: cdiv(end, c) * c]  # no need to read chunks past the load
+        if end <= floor_to_chunk(len(tokens), c):
+            tokens = tokens[: ceil_to_chunk(end, c)]  # no need to read chunks past the load
         valid_end = start
         try:
             t0 = time.perf_counter()
