@@ -1,36 +1,18 @@
-"""Shared fixtures: small layouts, chunk builders and stores with tiny budgets."""
+"""Shared fixtures: RAM tiers and stores with tiny budgets. The shared helpers (chunks, keys,
+engines, a daemon process, tiny models) live in tests/helpers.py, registered here for assert
+rewriting."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 
 from kvdepot import Metrics, TieredStore
-from kvdepot.codec import EncodedChunk, RawCodec, encode_chunk
-from kvdepot.keys import ChunkHash, ChunkKey
-from kvdepot.layout import DType
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
 
-
-def random_key() -> ChunkKey:
-    return ChunkKey(bytes(16), ChunkHash(os.urandom(16)))
-
-
-def make_chunk(seed: int, shape: tuple[int, ...] = (2, 2, 8, 2, 4)) -> EncodedChunk:
-    """A raw fp16 chunk whose content is determined by `seed`."""
-    data = np.random.default_rng(seed).standard_normal(shape).astype(np.float16)
-    return encode_chunk(data, DType.FLOAT16, RawCodec())
-
-
-def chunk_bytes(chunk: EncodedChunk, key: ChunkKey | None = None) -> bytes:
-    """The blob of `chunk` (bound to `key`, as a tier stores it, when given)."""
-    buf = bytearray(chunk.nbytes)
-    (chunk if key is None else chunk.bound(key)).write_into(memoryview(buf))
-    return bytes(buf)
+pytest.register_assert_rewrite("tests.helpers")  # before a test module imports it
 
 
 @pytest.fixture

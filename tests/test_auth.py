@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvdepot.bench.servers import free_port
 from kvdepot.codec import RawCodec, encode_chunk
 from kvdepot.config import REDACTED, SECRET_FIELDS, KVDepotConfig, load_config, redacted
 from kvdepot.daemon.auth import bearer_token, ensure_private_dir, tokens_match
@@ -266,12 +267,6 @@ def test_cli_config_reports_a_bad_token_file(tmp_path: Path) -> None:
 # --- the admin endpoint -------------------------------------------------------------------------
 
 TOKEN = "tökén-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post_clear(port: int, authorization: bytes | None) -> int:

@@ -40,14 +40,13 @@ from kvdepot.layout import DType, KVLayout
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
 from kvdepot.workloads import make_multidoc_qa
-
-from .test_transformers import plain_generate as greedy
-from .test_transformers import tiny_llama as transformers_tiny_llama
+from tests import helpers
+from tests.helpers import plain_generate
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Four layers, so that layers past the check layer (1) are left to blend."""
-    return transformers_tiny_llama(seed, num_layers=4)
+    return helpers.tiny_llama(seed, num_layers=4)
 
 
 def full_kv(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
@@ -233,13 +232,13 @@ def test_generator_stores_missing_segments_then_reuses_them_in_any_order(
     first = generator.generate(segments, max_new_tokens=6)
     assert first.fallback_reason is None
     assert (first.num_reused_tokens, first.num_computed_tokens) == (0, 115)
-    assert first.token_ids == greedy(model, prompt_ids(segments), 6)  # ratio 1: a prefill
+    assert first.token_ids == plain_generate(model, prompt_ids(segments), 6)  # ratio 1: a prefill
 
     shuffled = [segments[0], segments[3], segments[1], segments[2], segments[4]]
     second = generator.generate(shuffled, max_new_tokens=6)
     assert (second.num_reused_tokens, second.num_computed_tokens) == (115, 0)
     assert second.num_recomputed_tokens == 95  # every moved token, at ratio 1
-    assert second.token_ids == greedy(model, prompt_ids(shuffled), 6)
+    assert second.token_ids == plain_generate(model, prompt_ids(shuffled), 6)
 
     naive = generator.generate(shuffled, max_new_tokens=6, recompute_ratio=0.0)
     assert naive.num_recomputed_tokens == 0
@@ -258,7 +257,7 @@ def test_query_aware_selection_runs_the_question_in_the_pass(store: TieredStore)
     ids = prompt_ids(shuffled)
     full = generator.generate(shuffled, max_new_tokens=6, recompute_ratio=1.0)
     assert full.fallback_reason is None
-    assert full.token_ids == greedy(model, ids, 6)  # ratio 1: a prefill
+    assert full.token_ids == plain_generate(model, ids, 6)  # ratio 1: a prefill
     blended = generator.blended_cache(shuffled, 0.3)
     assert blended.num_context_tokens == len(ids) - 1  # the question but its last token
     assert blended.num_recomputed == round(0.3 * 95)  # the question rows are not counted
@@ -292,7 +291,7 @@ def test_a_question_segment_inside_the_context_is_always_computed(store: TieredS
     only_question = [Segment((7, 8, 9, 10), reuse=False)]
     plain = generator.generate(only_question, max_new_tokens=4)
     assert plain.fallback_reason == "no reusable segment"
-    assert plain.token_ids == greedy(model, [7, 8, 9, 10], 4)
+    assert plain.token_ids == plain_generate(model, [7, 8, 9, 10], 4)
 
 
 def test_unsupported_models_and_tier_failures_fall_back_to_a_full_prefill(
@@ -300,7 +299,7 @@ def test_unsupported_models_and_tier_failures_fall_back_to_a_full_prefill(
 ) -> None:
     model = tiny_llama()
     segments = three_docs()
-    expected = greedy(model, prompt_ids(segments), 5)
+    expected = plain_generate(model, prompt_ids(segments), 5)
     generator = BlendGenerator.for_generator(KVDepotGenerator.for_model(model, store))
 
     monkeypatch.setattr(model.config, "model_type", "no-such-family")
@@ -365,7 +364,7 @@ def test_real_model_blend_quality(smollm2: tuple[torch.nn.Module, object]) -> No
         )
         ids = prompt_ids(segments)
         full = generator.generate(segments, max_new_tokens=8, recompute_ratio=1.0)
-        assert full.token_ids == greedy(model, ids, 8)
+        assert full.token_ids == plain_generate(model, ids, 8)
         with torch.inference_mode():
             reference = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
             for ratio in kl:

@@ -12,125 +12,30 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvdepot.codec import HEADER_NBYTES, RawCodec, encode_chunk
+from kvdepot.bench.servers import free_port
+from kvdepot.codec import HEADER_NBYTES
 from kvdepot.continuations import TailQuery
 from kvdepot.daemon import protocol as p
 from kvdepot.daemon.client import DaemonClient
-from kvdepot.keys import CacheNamespace, ChunkKey, chunk_keys
-from kvdepot.layout import DType
 from kvdepot.store import PrefixHit
 from kvdepot.tiers.arena import ArenaAllocator
+from tests.helpers import (  # Daemon: tests/test_vllm*.py import it from here too
+    Daemon,
+    blob_payload,
+    chain,
+    items_for,
+    payload,
+    plain_generate,
+    tiny_llama,
+)
 
 pytestmark = pytest.mark.integration
-
-NS = CacheNamespace("daemon-test-model", "L2-2-H2-D8-float16")
-SHAPE = (2, 2, 16, 2, 8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def chain(seed: int, num_chunks: int = 4) -> list[ChunkKey]:
-    return chunk_keys([seed * 100_000 + i for i in range(num_chunks * 16)], 16, NS)
-
-
-BIG_SHAPE = (8, 2, 16, 8, 512)  # 2 MiB of fp16
-
-
-def payload(seed: int, index: int, *, big: bool = False) -> np.ndarray:
-    rng = np.random.default_rng(seed * 1000 + index)
-    return rng.standard_normal(BIG_SHAPE if big else SHAPE).astype(np.float16)
-
-
-def items_for(
-    seed: int, num_chunks: int = 4, *, big: bool = False
-) -> list[tuple[ChunkKey, object]]:
-    return [
-        (key, encode_chunk(payload(seed, i, big=big), DType.FLOAT16, RawCodec()))
-        for i, key in enumerate(chain(seed, num_chunks))
-    ]
-
-
-def blob_payload(blob: bytes | memoryview) -> bytes:
-    return bytes(blob[HEADER_NBYTES:])
-
-
-@dataclass
-class Daemon:
-    """A `kvdepot serve` process; `kill` (SIGKILL) and `start` again at will."""
-
-    root: Path
-    extra: list[str] = field(default_factory=list)
-    http_port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def socket_path(self) -> Path:
-        return self.root / "run" / "daemon.sock"
-
-    def start(self) -> Daemon:
-        args = [
-            sys.executable, "-m", "kvdepot.cli", "serve",
-            "--daemon-socket-path", str(self.socket_path),
-            "--memory-capacity-bytes", "32MiB", "--memory-prefault", "false",
-            "--disk-path", str(self.root / "disk"), "--disk-fsync", "false",
-            "--daemon-http-port", str(self.http_port), "--daemon-lease-ttl-s", "1",
-            *self.extra,
-        ]  # fmt: skip
-        log = self.root / "daemon.log"
-        with open(log, "ab") as sink:
-            self.proc = subprocess.Popen(args, stdout=sink, stderr=sink)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {log.read_text()}")
-            with socket.socket(socket.AF_UNIX) as probe:
-                try:
-                    probe.connect(str(self.socket_path))
-                    return self
-                except OSError:
-                    time.sleep(0.05)
-        raise RuntimeError("daemon did not start")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=20)
-
-    def client(self, **kw: object) -> DaemonClient:
-        return DaemonClient(
-            socket_path=self.socket_path,
-            reconnect_interval_s=0.05,
-            request_timeout_s=5.0,
-            **kw,  # type: ignore[arg-type]
-        )
-
-    def http(self, path: str, method: str = "GET", token: str = "") -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method)
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
 
 
 @pytest.fixture
@@ -153,7 +58,7 @@ def test_round_trip_across_processes(daemon: Daemon) -> None:
     assert client.put(items_for(1)) == 4  # type: ignore[arg-type]
     code = """
         import sys
-        from tests.test_daemon import Daemon, chain, payload, blob_payload
+        from tests.helpers import Daemon, chain, payload, blob_payload
         from pathlib import Path
         client = Daemon(Path(sys.argv[1])).client()
         keys = chain(1)
@@ -172,7 +77,7 @@ def test_round_trip_across_processes(daemon: Daemon) -> None:
 def test_killed_client_mid_store_leaves_the_daemon_consistent(daemon: Daemon) -> None:
     code = """
         import sys, time
-        from tests.test_daemon import Daemon, items_for, chain
+        from tests.helpers import Daemon, items_for, chain
         from kvdepot.daemon import protocol as p
         from pathlib import Path
         client = Daemon(Path(sys.argv[1])).client()
@@ -235,7 +140,7 @@ def test_four_clients_store_and_read_overlapping_chains(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path).start()
     code = """
         import sys, time
-        from tests.test_daemon import Daemon, items_for, chain, payload, blob_payload
+        from tests.helpers import Daemon, items_for, chain, payload, blob_payload
         from pathlib import Path
         client = Daemon(Path(sys.argv[1])).client()
         me = int(sys.argv[2])
@@ -419,8 +324,6 @@ def test_transformers_generation_through_the_daemon(daemon: Daemon) -> None:
     from kvdepot.connectors.transformers import KVDepotGenerator
     from kvdepot.deployment import open_cache
 
-    from .test_transformers import plain_generate, tiny_llama
-
     config = load_config(
         overrides={"mode": "daemon", "daemon.socket_path": str(daemon.socket_path),
                    "chunk_size_tokens": 16}
@@ -447,13 +350,11 @@ def test_blend_segments_through_the_daemon(daemon: Daemon) -> None:
     from kvdepot.connectors.transformers import KVDepotGenerator
     from kvdepot.deployment import open_cache
 
-    from .test_blend import greedy, tiny_llama
-
     config = load_config(
         overrides={"mode": "daemon", "daemon.socket_path": str(daemon.socket_path),
                    "chunk_size_tokens": 16}
     )  # fmt: skip
-    model = tiny_llama()
+    model = tiny_llama(num_layers=4)  # layers past the check layer (1) to blend
     doc_a, doc_b = Segment(tuple(range(100, 140))), Segment(tuple(range(150, 170)))
     question = Segment((7, 8, 9), reuse=False)
     first, second = open_cache(config), open_cache(config)
@@ -464,7 +365,7 @@ def test_blend_segments_through_the_daemon(daemon: Daemon) -> None:
     result = reader.generate(segments, max_new_tokens=4, recompute_ratio=1.0)
     assert result.fallback_reason is None
     assert (result.num_reused_tokens, result.num_computed_tokens) == (60, 2)
-    assert result.token_ids == greedy(model, prompt_ids(segments), 4)
+    assert result.token_ids == plain_generate(model, prompt_ids(segments), 4)
     first.close()
     second.close()
 

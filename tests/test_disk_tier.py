@@ -16,11 +16,8 @@ from hypothesis import strategies as st
 
 from kvdepot.codec import (
     HEADER_NBYTES,
-    EncodedChunk,
-    RawCodec,
     decode_chunk,
     default_registry,
-    encode_chunk,
 )
 from kvdepot.errors import TierUnavailable
 from kvdepot.keys import CacheNamespace, ChunkHash, ChunkKey, chunk_keys
@@ -28,26 +25,14 @@ from kvdepot.layout import DType
 from kvdepot.metrics import Metrics
 from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.policy import LRUPolicy
+from tests.helpers import blob_of, fp16_array, random_key, raw_chunk
 
 SHAPE = (4, 8)  # 64-byte float16 payload
 CHUNK_NBYTES = HEADER_NBYTES + 64
 
 
-def make_key() -> ChunkKey:
-    return ChunkKey(bytes(16), ChunkHash(os.urandom(16)))
-
-
 def make_array(seed: int, shape: tuple[int, ...] = SHAPE) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float16)
-
-
-def make_chunk(array: np.ndarray) -> EncodedChunk:
-    return encode_chunk(array, DType.FLOAT16, RawCodec())
-
-
-def blob_of(chunk: EncodedChunk, key: ChunkKey) -> bytes:
-    sealed = chunk.bound(key).sealed()
-    return sealed.header.pack() + bytes(sealed.contiguous_payload())
+    return fp16_array(seed, shape)
 
 
 def decoded(blob: bytes) -> np.ndarray:
@@ -95,11 +80,11 @@ def open_tier(tmp_path: Path, metrics: Metrics) -> Iterator[Callable[..., DiskTi
 
 def test_round_trip_is_byte_identical(tmp_path: Path) -> None:
     tier = DiskTier.open(tmp_path, 1 << 20)  # defaults: fsync on, own metrics
-    key, array = make_key(), make_array(0)
-    chunk = make_chunk(array)
+    key, array = random_key(), make_array(0)
+    chunk = raw_chunk(array)
     assert tier.put([(key, chunk)]) == 1
-    assert tier.contains([key, make_key()]) == [True, False]
-    blob, miss = tier.get([key, make_key()])
+    assert tier.contains([key, random_key()]) == [True, False]
+    blob, miss = tier.get([key, random_key()])
     assert miss is None
     assert blob == blob_of(chunk, key)
     np.testing.assert_array_equal(decoded(blob), array)
@@ -111,19 +96,19 @@ def test_round_trip_is_byte_identical(tmp_path: Path) -> None:
 def test_strided_payload_round_trips(open_tier: Callable[..., DiskTier]) -> None:
     tier = open_tier()
     array = make_array(1, (8, 8))[:, ::2]  # not contiguous
-    key = make_key()
-    assert tier.put([(key, make_chunk(array))]) == 1
+    key = random_key()
+    assert tier.put([(key, raw_chunk(array))]) == 1
     np.testing.assert_array_equal(decoded(tier.get([key])[0] or b""), array)
 
 
 def test_put_of_existing_key_is_a_noop(open_tier: Callable[..., DiskTier], tmp_path: Path) -> None:
     tier = open_tier()
-    key = make_key()
-    first = make_chunk(make_array(0))
+    key = random_key()
+    first = raw_chunk(make_array(0))
     assert tier.put([(key, first)]) == 1
     path = chunk_path(tmp_path / "disk", key)
     mtime_ns = path.stat().st_mtime_ns
-    assert tier.put([(key, make_chunk(make_array(1)))]) == 1
+    assert tier.put([(key, raw_chunk(make_array(1)))]) == 1
     assert tier.get([key]) == [blob_of(first, key)]
     assert path.stat().st_mtime_ns == mtime_ns
     assert tier.usage().num_objects == 1
@@ -134,7 +119,7 @@ def test_files_follow_the_documented_layout(
 ) -> None:
     tier = open_tier()
     key = ChunkKey(os.urandom(16), ChunkHash(os.urandom(16)))
-    chunk = make_chunk(make_array(0))
+    chunk = raw_chunk(make_array(0))
     tier.put([(key, chunk)])
     assert chunk_path(tmp_path / "disk", key).read_bytes() == blob_of(chunk, key)
     assert list((tmp_path / "disk" / ".tmp").iterdir()) == []
@@ -144,9 +129,9 @@ def test_eviction_keeps_the_byte_budget(
     open_tier: Callable[..., DiskTier], metrics: Metrics
 ) -> None:
     tier = open_tier(capacity_bytes=3 * CHUNK_NBYTES)
-    keys = [make_key() for _ in range(10)]
+    keys = [random_key() for _ in range(10)]
     for i, key in enumerate(keys):
-        assert tier.put([(key, make_chunk(make_array(i)))]) == 1
+        assert tier.put([(key, raw_chunk(make_array(i)))]) == 1
         assert tier.usage().used_bytes <= tier.capacity_bytes
     assert tier.contains(keys) == [False] * 7 + [True] * 3
     assert tier.get(keys[:7]) == [None] * 7
@@ -158,29 +143,29 @@ def test_eviction_takes_a_chain_tail_before_its_head(open_tier: Callable[..., Di
     tier = open_tier(capacity_bytes=3 * CHUNK_NBYTES)
     namespace = CacheNamespace("test/model", "layout")
     chain = chunk_keys(list(range(48)), 16, namespace)
-    assert tier.put([(key, make_chunk(make_array(i))) for i, key in enumerate(chain)]) == 3
-    other = make_key()
-    tier.put([(other, make_chunk(make_array(9)))])
+    assert tier.put([(key, raw_chunk(make_array(i))) for i, key in enumerate(chain)]) == 3
+    other = random_key()
+    tier.put([(other, raw_chunk(make_array(9)))])
     assert tier.contains([*chain, other]) == [True, True, False, True]
-    tier.put([(make_key(), make_chunk(make_array(10)))])
+    tier.put([(random_key(), raw_chunk(make_array(10)))])
     assert tier.contains(chain) == [True, False, False]
     assert tier.get(chain[1:]) == [None, None]
 
 
 def test_chunk_bigger_than_capacity_is_skipped(open_tier: Callable[..., DiskTier]) -> None:
     tier = open_tier(capacity_bytes=2 * CHUNK_NBYTES)
-    small = make_key()
-    tier.put([(small, make_chunk(make_array(0)))])
-    big = make_key()
-    assert tier.put([(big, make_chunk(make_array(1, (64, 64))))]) == 0
+    small = random_key()
+    tier.put([(small, raw_chunk(make_array(0)))])
+    big = random_key()
+    assert tier.put([(big, raw_chunk(make_array(1, (64, 64))))]) == 0
     assert tier.contains([small, big]) == [True, False]
 
 
 def test_delete_and_clear(open_tier: Callable[..., DiskTier], tmp_path: Path) -> None:
     tier = open_tier()
-    keys = [make_key() for _ in range(4)]
-    tier.put([(key, make_chunk(make_array(i))) for i, key in enumerate(keys)])
-    tier.delete([keys[0], make_key()])
+    keys = [random_key() for _ in range(4)]
+    tier.put([(key, raw_chunk(make_array(i))) for i, key in enumerate(keys)])
+    tier.delete([keys[0], random_key()])
     assert tier.contains(keys) == [False, True, True, True]
     assert not chunk_path(tmp_path / "disk", keys[0]).exists()
     tier.clear()
@@ -192,8 +177,8 @@ def test_delete_and_clear(open_tier: Callable[..., DiskTier], tmp_path: Path) ->
 def test_restart_recovers_chunks_and_removes_temp_files(tmp_path: Path) -> None:
     root = tmp_path / "disk"
     tier = DiskTier.open(root, 1 << 20)
-    keys = [make_key() for _ in range(5)]
-    chunks = [make_chunk(make_array(i)) for i in range(5)]
+    keys = [random_key() for _ in range(5)]
+    chunks = [raw_chunk(make_array(i)) for i in range(5)]
     tier.put(list(zip(keys, chunks, strict=True)))
     tier.close()
     leftover = root / ".tmp" / "crashed-write.tmp"
@@ -210,7 +195,7 @@ def test_restart_recovers_chunks_and_removes_temp_files(tmp_path: Path) -> None:
 def test_restart_ignores_foreign_names_and_deletes_headerless_files(tmp_path: Path) -> None:
     root = tmp_path / "disk"
     DiskTier.open(root, 1 << 20).close()
-    short_key = make_key()
+    short_key = random_key()
     short = chunk_path(root, short_key)
     short.parent.mkdir(parents=True)
     short.write_bytes(b"\x00" * 10)
@@ -229,8 +214,8 @@ def test_restart_ignores_foreign_names_and_deletes_headerless_files(tmp_path: Pa
 def test_restart_over_budget_evicts_oldest_mtime_first(tmp_path: Path) -> None:
     root = tmp_path / "disk"
     tier = DiskTier.open(root, 1 << 20, fsync=False)
-    keys = [make_key() for _ in range(4)]
-    tier.put([(key, make_chunk(make_array(i))) for i, key in enumerate(keys)])
+    keys = [random_key() for _ in range(4)]
+    tier.put([(key, raw_chunk(make_array(i))) for i, key in enumerate(keys)])
     tier.close()
     for age_s, key in zip([10, 40, 20, 30], keys, strict=True):  # oldest: keys[1], keys[3]
         os.utime(chunk_path(root, key), (1e9 - age_s, 1e9 - age_s))
@@ -258,8 +243,8 @@ def test_damaged_chunk_is_deleted_and_missed(
     tmp_path: Path,
 ) -> None:
     tier = open_tier()
-    key, intact = make_key(), make_key()
-    tier.put([(key, make_chunk(make_array(0))), (intact, make_chunk(make_array(1)))])
+    key, intact = random_key(), random_key()
+    tier.put([(key, raw_chunk(make_array(0))), (intact, raw_chunk(make_array(1)))])
     path = chunk_path(tmp_path / "disk", key)
     path.write_bytes(damage(path.read_bytes()))
 
@@ -274,8 +259,8 @@ def test_file_removed_behind_the_tiers_back_is_a_miss(
     open_tier: Callable[..., DiskTier], tmp_path: Path
 ) -> None:
     tier = open_tier()
-    key = make_key()
-    tier.put([(key, make_chunk(make_array(0)))])
+    key = random_key()
+    tier.put([(key, raw_chunk(make_array(0)))])
     chunk_path(tmp_path / "disk", key).unlink()
     assert tier.get([key]) == [None]
     assert tier.contains([key]) == [False]
@@ -312,14 +297,14 @@ def test_full_or_denied_disk_disables_writes_but_not_reads(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     tier = open_tier()
-    early, early_chunk = make_key(), make_chunk(make_array(0))
+    early, early_chunk = random_key(), raw_chunk(make_array(0))
     tier.put([(early, early_chunk)])
     _failing_os_open(monkeypatch, tmp_path, exc)
 
-    keys = [make_key(), make_key()]
-    assert tier.put([(key, make_chunk(make_array(1))) for key in keys]) == 0
+    keys = [random_key(), random_key()]
+    assert tier.put([(key, raw_chunk(make_array(1))) for key in keys]) == 0
     monkeypatch.undo()
-    assert tier.put([(make_key(), make_chunk(make_array(2)))]) == 0
+    assert tier.put([(random_key(), raw_chunk(make_array(2)))]) == 0
     assert tier.put([(early, early_chunk)]) == 1  # already stored still counts
 
     assert tier.contains(keys) == [False, False]
@@ -343,8 +328,8 @@ def test_enospc_at_fsync_leaves_no_temp_file(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    key = make_key()
-    assert tier.put([(key, make_chunk(make_array(0)))]) == 0
+    key = random_key()
+    assert tier.put([(key, raw_chunk(make_array(0)))]) == 0
     assert tier.contains([key]) == [False]
     assert tier.usage().used_bytes == 0
     assert list((tmp_path / "disk").rglob("*.kvc")) == []
@@ -359,10 +344,10 @@ def test_transient_write_error_skips_the_chunk_only(
 ) -> None:
     tier = open_tier()
     _failing_os_open(monkeypatch, tmp_path, OSError(errno.EIO, "Input/output error"))
-    assert tier.put([(make_key(), make_chunk(make_array(0)))]) == 0
+    assert tier.put([(random_key(), raw_chunk(make_array(0)))]) == 0
     monkeypatch.undo()
-    key = make_key()
-    assert tier.put([(key, make_chunk(make_array(1)))]) == 1
+    key = random_key()
+    assert tier.put([(key, raw_chunk(make_array(1)))]) == 1
     assert tier.contains([key]) == [True]
     assert tier.usage().used_bytes == CHUNK_NBYTES
     assert sample(metrics, "kvdepot_tier_ops_total", op="put", outcome="error") == 1
@@ -377,11 +362,11 @@ def test_open_on_an_unusable_root_raises_tier_unavailable(tmp_path: Path) -> Non
 
 def test_closed_tier_misses_and_stores_nothing(open_tier: Callable[..., DiskTier]) -> None:
     tier = open_tier()
-    key = make_key()
-    tier.put([(key, make_chunk(make_array(0)))])
+    key = random_key()
+    tier.put([(key, raw_chunk(make_array(0)))])
     tier.close()
     assert tier.get([key]) == [None]
-    assert tier.put([(make_key(), make_chunk(make_array(1)))]) == 0
+    assert tier.put([(random_key(), raw_chunk(make_array(1)))]) == 0
 
 
 def test_concurrent_reader_while_evicting_never_sees_garbage(
@@ -389,9 +374,9 @@ def test_concurrent_reader_while_evicting_never_sees_garbage(
 ) -> None:
     tier = open_tier(capacity_bytes=8 * CHUNK_NBYTES)
     num_chunks = 300
-    keys = [make_key() for _ in range(num_chunks)]
+    keys = [random_key() for _ in range(num_chunks)]
     arrays = [make_array(i) for i in range(num_chunks)]
-    tier.put([(keys[i], make_chunk(arrays[i])) for i in range(8)])
+    tier.put([(keys[i], raw_chunk(arrays[i])) for i in range(8)])
     done = threading.Event()
     failures: list[BaseException] = []
     num_hits = [0]
@@ -399,7 +384,7 @@ def test_concurrent_reader_while_evicting_never_sees_garbage(
     def writer() -> None:
         try:
             for i in range(8, num_chunks):
-                tier.put([(keys[i], make_chunk(arrays[i]))])
+                tier.put([(keys[i], raw_chunk(arrays[i]))])
         except BaseException as exc:
             failures.append(exc)
         finally:
@@ -435,7 +420,7 @@ def test_concurrent_restores_of_evicted_keys_keep_index_and_files_in_step(
 ) -> None:
     """Writers keep re-storing and deleting keys that other writers evict, while a reader reads."""
     tier = open_tier(capacity_bytes=6 * CHUNK_NBYTES)
-    keys = [make_key() for _ in range(16)]
+    keys = [random_key() for _ in range(16)]
     arrays = [make_array(i) for i in range(16)]
     failures: list[BaseException] = []
     num_rounds = 60
@@ -444,7 +429,7 @@ def test_concurrent_restores_of_evicted_keys_keep_index_and_files_in_step(
         try:
             for r in range(num_rounds):
                 i, j = (offset + 5 * r) % 16, (offset + 5 * r + 1) % 16
-                tier.put([(keys[i], make_chunk(arrays[i])), (keys[j], make_chunk(arrays[j]))])
+                tier.put([(keys[i], raw_chunk(arrays[i])), (keys[j], raw_chunk(arrays[j]))])
                 if r % 5 == 0:
                     tier.delete([keys[(i + 7) % 16]])
         except BaseException as exc:
@@ -487,7 +472,7 @@ def test_random_ops_respect_budget_and_return_exact_bytes(
 ) -> None:
     keys = [ChunkKey(bytes(16), ChunkHash(bytes([i]) * 16)) for i in range(8)]
     # Sizes vary so that one put may evict several chunks.
-    chunks = [make_chunk(make_array(i, (1 + i % 3, 8))) for i in range(8)]
+    chunks = [raw_chunk(make_array(i, (1 + i % 3, 8))) for i in range(8)]
     capacity = capacity_chunks * CHUNK_NBYTES
     with tempfile.TemporaryDirectory() as root:
         tier = DiskTier.open(Path(root), capacity, fsync=False)

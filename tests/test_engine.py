@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from kvdepot import CacheEngine, DType, KVLayout, LayoutMismatch, Metrics, TieredStore
+from kvdepot import CacheEngine, LayoutMismatch, Metrics, TieredStore
 from kvdepot.codec import HEADER_NBYTES
-from kvdepot.keys import ChunkKey, HashAlgorithm
+from kvdepot.keys import HashAlgorithm
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
-
-CHUNK = 16
-LAYOUTS = {
-    torch.float32: KVLayout(3, 2, 8, DType.FLOAT32),
-    torch.float16: KVLayout(3, 2, 8, DType.FLOAT16),
-    torch.bfloat16: KVLayout(3, 2, 8, DType.BFLOAT16),
-}
+from tests.helpers import CHUNK, LAYOUTS, corrupt_header, kv_for, make_engine
 
 
 @pytest.fixture
@@ -27,28 +21,6 @@ def store() -> Iterator[TieredStore]:
     s = TieredStore(MemoryTier(HostBuffer.allocate(8 << 20, prefault=False)), metrics=Metrics())
     yield s
     s.close()
-
-
-def make_engine(
-    store: TieredStore, dtype: torch.dtype = torch.float32, **kw: object
-) -> CacheEngine:
-    return CacheEngine(store, LAYOUTS[dtype], "test-model", chunk_size_tokens=CHUNK, **kw)  # type: ignore[arg-type]
-
-
-def kv_for(engine: CacheEngine, num_tokens: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    shape = engine.layout.chunk_shape(num_tokens)
-    return (
-        torch.randn(shape, generator=g)
-        .to(torch.float32)
-        .to(
-            {
-                DType.FLOAT32: torch.float32,
-                DType.FLOAT16: torch.float16,
-                DType.BFLOAT16: torch.bfloat16,
-            }[engine.layout.dtype]
-        )
-    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -173,13 +145,6 @@ def test_hit_rate_counts_tokens(store: TieredStore) -> None:
     assert engine.metrics.hit_rate() == pytest.approx(len(tokens) / looked_up)
     text = engine.metrics.render().decode()
     assert f"kvdepot_engine_lookup_tokens_total {float(looked_up)}" in text
-
-
-def corrupt_header(store: TieredStore, key: ChunkKey) -> None:
-    """Overwrite a stored chunk's magic in RAM, as a stray write would: it no longer parses."""
-    with store.memory.read([key], record=False) as (view,):
-        assert view is not None
-        view[:4] = b"XXXX"
 
 
 def test_undecodable_chunk_is_served_as_a_shorter_prefix(store: TieredStore) -> None:

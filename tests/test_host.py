@@ -9,8 +9,7 @@ from pathlib import Path
 from kvdepot import load_config
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.daemon.host import SharedStoreHost, create_locked_shm, remove_stale_shm
-
-from .conftest import make_chunk, random_key
+from tests.helpers import make_chunk, random_key
 
 
 def test_a_live_owners_file_survives_cleanup_whatever_its_pid(tmp_path: Path) -> None:

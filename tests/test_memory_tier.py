@@ -15,8 +15,7 @@ from kvdepot.codec.format import open_blob
 from kvdepot.tiers.arena import ArenaAllocator
 from kvdepot.tiers.memory import MemoryTier, Refusal, WriteSlot
 from kvdepot.tiers.policy import LRUPolicy, PrefixAwarePolicy
-
-from .conftest import chunk_bytes, make_chunk, random_key
+from tests.helpers import chunk_bytes, make_chunk, random_key
 
 Factory = Callable[[int], MemoryTier]
 CHUNK_NBYTES = make_chunk(0).nbytes

@@ -14,18 +14,26 @@ import pytest
 import torch
 
 from kvdepot import CacheEngine, TieredStore
+from kvdepot.bench.servers import free_port
 from kvdepot.continuations import ENTRY_OVERHEAD_BYTES, ContinuationIndex, common_prefix_len
 from kvdepot.keys import MAX_CHUNK_TOKENS, token_bytes
+from kvdepot.store import ChunkStore
+from tests.helpers import (
+    CHUNK,
+    Daemon,
+    corrupt_header,
+    kv_for,
+    make_engine,
+    plain_generate,
+    random_key,
+    tiny_llama,
+)
 
-from .conftest import random_key
-from .test_engine import LAYOUTS, corrupt_header, kv_for
 
-CHUNK = 16
-
-
-def make_engine(store: TieredStore, **kw: object) -> CacheEngine:
+def partial_engine(store: ChunkStore, **kw: object) -> CacheEngine:
+    """A test engine that reuses partial matches of 4 tokens or more."""
     kw.setdefault("min_partial_tokens", 4)
-    return CacheEngine(store, LAYOUTS[torch.float32], "test-model", chunk_size_tokens=CHUNK, **kw)  # type: ignore[arg-type]
+    return make_engine(store, **kw)
 
 
 def all_present(keys: object) -> list[bool]:
@@ -103,7 +111,7 @@ def prompts() -> tuple[list[int], list[int]]:
 
 
 def test_a_new_prompt_reuses_the_shared_tokens_of_a_stored_chunk(store: TieredStore) -> None:
-    engine = make_engine(store)
+    engine = partial_engine(store)
     stored, new = prompts()
     kv = kv_for(engine, len(stored))
     engine.store(stored, kv)
@@ -120,7 +128,7 @@ def test_a_new_prompt_reuses_the_shared_tokens_of_a_stored_chunk(store: TieredSt
 
 def test_a_stored_tail_continues_into_a_longer_prompt(store: TieredStore) -> None:
     """The next turn of a chat: last turn's partial tail is this turn's prefix."""
-    engine = make_engine(store)
+    engine = partial_engine(store)
     stored = list(range(2 * CHUNK + 5))
     kv = kv_for(engine, len(stored))
     engine.store(stored, kv)
@@ -131,7 +139,7 @@ def test_a_stored_tail_continues_into_a_longer_prompt(store: TieredStore) -> Non
 
 def test_the_index_holds_only_the_tokens_the_kv_covered(store: TieredStore) -> None:
     """Tokens past the end of the stored KV never reach the index (they have no KV)."""
-    engine = make_engine(store)
+    engine = partial_engine(store)
     tokens = list(range(100, 100 + 2 * CHUNK + 12))
     kv = kv_for(engine, 2 * CHUNK + 6)  # the KV stops 6 tokens short of the prompt
     engine.store(tokens, kv)
@@ -141,7 +149,7 @@ def test_the_index_holds_only_the_tokens_the_kv_covered(store: TieredStore) -> N
 
 
 def test_prompts_sharing_less_than_a_chunk_match_at_the_root(store: TieredStore) -> None:
-    engine = make_engine(store)
+    engine = partial_engine(store)
     system = [5, 6, 7, 8, 9]
     kv = kv_for(engine, 2 * CHUNK)
     engine.store([*system, *range(200, 200 + 2 * CHUNK - 5)], kv)
@@ -149,13 +157,13 @@ def test_prompts_sharing_less_than_a_chunk_match_at_the_root(store: TieredStore)
     assert engine.lookup(other) == 5
     assert torch.equal(engine.retrieve(other), kv[:, :, :5])
     # Below the minimum, reading a whole chunk for a few tokens is not worth it.
-    strict = make_engine(store, min_partial_tokens=6)
+    strict = partial_engine(store, min_partial_tokens=6)
     assert strict.lookup(other) == 0
     assert strict.retrieve(other).shape[2] == 0
 
 
 def test_partial_matches_respect_tenants_segments_and_the_switch(store: TieredStore) -> None:
-    engine = make_engine(store)
+    engine = partial_engine(store)
     stored, new = prompts()
     engine.store(stored, kv_for(engine, len(stored)), tenant_salt=b"alice")
     assert engine.lookup(new, tenant_salt=b"alice") == 2 * CHUNK + 10
@@ -164,13 +172,13 @@ def test_partial_matches_respect_tenants_segments_and_the_switch(store: TieredSt
     # Segments are exact: position-independent KV is looked up by its own tokens only.
     engine.store(stored, kv_for(engine, len(stored)), segment=True)
     assert engine.lookup(new, segment=True) == 2 * CHUNK
-    off = make_engine(store, partial_match=False)
+    off = partial_engine(store, partial_match=False)
     assert off.lookup(new, tenant_salt=b"alice") == 2 * CHUNK
     assert off.retrieve(new, tenant_salt=b"alice").shape[2] == 2 * CHUNK
 
 
 def test_a_corrupt_continuation_is_a_miss_and_deleted(store: TieredStore) -> None:
-    engine = make_engine(store)
+    engine = partial_engine(store)
     stored, new = prompts()
     kv = kv_for(engine, len(stored))
     engine.store(stored, kv)
@@ -182,7 +190,7 @@ def test_a_corrupt_continuation_is_a_miss_and_deleted(store: TieredStore) -> Non
 
 
 def test_an_evicted_continuation_is_forgotten(store: TieredStore) -> None:
-    engine = make_engine(store)
+    engine = partial_engine(store)
     stored, new = prompts()
     engine.store(stored, kv_for(engine, len(stored)))
     store.delete([engine.chunk_keys(stored)[2]])
@@ -192,12 +200,10 @@ def test_an_evicted_continuation_is_forgotten(store: TieredStore) -> None:
 
 def test_partial_match_through_the_daemon(tmp_path: Path) -> None:
     """One engine stores through the daemon; another's prompt reuses part of a chunk."""
-    from .test_daemon import Daemon, free_port
-
     daemon = Daemon(tmp_path, http_port=free_port()).start()
     try:
         writer, reader = daemon.client(), daemon.client()
-        a, b = make_engine(writer), make_engine(reader)  # type: ignore[arg-type]
+        a, b = partial_engine(writer), partial_engine(reader)
         stored, new = prompts()
         kv = kv_for(a, len(stored))
         a.store(stored, kv)
@@ -215,8 +221,6 @@ def test_partial_match_through_the_daemon(tmp_path: Path) -> None:
 def test_generation_on_a_partial_match_equals_a_plain_run(store: TieredStore) -> None:
     from kvdepot.connectors.transformers import KVDepotGenerator
 
-    from .test_transformers import plain_generate, tiny_llama
-
     model = tiny_llama()
     generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=32)
     document = list(range(20, 104))  # 2 chunks + 20 tokens (>= the minimum of 16)
@@ -231,8 +235,6 @@ def test_a_prefix_too_short_to_pay_off_is_not_loaded(store: TieredStore) -> None
     """Prefilling on top of a cache is slower per token than a plain prefill: a hit below
     `min_reuse_fraction` of the prompt is left unused (and the output is the same)."""
     from kvdepot.connectors.transformers import KVDepotGenerator
-
-    from .test_transformers import plain_generate, tiny_llama
 
     model = tiny_llama()
     generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
@@ -260,14 +262,14 @@ def test_the_index_survives_a_clean_restart_and_ignores_a_bad_file(tmp_path: Pat
     )  # fmt: skip
     stored, new = prompts()
     with open_store(config) as first:
-        engine = make_engine(first)
+        engine = partial_engine(first)
         kv = kv_for(engine, len(stored))
         engine.store(stored, kv)
         first.flush()
     with open_store(config) as second:
-        engine = make_engine(second)
+        engine = partial_engine(second)
         assert engine.lookup(new) == 2 * CHUNK + 10
         assert torch.equal(engine.retrieve(new), kv[:, :, : 2 * CHUNK + 10])
     (tmp_path / CONTINUATIONS_FILE).write_bytes(b"\x93not an index")
     with open_store(config) as third:
-        assert make_engine(third).lookup(new) == 2 * CHUNK  # whole chunks from disk only
+        assert partial_engine(third).lookup(new) == 2 * CHUNK  # whole chunks from disk only

@@ -27,7 +27,7 @@ ENGINE = """
     from kvdepot.config import load_config
     from kvdepot.store import open_store
     from kvdepot.connectors.transformers import KVDepotGenerator
-    from tests.test_transformers import plain_generate, tiny_llama
+    from tests.helpers import plain_generate, tiny_llama
 
     config = load_config(overrides=json.loads(sys.argv[1]))
     model = tiny_llama()

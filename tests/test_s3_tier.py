@@ -4,7 +4,6 @@ clear, a killed server, and a second process."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -13,43 +12,23 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
-import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
 from kvdepot.bench.servers import LocalServer, wait_until
-from kvdepot.codec import EncodedChunk, RawCodec, encode_chunk
 from kvdepot.errors import ConfigError
-from kvdepot.keys import CacheNamespace, ChunkHash, ChunkKey, chunk_keys
-from kvdepot.layout import DType
+from kvdepot.keys import CacheNamespace, ChunkKey, chunk_keys
 from kvdepot.metrics import Metrics
 from kvdepot.remote_config import S3Config
 from kvdepot.tiers.s3 import S3Tier, open_s3_tier
+from tests.helpers import blob_of, make_chunk, make_keys, tier_ops
 
 pytest_plugins = ["tests.servers"]
 pytestmark = pytest.mark.integration
 
 TIMEOUT_MS = 1000
 COOLDOWN_MS = 300
-
-
-def make_chunk(seed: int, num_values: int = 512) -> EncodedChunk:
-    data = np.random.default_rng(seed).standard_normal((4, num_values // 4)).astype(np.float16)
-    return encode_chunk(data, DType.FLOAT16, RawCodec())
-
-
-def blob_of(chunk: EncodedChunk, key: ChunkKey) -> bytes:
-    sealed = chunk.bound(key).sealed()
-    return sealed.header.pack() + bytes(sealed.contiguous_payload())
-
-
-def make_keys(count: int, namespace: bytes = bytes(16)) -> list[ChunkKey]:
-    return [ChunkKey(namespace, ChunkHash(os.urandom(16))) for _ in range(count)]
-
-
-def ops(metrics: Metrics, op: str, outcome: str) -> float:
-    labels = {"tier": "s3", "op": op, "outcome": outcome}
-    return metrics.registry.get_sample_value("kvdepot_tier_ops_total", labels) or 0.0
+SHAPE = (4, 128)  # 512 fp16 values: a 1,152-byte blob
 
 
 def object_name(config: S3Config, key: ChunkKey) -> str:
@@ -96,7 +75,7 @@ def test_round_trip_in_concurrent_batches(
     s3_server: LocalServer, open_tier: Callable[..., tuple[S3Tier, S3Config]]
 ) -> None:
     tier, _ = open_tier(s3_server, max_workers=4)
-    chunks = [make_chunk(i, 64 * (i + 1)) for i in range(12)]
+    chunks = [make_chunk(i, (4, 16 * (i + 1))) for i in range(12)]
     keys = make_keys(12)
     assert tier.contains(keys) == [False] * 12
     assert tier.get(keys) == [None] * 12
@@ -117,7 +96,7 @@ def test_corrupt_objects_are_deleted_not_served(
     s3_server: LocalServer, open_tier: Callable[..., tuple[S3Tier, S3Config]], metrics: Metrics
 ) -> None:
     tier, config = open_tier(s3_server)
-    chunk, keys = make_chunk(1), make_keys(4)
+    chunk, keys = make_chunk(1, SHAPE), make_keys(4)
     tier.put([(key, chunk) for key in keys])
     client = raw_client(config)
     flipped = bytearray(blob_of(chunk, keys[0]))
@@ -142,7 +121,7 @@ def test_tenants_do_not_see_each_other(
     tokens = list(range(64))
     alice = chunk_keys(tokens, 16, CacheNamespace("m", "l", tenant_salt=b"alice"))
     bob = chunk_keys(tokens, 16, CacheNamespace("m", "l", tenant_salt=b"bob"))
-    tier.put([(key, make_chunk(i)) for i, key in enumerate(alice)])
+    tier.put([(key, make_chunk(i, SHAPE)) for i, key in enumerate(alice)])
     assert tier.contains(alice) == [True] * 4
     assert tier.contains(bob) == [False] * 4 and tier.get(bob) == [None] * 4
     same_hash = [ChunkKey(b.namespace, a.chunk_hash) for a, b in zip(alice, bob, strict=True)]
@@ -153,7 +132,7 @@ def test_killed_server_is_a_miss_then_recovers(
     fresh_s3: LocalServer, open_tier: Callable[..., tuple[S3Tier, S3Config]], metrics: Metrics
 ) -> None:
     tier, _ = open_tier(fresh_s3)
-    keys, chunk = make_keys(6), make_chunk(4)
+    keys, chunk = make_keys(6), make_chunk(4, SHAPE)
     items = [(key, chunk) for key in keys]
     assert tier.put(items) == 6
     fresh_s3.kill()
@@ -163,18 +142,18 @@ def test_killed_server_is_a_miss_then_recovers(
         assert tier.contains(keys) == [False] * 6
         assert tier.put(items) == 0
         assert time.monotonic() - start < 3 * TIMEOUT_MS / 1000
-    assert ops(metrics, "breaker", "opened") >= 1
-    assert ops(metrics, "get", "breaker_open") > 0
+    assert tier_ops(metrics, "s3", "breaker", "opened") >= 1
+    assert tier_ops(metrics, "s3", "get", "breaker_open") > 0
     fresh_s3.start()  # same data directory: the objects are still there
     assert wait_until(lambda: tier.get(keys) == [blob_of(chunk, k) for k in keys], timeout_s=20.0)
-    assert ops(metrics, "breaker", "closed") >= 1
+    assert tier_ops(metrics, "s3", "breaker", "closed") >= 1
 
 
 def test_hung_server_times_out_and_breaker_opens(
     fresh_s3: LocalServer, open_tier: Callable[..., tuple[S3Tier, S3Config]], metrics: Metrics
 ) -> None:
     tier, _ = open_tier(fresh_s3, breaker_cooldown_ms=1500)  # no probe before resume
-    keys, chunk = make_keys(4), make_chunk(5)
+    keys, chunk = make_keys(4), make_chunk(5, SHAPE)
     tier.put([(key, chunk) for key in keys])
     fresh_s3.pause()
     try:
@@ -184,7 +163,7 @@ def test_hung_server_times_out_and_breaker_opens(
         start = time.monotonic()
         assert tier.get(keys) == [None] * 4  # breaker open: no request at all
         assert time.monotonic() - start < 0.2
-        assert ops(metrics, "breaker", "opened") == 1
+        assert tier_ops(metrics, "s3", "breaker", "opened") == 1
     finally:
         fresh_s3.resume()
     assert wait_until(lambda: tier.get(keys) == [blob_of(chunk, k) for k in keys], timeout_s=10.0)
@@ -194,7 +173,7 @@ def test_a_closed_tier_answers_misses(
     s3_server: LocalServer, open_tier: Callable[..., tuple[S3Tier, S3Config]]
 ) -> None:
     tier, _ = open_tier(s3_server)
-    keys, chunk = make_keys(2), make_chunk(6)
+    keys, chunk = make_keys(2), make_chunk(6, SHAPE)
     tier.put([(key, chunk) for key in keys])
     tier.close()
     assert tier.get(keys) == [None, None] and tier.contains(keys) == [False, False]
@@ -224,7 +203,7 @@ tier.close()
 """
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, timeout=60)
     assert done.stdout.strip() == b"3", done.stderr.decode()
-    assert tier.get(keys) == [blob_of(make_chunk(i), k) for i, k in enumerate(keys)]
+    assert tier.get(keys) == [blob_of(make_chunk(i, SHAPE), k) for i, k in enumerate(keys)]
 
 
 def test_config_errors() -> None:

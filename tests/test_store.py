@@ -26,8 +26,7 @@ from kvdepot.tiers.arena import ArenaAllocator, HostBuffer
 from kvdepot.tiers.base import TierUsage
 from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.memory import MemoryTier
-
-from .conftest import chunk_bytes, make_chunk, random_key
+from tests.helpers import chunk_bytes, make_chunk, random_key
 
 SLOT = ArenaAllocator.footprint(make_chunk(0).nbytes)
 CHUNK = 16

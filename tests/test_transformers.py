@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvdepot import TieredStore
 from kvdepot.connectors.model import default_model_dir, prepare_model
@@ -23,18 +23,7 @@ from kvdepot.connectors.transformers import (
 from kvdepot.errors import ConfigError, StorageError
 from kvdepot.layout import DType
 from kvdepot.workloads import make_document
-
-
-def plain_generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(  # type: ignore[operator]
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-    return list(out[0, len(ids) :].tolist())
-
+from tests.helpers import plain_generate, tiny_llama
 
 # ---- the real model -------------------------------------------------------------------
 
@@ -125,19 +114,6 @@ def test_real_model_retrieve_failure_falls_back_to_full_prefill(
 
 
 # ---- tiny random Llamas ---------------------------------------------------------------
-
-
-def tiny_llama(
-    seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = 2
-) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).to(dtype)
-    model.train(False)
-    return model
 
 
 def test_layout_and_fingerprint() -> None:

@@ -3,7 +3,6 @@ TTL, a killed or hung server, a cluster node stopped and restarted, and a second
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -22,39 +21,21 @@ from kvdepot.bench.servers import (
     wait_cluster_ok,
     wait_until,
 )
-from kvdepot.codec import EncodedChunk, RawCodec, decode_chunk, default_registry, encode_chunk
+from kvdepot.codec import decode_chunk, default_registry
 from kvdepot.errors import ConfigError
-from kvdepot.keys import CacheNamespace, ChunkHash, ChunkKey, chunk_keys
-from kvdepot.layout import DType
+from kvdepot.keys import CacheNamespace, ChunkKey, chunk_keys
 from kvdepot.metrics import Metrics
 from kvdepot.remote_config import ValkeyConfig
 from kvdepot.tiers.valkey import ValkeyTier, open_valkey_tier
 from kvdepot.tiers.valkey_wire import key_slot
+from tests.helpers import blob_of, make_chunk, make_keys, tier_ops
 
 pytest_plugins = ["tests.servers"]
 pytestmark = pytest.mark.integration
 
 TIMEOUT_MS = 500
 COOLDOWN_MS = 300
-
-
-def make_chunk(seed: int, num_values: int = 512) -> EncodedChunk:
-    data = np.random.default_rng(seed).standard_normal((4, num_values // 4)).astype(np.float16)
-    return encode_chunk(data, DType.FLOAT16, RawCodec())
-
-
-def blob_of(chunk: EncodedChunk, key: ChunkKey) -> bytes:
-    sealed = chunk.bound(key).sealed()
-    return sealed.header.pack() + bytes(sealed.contiguous_payload())
-
-
-def make_keys(count: int, namespace: bytes = bytes(16)) -> list[ChunkKey]:
-    return [ChunkKey(namespace, ChunkHash(os.urandom(16))) for _ in range(count)]
-
-
-def ops(metrics: Metrics, op: str, outcome: str) -> float:
-    labels = {"tier": "valkey", "op": op, "outcome": outcome}
-    return metrics.registry.get_sample_value("kvdepot_tier_ops_total", labels) or 0.0
+SHAPE = (4, 128)  # 512 fp16 values: a 1,152-byte blob
 
 
 def node_of(slot: int, num_nodes: int = 3) -> int:
@@ -94,7 +75,7 @@ def open_tier(metrics: Metrics) -> Iterator[Callable[..., ValkeyTier]]:
 
 def test_round_trip(valkey: LocalServer, open_tier: Callable[..., ValkeyTier]) -> None:
     tier = open_tier(valkey)
-    chunks = [make_chunk(i, 64 * (i + 1)) for i in range(3)]
+    chunks = [make_chunk(i, (4, 16 * (i + 1))) for i in range(3)]
     keys = make_keys(3)
     assert tier.contains(keys) == [False] * 3
     assert tier.get(keys) == [None] * 3
@@ -116,7 +97,7 @@ def test_large_value_is_split_into_parts(
     valkey: LocalServer, open_tier: Callable[..., ValkeyTier]
 ) -> None:
     tier = open_tier(valkey, part_size_bytes=4096)
-    chunk, (key,) = make_chunk(7, 10_000), make_keys(1)  # 20,064-byte blob: 5 parts
+    chunk, (key,) = make_chunk(7, (4, 2500)), make_keys(1)  # 20,064-byte blob: 5 parts
     assert tier.put([(key, chunk)]) == 1
     client = raw(valkey)
     name = tier._name(key)
@@ -133,7 +114,7 @@ def test_corrupt_values_are_deleted_not_served(
     valkey: LocalServer, open_tier: Callable[..., ValkeyTier], metrics: Metrics
 ) -> None:
     tier = open_tier(valkey, part_size_bytes=4096)
-    small, large = make_chunk(1), make_chunk(2, 10_000)
+    small, large = make_chunk(1, SHAPE), make_chunk(2, (4, 2500))
     keys = make_keys(5)
     tier.put([(keys[0], small), (keys[1], small), (keys[2], large), (keys[3], large)])
     tier.put([(keys[4], small)])
@@ -164,7 +145,7 @@ def test_tenants_do_not_see_each_other(
     tokens = list(range(64))
     alice = chunk_keys(tokens, 16, CacheNamespace("m", "l", tenant_salt=b"alice"))
     bob = chunk_keys(tokens, 16, CacheNamespace("m", "l", tenant_salt=b"bob"))
-    tier.put([(key, make_chunk(i)) for i, key in enumerate(alice)])
+    tier.put([(key, make_chunk(i, SHAPE)) for i, key in enumerate(alice)])
     assert tier.contains(alice) == [True] * 4
     assert tier.contains(bob) == [False] * 4 and tier.get(bob) == [None] * 4
     # Even the same chunk hash under another namespace digest is another key.
@@ -177,7 +158,7 @@ def test_ttl_applies_to_every_part(
 ) -> None:
     tier = open_tier(valkey, ttl_s=60, part_size_bytes=4096)
     (key,) = make_keys(1)
-    tier.put([(key, make_chunk(3, 10_000))])
+    tier.put([(key, make_chunk(3, (4, 2500)))])
     client = raw(valkey)
     name = tier._name(key)
     ttls = [client.ttl(n) for n in [name, *(f"{name}:{p}" for p in range(5))]]
@@ -192,13 +173,13 @@ def test_acl_user_and_password(
     server = valkey_server(tmp_path / "acl", extra_config=acl).start()
     try:
         tier = open_tier(server, username="kvdepot", password="s3cret")
-        keys, chunk = make_keys(2), make_chunk(7)
+        keys, chunk = make_keys(2), make_chunk(7, SHAPE)
         assert tier.put([(key, chunk) for key in keys]) == 2
         assert tier.get(keys) == [blob_of(chunk, k) for k in keys]
         intruder = open_tier(server, username="kvdepot", password="wrong")
         assert intruder.get(keys) == [None, None]  # refused: a miss, not an exception
         assert intruder.put([(keys[0], chunk)]) == 0
-        assert ops(metrics, "get", "error") >= 1
+        assert tier_ops(metrics, "valkey", "get", "error") >= 1
     finally:
         server.stop()
 
@@ -211,15 +192,15 @@ def test_tls_against_a_plain_server_is_a_miss(
     tier = open_tier(valkey, tls=True, tls_check_hostname=False)
     (key,) = make_keys(1)
     assert tier.get([key]) == [None]
-    assert tier.put([(key, make_chunk(8))]) == 0
-    assert ops(metrics, "get", "error") == 1
+    assert tier.put([(key, make_chunk(8, SHAPE))]) == 0
+    assert tier_ops(metrics, "valkey", "get", "error") == 1
 
 
 def test_killed_server_is_a_miss_then_recovers(
     fresh_valkey: LocalServer, open_tier: Callable[..., ValkeyTier], metrics: Metrics
 ) -> None:
     tier = open_tier(fresh_valkey)
-    keys, chunk = make_keys(8), make_chunk(4)
+    keys, chunk = make_keys(8), make_chunk(4, SHAPE)
     items = [(key, chunk) for key in keys]
     assert tier.put(items) == 8
     fresh_valkey.kill()
@@ -229,22 +210,22 @@ def test_killed_server_is_a_miss_then_recovers(
         assert tier.contains(keys) == [False] * 8
         assert tier.put(items) == 0
         assert time.monotonic() - start < 3 * TIMEOUT_MS / 1000
-    assert ops(metrics, "breaker", "opened") >= 1
-    assert ops(metrics, "get", "breaker_open") > 0
+    assert tier_ops(metrics, "valkey", "breaker", "opened") >= 1
+    assert tier_ops(metrics, "valkey", "get", "breaker_open") > 0
     fresh_valkey.start()  # empty: no persistence
 
     def round_trip() -> bool:
         return tier.put(items) == 8 and tier.get(keys) == [blob_of(chunk, k) for k in keys]
 
     assert wait_until(round_trip, timeout_s=5.0)
-    assert ops(metrics, "breaker", "closed") >= 1
+    assert tier_ops(metrics, "valkey", "breaker", "closed") >= 1
 
 
 def test_hung_server_times_out_and_breaker_opens(
     fresh_valkey: LocalServer, open_tier: Callable[..., ValkeyTier], metrics: Metrics
 ) -> None:
     tier = open_tier(fresh_valkey, breaker_cooldown_ms=1500)  # no probe before resume
-    keys, chunk = make_keys(4), make_chunk(5)
+    keys, chunk = make_keys(4), make_chunk(5, SHAPE)
     tier.put([(key, chunk) for key in keys])
     fresh_valkey.pause()
     try:
@@ -254,7 +235,7 @@ def test_hung_server_times_out_and_breaker_opens(
         start = time.monotonic()
         assert tier.get(keys) == [None] * 4  # breaker open: no wait at all
         assert time.monotonic() - start < 0.2
-        assert ops(metrics, "breaker", "opened") == 1
+        assert tier_ops(metrics, "valkey", "breaker", "opened") == 1
     finally:
         fresh_valkey.resume()
     assert wait_until(lambda: tier.get(keys) == [blob_of(chunk, k) for k in keys], timeout_s=5.0)
@@ -264,7 +245,7 @@ def test_a_closed_tier_answers_misses(
     valkey: LocalServer, open_tier: Callable[..., ValkeyTier]
 ) -> None:
     tier = open_tier(valkey)
-    keys, chunk = make_keys(2), make_chunk(6)
+    keys, chunk = make_keys(2), make_chunk(6, SHAPE)
     tier.put([(key, chunk) for key in keys])
     tier.close()
     assert tier.get(keys) == [None, None] and tier.contains(keys) == [False, False]
@@ -278,7 +259,7 @@ def test_cluster_node_down_costs_only_its_slots(
 ) -> None:
     seeds = ",".join(f"127.0.0.1:{node.port}" for node in valkey_nodes[:2])
     tier = open_tier(valkey_nodes[0], address=seeds, cluster=True, part_size_bytes=4096)
-    chunks = [make_chunk(i, 4000) for i in range(60)]  # 2 parts each
+    chunks = [make_chunk(i, (4, 1000)) for i in range(60)]  # 2 parts each
     keys = make_keys(60)
     items = list(zip(keys, chunks, strict=True))
     assert tier.put(items) == 60
@@ -327,7 +308,7 @@ tier.close()
 """
     done = subprocess.run([sys.executable, "-c", writer], capture_output=True, timeout=60)
     assert done.stdout.strip() == b"3", done.stderr.decode()
-    assert tier.get(keys) == [blob_of(make_chunk(i), k) for i, k in enumerate(keys)]
+    assert tier.get(keys) == [blob_of(make_chunk(i, SHAPE), k) for i, k in enumerate(keys)]
 
 
 def test_config_errors() -> None:
