@@ -666,6 +666,134 @@ def test_tensor_parallel_ranks_store_their_own_shards_and_hit_only_together(
             engine.worker.shutdown()
 
 
+# ---- several KV cache groups (vLLM's hybrid allocator): a sliding-window and a full layer ----
+
+WINDOW = 64  # the sliding layer's window, in tokens (2 blocks of N)
+
+
+def hybrid_engine(tmp_path: Path) -> Engine:
+    """Layer 0 slides (its own KV cache group), layer 1 attends to everything."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    full = FullAttentionSpec(block_size=N, num_kv_heads=H, head_size=D, dtype=torch.float32)
+    window = SlidingWindowSpec(block_size=N, num_kv_heads=H, head_size=D, dtype=torch.float32,
+                               sliding_window=WINDOW)  # fmt: skip
+    groups = [KVCacheGroupSpec([NAMES[1]], full), KVCacheGroupSpec([NAMES[0]], window)]
+    config = vllm_config(tmp_path)
+    worker = KVDepotConnector(config, KVConnectorRole.WORKER, KVCacheConfig(B, [], groups))
+    caches = dict(zip(NAMES, torch.zeros(len(NAMES), B, H, N, 2 * D), strict=True))
+    worker.register_kv_caches(caches)
+    scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, KVCacheConfig(B, [], groups))
+    return Engine(scheduler, worker, caches)
+
+
+def hybrid_forward(engine: Engine, req: SimpleNamespace, tables: tuple[list[int], ...],
+                   start: int, end: int) -> None:  # fmt: skip
+    """The fake model's KV of tokens [start, end): layer 1 into the full-attention table,
+    layer 0 into the sliding table's live blocks."""
+    for i, table in ((1, tables[0]), (0, tables[1])):
+        for t in range(start, end):
+            if table[t // N] != 0:
+                write_kv(
+                    engine.caches[NAMES[i]], table[t // N], t % N, true_kv(req.all_token_ids, t, i)
+                )
+
+
+def hybrid_step(engine: Engine, reqs: list[tuple[SimpleNamespace, tuple[list[int], ...], int, int]]
+                ) -> tuple[set[str], set[str]]:  # fmt: skip
+    """One step: new requests (req, tables, computed, to compute); the pending asynchronous
+    loads run after the forward, as vLLM starts them; returns (received, failed)."""
+    output = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=t,
+                                            num_computed_tokens=d) for r, t, d, _ in reqs],
+        scheduled_cached_reqs=cached_reqs(),
+        num_scheduled_tokens={r.request_id: n for r, _, _, n in reqs},
+        preempted_req_ids=None,
+        kv_connector_block_state=SimpleNamespace(
+            get_block_ids=lambda req_id: next(t for r, t, _, _ in reqs if r.request_id == req_id)
+        ),
+    )  # fmt: skip
+    meta = engine.scheduler.build_connector_meta(output)
+    engine.worker.bind_connector_metadata(meta)
+    for r, tables, done, n in reqs:
+        hybrid_forward(engine, r, tables, done, done + n)
+    engine.worker.start_load_kv(None)
+    engine.worker.wait_for_save()
+    results = engine.worker.get_transfer_results(set())
+    assert engine.worker.get_block_ids_with_load_errors() == set()  # never, with groups
+    engine.worker.clear_connector_metadata()
+    return results.finished_recving, results.failed_recving
+
+
+def hybrid_tables(num_tokens: int, first: int, num_null: int) -> tuple[list[int], list[int]]:
+    """(full table, sliding table) for `num_tokens`: blocks from `first`, the sliding one's
+    first `num_null` blocks out of its window (vLLM's null block 0)."""
+    num_blocks = -(-num_tokens // N)
+    full = list(range(first, first + num_blocks))
+    return full, [0] * num_null + list(range(first + num_blocks + num_null, first + 2 * num_blocks))
+
+
+def test_hybrid_model_loads_each_group_what_vllm_keeps_for_it(tmp_path: Path) -> None:
+    engine = hybrid_engine(tmp_path)
+    try:
+        first = request("a", PROMPT)
+        assert engine.scheduler.get_num_new_matched_tokens(first, 0) == (0, False)
+        engine.scheduler.update_state_after_alloc(first, None, 0)
+        tables = hybrid_tables(200, 1, 0)  # one step from token 0: every block still live
+        assert hybrid_step(engine, [(first, tables, 0, 200)]) == (set(), set())
+        # The same prompt again: 199 tokens, loaded asynchronously (vLLM can only take back
+        # whole requests when a model has several groups).
+        again = request("b", PROMPT)
+        assert engine.scheduler.get_num_new_matched_tokens(again, 0) == (199, True)
+        # The sliding layer needs the window before token 199 only: blocks 0-3 are null.
+        full, sliding = hybrid_tables(200, 8, 4)
+        blocks = SimpleNamespace(get_block_ids=lambda: (full, sliding))
+        engine.scheduler.update_state_after_alloc(again, blocks, 199)
+        before = engine.caches[NAMES[0]][0].clone()
+        assert hybrid_step(engine, []) == ({"b"}, set())  # received
+        for t in range(199):
+            assert torch.equal(read_kv(engine.caches[NAMES[1]], full[t // N], t % N)[0],
+                               true_kv(PROMPT, t, 1)[0])  # fmt: skip
+            if sliding[t // N]:
+                assert torch.equal(read_kv(engine.caches[NAMES[0]], sliding[t // N], t % N)[1],
+                                   true_kv(PROMPT, t, 0)[1])  # fmt: skip
+        assert torch.equal(engine.caches[NAMES[0]][0], before)  # the null block: untouched
+        # A chunk lost between lookup and load fails the whole request (vLLM recomputes it).
+        cache = engine.worker.worker_side._cache
+        assert cache is not None
+        store = cache.backend
+        late = request("c", PROMPT)
+        engine.scheduler.get_num_new_matched_tokens(late, 0)
+        store.delete(cache.chunk_keys(PROMPT, include_partial=True)[1:2])
+        engine.scheduler.update_state_after_alloc(late, blocks, 199)
+        assert hybrid_step(engine, []) == ({"c"}, {"c"})
+    finally:
+        engine.scheduler.shutdown()
+        engine.worker.shutdown()
+
+
+def test_hybrid_model_stores_only_chunks_every_group_still_holds(tmp_path: Path) -> None:
+    """A chunked prefill's second step: the sliding layer has dropped its first block, so
+    the chunks computed now are stored, and no chunk is stored from a null block."""
+    engine = hybrid_engine(tmp_path)
+    try:
+        req = request("a", PROMPT)
+        engine.scheduler.get_num_new_matched_tokens(req, 0)
+        engine.scheduler.update_state_after_alloc(req, None, 0)
+        full, sliding = hybrid_tables(200, 1, 0)
+        hybrid_forward(engine, req, (full, sliding), 0, 96)  # step 1 (not yet a save here)
+        sliding[0] = 0  # out of the window of token 96 on: vLLM freed it
+        assert hybrid_step(engine, [(req, (full, sliding), 96, 104)]) == (set(), set())
+        cache = engine.worker.worker_side._cache
+        assert cache is not None
+        keys = cache.chunk_keys(PROMPT, include_partial=True)
+        # Chunk 0 (tokens 0-63) spans the freed block: not stored; chunk 1 on: stored.
+        assert cache.backend.contains(keys) == [False, True, True, True]
+    finally:
+        engine.scheduler.shutdown()
+        engine.worker.shutdown()
+
+
 def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean"):
         connector_config({"memory.capacity": "1GiB"})
@@ -684,6 +812,7 @@ def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> Non
 
 def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
     from vllm.v1.kv_cache_interface import (
+        ChunkedLocalAttentionSpec,
         KVQuantMode,
         MambaSpec,
         MLAAttentionSpec,
@@ -695,14 +824,15 @@ def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
         block_size=N, num_kv_heads=H, head_size=D, dtype=torch.float32, sliding_window=256
     )
     return {  # KV cache groups: what the message must say
-        "hybrid": ([full, window], r"several KV cache groups \(this one has 2: full attention, "
-                   r"sliding-window attention\)"),
-        # vLLM's hybrid allocator off: sliding-window layers come as full attention, windowed.
-        "windowed-full": ([dataclasses.replace(full, sliding_window=256)],
-                          "does not support sliding-window attention"),
+        "mixed-shapes": ([full, dataclasses.replace(window, head_size=2 * D)],
+                         "every KV cache group to have the same KV heads, head size"),
+        "chunked-local": ([ChunkedLocalAttentionSpec(block_size=N, num_kv_heads=H,
+                                                     head_size=D, dtype=torch.float32,
+                                                     attention_chunk_size=256)],
+                          "does not support chunked local attention"),
         "mla": ([MLAAttentionSpec(block_size=N, num_kv_heads=1, head_size=576,
                                   dtype=torch.bfloat16)], r"latent attention \(MLA\)"),
-        "mamba": ([MambaSpec(block_size=N, shapes=((4,),), dtypes=(torch.float32,))],
+        "mamba": ([full, MambaSpec(block_size=N, shapes=((4,),), dtypes=(torch.float32,))],
                   "Mamba.*not KV"),
         "fp8": ([dataclasses.replace(full, dtype=torch.uint8,
                                      kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)],
@@ -710,7 +840,7 @@ def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("shape", ["hybrid", "windowed-full", "mla", "mamba", "fp8"])
+@pytest.mark.parametrize("shape", ["mixed-shapes", "chunked-local", "mla", "mamba", "fp8"])
 def test_unsupported_models_are_refused_saying_what_and_why(tmp_path: Path, shape: str) -> None:
     specs, message = unsupported_specs()[shape]
     groups = [KVCacheGroupSpec([f"layer.{i}"], spec) for i, spec in enumerate(specs)]
@@ -783,7 +913,7 @@ def run_engine(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests.test_daemon import Daemon
+    from tests.helpers import Daemon
 
     root = tmp_path_factory.mktemp("daemon")
     d = Daemon(root, extra=["--memory-capacity-bytes", "512MiB", "--daemon-lease-ttl-s", "30"])
@@ -989,7 +1119,7 @@ def assert_same_logprobs(results: list[dict[str, Any]], reference: dict[str, Any
 def test_tensor_parallel_engines_share_shards_through_the_daemon(
     tp_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.test_daemon import Daemon
+    from tests.helpers import Daemon
 
     d = Daemon(tmp_path_factory.mktemp("tp-daemon"), extra=["--memory-capacity-bytes", "256MiB"])
     d.start()
@@ -1069,7 +1199,7 @@ def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 def test_lora_kv_is_keyed_by_the_adapter_across_engines(
     model_dir: Path, adapters: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.test_daemon import Daemon
+    from tests.helpers import Daemon
 
     d = Daemon(tmp_path_factory.mktemp("lora-daemon"), extra=["--memory-capacity-bytes", "512MiB"])
     d.start()
@@ -1104,3 +1234,44 @@ def test_lora_kv_is_keyed_by_the_adapter_across_engines(
              "renamed": "sql", "other": "other", "base": "base"}  # fmt: skip
     for step, name in model.items():
         assert_same_logprobs([{**steps[step], "name": name}], reference)
+
+
+# ---- several KV cache groups: a Gemma-3-style model, sliding-window and full layers ----------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_hybrid_model_keeps_vllms_hybrid_allocator_and_matches_vllm_alone(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.helpers import Daemon
+
+    folder = tmp_path_factory.mktemp("models") / "gemma3-hybrid"
+    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
+    subprocess.run([sys.executable, str(script), "gemma3-hybrid", str(folder)], check=True,
+                   cwd=REPO, timeout=300, capture_output=True)  # fmt: skip
+    d = Daemon(
+        tmp_path_factory.mktemp("hybrid-daemon"), extra=["--memory-capacity-bytes", "256MiB"]
+    )
+    d.start()
+    try:
+        extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
+        spec = {"model": str(folder), "engine_id": "hybrid", "extra": extra,
+                "stats_socket": str(d.socket_path), "shard_layout": [6, 1, 64]}  # fmt: skip
+        workdir = tmp_path_factory.mktemp("hybrid1")
+        populated = run_engine("hybrid_populate", spec, workdir)
+        fresh = run_engine("hybrid_fresh", spec, tmp_path_factory.mktemp("hybrid2"))
+    finally:
+        d.stop()
+    log = (workdir / "log.txt").read_text()
+    assert "Turning off hybrid kv cache manager" not in log
+    assert [r["num_cached"] for r in populated["cold"]] == [0, 1024]
+    steps = fresh["steps"]
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    assert got == {
+        "full": (1299, 11),
+        "partial": (1036, 9),
+        "miss": (0, 0),
+        "lost_chunk": (512, 4),
+    }
+    assert_same_logprobs(populated["cold"] + list(steps.values()), populated["reference"])

@@ -280,7 +280,7 @@ def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tests.test_daemon import Daemon
+    from tests.helpers import Daemon
 
     root = tmp_path_factory.mktemp("daemon")
     d = Daemon(root, extra=["--memory-capacity-bytes", "512MiB", "--daemon-lease-ttl-s", "30"])

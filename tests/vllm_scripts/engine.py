@@ -20,7 +20,10 @@ asserts. Scenarios:
 - lora_populate, lora_fresh (daemon mode): SmolLM2 with random LoRA adapters: an adapter's KV
   never serves the base model or another adapter, and serves the same files under another
   name in a new engine;
-- concurrent (embedded): 16 requests at once with preemption, partial hits and misses.
+- concurrent (embedded): 16 requests at once with preemption, partial hits and misses;
+- hybrid_populate, hybrid_fresh (daemon mode): a Gemma-3-style model with sliding-window and
+  full-attention layers (vLLM's hybrid allocator on): reference and cold runs, then a new
+  engine's hits, and a hit that ends mid-prompt (the window before it loaded).
 """
 
 from __future__ import annotations
@@ -221,22 +224,30 @@ def fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
 
 def drop_shard(engine: Engine, spec: dict[str, Any], name: str, chunk: int) -> None:
     """Delete TP rank 1's shard of chunk `chunk` of prompt `name` (rank 0's stays)."""
+    drop_chunk(engine, spec, name, chunk, Path(spec["rank1_socket"]), ":tp1of2")
+
+
+def drop_chunk(
+    engine: Engine, spec: dict[str, Any], name: str, chunk: int, socket: Path, suffix: str = ""
+) -> None:
+    """Delete chunk `chunk` of prompt `name` from the store on `socket`; `spec["shard_layout"]`
+    is (layers, KV heads, head size) of what one process stores."""
     from kvdepot.connectors.vllm import model_fingerprint
     from kvdepot.daemon.client import DaemonClient
     from kvdepot.engine import CacheEngine
     from kvdepot.layout import DType, KVLayout
 
     layers, heads, head_size = spec["shard_layout"]
-    client = DaemonClient(socket_path=Path(spec["rank1_socket"]), reconnect_interval_s=0.0)
+    client = DaemonClient(socket_path=socket, reconnect_interval_s=0.0)
     try:
         cache = CacheEngine(
             client,
             KVLayout(layers, heads, head_size, DType.FLOAT32),
-            model_fingerprint(spec["model"]) + ":tp1of2",
+            model_fingerprint(spec["model"]) + suffix,
             chunk_size_tokens=CHUNK_TOKENS,
         )
         keys = cache.chunk_keys(engine.prompts[name], include_partial=True)
-        assert client.contains(keys) == [True] * len(keys), "rank 1's shards are not stored"
+        assert client.contains(keys) == [True] * len(keys), "the chunks are not stored"
         client.delete(keys[chunk : chunk + 1])
     finally:
         client.close()
@@ -309,6 +320,15 @@ def concurrent(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def hybrid_fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    """A new engine of the sliding-window hybrid: hits from the daemon, then a prompt whose
+    5th chunk is gone (a hit of 4 chunks: the window before token 512 is loaded)."""
+    steps = {name: engine.one(name) for name in ("full", "partial", "miss")}
+    drop_chunk(engine, spec, "full", 4, Path(spec["stats_socket"]))
+    steps["lost_chunk"] = engine.one("full")
+    return {"steps": steps}
+
+
 def adapter(spec: dict[str, Any], name: str) -> Any:
     """The `LoRARequest` of adapter `name` of `spec["adapters"]` (name: [id, folder])."""
     from vllm.lora.request import LoRARequest
@@ -357,6 +377,8 @@ SCENARIOS = {
     "lora_populate": lora_populate,
     "lora_fresh": lora_fresh,
     "concurrent": concurrent,
+    "hybrid_populate": tp_populate,
+    "hybrid_fresh": hybrid_fresh,
 }
 
 

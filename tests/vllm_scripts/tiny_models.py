@@ -40,6 +40,21 @@ KINDS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
     },
+    # Gemma-3-style: sliding-window layers (window 256, two 128-token blocks) and full ones.
+    "gemma3-hybrid": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "sliding_window": 256,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        "query_pre_attn_scalar": 64,
+        "rms_norm_eps": 1e-6,
+    },
 }
 
 

@@ -52,7 +52,8 @@ default to true; a value that is not a bool is ignored with a warning.
 
 Invariants:
 - Fail open: a lookup that fails is a miss; a load that fails reports its blocks through
-  `get_block_ids_with_load_errors` and vLLM recomputes them (the connector switches vLLM's
+  `get_block_ids_with_load_errors` (several groups: its request, `get_transfer_results`) and
+  vLLM recomputes them (the connector switches vLLM's
   `kv_load_failure_policy` to "recompute": a cache must never fail a request); a step with a
   failed load saves nothing, so KV computed over unloaded blocks is never stored.
 - Keys carry the model fingerprint, the layout, the request's `cache_salt`, LoRA adapter and
@@ -69,9 +70,16 @@ a request's keys carry each input's identity (vLLM's hash) and place (`metadata.
 What cannot be keyed exactly (an adapter whose files the scheduler cannot read, an input
 without a hash, prompt embeddings) is served by vLLM alone and counted by reason.
 
-Not supported (the connector refuses them at start): several KV cache groups (hybrid,
-sliding-window or MLA models), quantized KV caches, pipeline parallelism. The README has the
-tested matrix.
+Hybrid models (vLLM's hybrid allocator, `SupportsHMA`): full-attention and sliding-window
+layers in KV cache groups of their own. A chunk holds every layer's KV; each group loads only
+what vLLM keeps for it (a sliding-window group: the blocks of its window; the blocks before it
+are vLLM's null block), and a chunk is stored only while every group still holds it. Loads
+are vLLM's asynchronous kind there: with several groups vLLM can take back a whole request,
+not single blocks, so a load that fails makes vLLM recompute that request from its start.
+
+Not supported (the connector refuses them at start, saying why): MLA, Mamba/SSM layers,
+chunked local attention, groups of different shapes, quantized KV caches, pipeline
+parallelism. The README has the tested matrix.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from kvdepot.connectors.vllm.metadata import KVDepotMetadata
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without vLLM stubs
+class KVDepotConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]  # no vLLM stubs
     """kvdepot as a vLLM V1 KV connector; one instance per process and role."""
 
     def __init__(
@@ -98,7 +99,13 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler_side.request_finished(request, block_ids)
+        return self.scheduler_side.request_finished(request, (block_ids,))
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hybrid allocator (`SupportsHMA`): the block tables of every group."""
+        return self.scheduler_side.request_finished(request, tuple(block_ids))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self.scheduler_side.update_connector_output(set(connector_output.finished_sending or ()))
@@ -131,8 +138,22 @@ class KVDepotConnector(KVConnectorBase_V1):  # type: ignore[misc]  # Any without
             self.worker_side.wait_for_save(self._get_connector_metadata())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """(requests whose final save is done, None: loads are synchronous)."""
-        return self.worker_side.get_finished() or None, None
+        """(requests whose final save is done, asynchronous loads done); vLLM releases
+        versions that predate `get_transfer_results` call this."""
+        saved, received, failed = self.worker_side.get_finished()
+        if failed:
+            logger.warning("kvdepot: %d asynchronous loads failed: recomputed", len(failed))
+        return saved or None, received or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """Saves done, asynchronous loads done and those that failed (vLLM recomputes a
+        request whose load failed from its first token)."""
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+        saved, received, failed = self.worker_side.get_finished()
+        return KVConnectorTransferResults(
+            finished_sending=saved, finished_recving=received, failed_recving=failed
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()

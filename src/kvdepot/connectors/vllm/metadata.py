@@ -27,23 +27,27 @@ class RequestTransfer:
         token_ids: the prompt; for a finished request, the prompt and the generated tokens
             whose KV was computed.
         tenant_salt: the request's `cache_salt` (and LoRA adapter), as bytes (`tenant_salt`).
-        block_ids: the request's block table (KV cache group 0), in token order.
+        block_ids: the request's block table per KV cache group, in token order; a
+            sliding-window group's blocks before its window are vLLM's null block (0).
         load_start, load_end: tokens whose KV to load; empty when equal.
         save_start, save_end: tokens whose KV to store (`save_start` on a chunk boundary,
             `save_end` too unless it is the end of `token_ids`); empty when equal.
         is_finished: the request has finished and vLLM holds its blocks until the worker
             reports this save done (`get_finished`), even if it fails.
+        is_async: the load is vLLM's asynchronous kind (the request waits outside the
+            batch until the worker reports it received, or failed: several KV cache groups).
     """
 
     req_id: str
     token_ids: list[int]
     tenant_salt: bytes
-    block_ids: list[int]
+    block_ids: list[list[int]]
     load_start: int = 0
     load_end: int = 0
     save_start: int = 0
     save_end: int = 0
     is_finished: bool = False
+    is_async: bool = False
 
 
 @dataclass
@@ -61,7 +65,7 @@ class RequestState:
     tenant_salt: bytes
     num_saved_tokens: int  # prompt tokens known to be in kvdepot
     is_storing: bool = True  # the request did not opt out of stores
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group
     num_load_tokens: int = 0  # external tokens granted, loaded in the next step
     num_expected_tokens: int = 0  # computed tokens after the last planned step
 
@@ -114,3 +118,16 @@ def tenant_salt(request: Request, adapter: str | None = None) -> bytes:
     if not parts:
         return salt
     return b"\xff" + b"\xff".join(part.encode() for part in parts) + b"\xff" + salt
+
+
+NULL_BLOCK = 0
+"""vLLM's null block: a sliding-window group's table holds it for blocks out of its window."""
+
+
+def first_live_token(block_ids: list[int], block_size: int) -> int:
+    """The first token whose block is not the null block (sliding-window groups drop the
+    blocks before their window; full attention keeps all)."""
+    for i, block in enumerate(block_ids):
+        if block != NULL_BLOCK:
+            return i * block_size
+    return len(block_ids) * block_size

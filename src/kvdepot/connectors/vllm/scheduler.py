@@ -6,6 +6,11 @@ scheduler step into a `KVDepotMetadata` for the worker: per request, the prompt,
 table, the token range to load and the whole chunks (and the prompt's partial tail) newly
 computed, to save. Every lookup failure is a miss.
 
+Several KV cache groups (a hybrid model, vLLM's hybrid allocator): a hit is granted as an
+asynchronous load, planned in `update_state_after_alloc` with the block tables vLLM allocated,
+and each step takes vLLM's current tables (a sliding-window group's drops the blocks that
+leave its window, which tables appended step by step would not show).
+
 Tensor parallelism: every rank stores its own shard of a chunk, so a prompt's hit is the
 shortest of its ranks' hits: a chunk is loaded only when all ranks hold their shard of it.
 Daemon mode asks the daemon once per rank; embedded mode asks each rank's worker, each of
@@ -78,6 +83,11 @@ class SchedulerSide:
         self._finishing: list[RequestTransfer] = []  # final saves for the next step
         self._pending: dict[str, PendingSave] = {}
         self._adapters = AdapterFingerprints()
+        self._num_local_tokens: dict[str, int] = {}  # vLLM's own hit, at lookup
+        self._loading: list[RequestTransfer] = []  # asynchronous loads for the next step
+        # Several KV cache groups: loads are asynchronous, since vLLM can take back only
+        # whole requests then (a failed load is recomputed from the start), not blocks.
+        self.is_async = settings.num_groups > 1
         self.uncached_requests: Counter[str] = Counter()  # requests vLLM alone served, by why
         self._uncached_ids: dict[str, None] = {}
 
@@ -155,13 +165,16 @@ class SchedulerSide:
             self._log.warning("lookup", "kvdepot: lookup failed, a miss: %s", exc)
             num_hit = 0
         self._num_hit_tokens[request.request_id] = num_hit
+        self._num_local_tokens[request.request_id] = num_computed_tokens
         num_loadable = min(num_hit, request.num_tokens - 1)
-        return max(num_loadable - num_computed_tokens, 0), False
+        num_external = max(num_loadable - num_computed_tokens, 0)
+        return num_external, self.is_async and num_external > 0
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         num_hit = self._num_hit_tokens.pop(request.request_id, 0)
+        num_local = self._num_local_tokens.pop(request.request_id, 0)
         tokens = cacheable_prompt(request)
         if tokens is None:
             return
@@ -174,19 +187,34 @@ class SchedulerSide:
                 num_hit = floor_to_chunk(num_hit, self.settings.config.chunk_size_tokens)
             state = RequestState(tokens, salt, num_hit, is_storing)
             self._requests[request.request_id] = state
+        if self.is_async and num_external_tokens:
+            # The request waits outside the batch; the worker loads it in the next step and
+            # reports it received (or failed: vLLM then recomputes it all).
+            transfer = RequestTransfer(request.request_id, state.token_ids, state.tenant_salt,
+                                       [list(group) for group in blocks.get_block_ids()],
+                                       load_start=num_local,
+                                       load_end=num_local + num_external_tokens,
+                                       is_async=True)  # fmt: skip
+            self._loading.append(transfer)
+            return
         state.num_load_tokens = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVDepotMetadata:
         """This step's loads (granted external tokens) and saves (newly computed chunks)."""
-        meta = KVDepotMetadata()
+        meta = KVDepotMetadata(requests=self._loading)
+        self._loading = []
         num_scheduled = scheduler_output.num_scheduled_tokens
+        # vLLM's current block tables (0.32): a sliding-window group's table drops blocks
+        # that leave the window, which the tables appended step by step below cannot show.
+        current = getattr(scheduler_output, "kv_connector_block_state", None)
         for req_id in scheduler_output.preempted_req_ids or ():
             if (state := self._requests.get(req_id)) is not None:
                 state.block_ids = []  # freed; a resumed request brings its new table
         for new in scheduler_output.scheduled_new_reqs:
             if (state := self._requests.get(new.req_id)) is not None:
-                state.block_ids = list(new.block_ids[0])
+                state.block_ids = [list(group) for group in new.block_ids]
                 num_computed = new.num_computed_tokens
+                self._refresh(state, new.req_id, current)
                 self._plan(meta, new.req_id, state, num_computed, num_scheduled[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -195,9 +223,13 @@ class SchedulerSide:
             new_block_ids = cached.new_block_ids[i]
             is_resumed = req_id in cached.resumed_req_ids
             if is_resumed:
-                state.block_ids = list(new_block_ids[0]) if new_block_ids else []
+                state.block_ids = [list(group) for group in new_block_ids or ()]
             elif new_block_ids:
-                state.block_ids.extend(new_block_ids[0])
+                if not state.block_ids:
+                    state.block_ids = [[] for _ in new_block_ids]
+                for table, added in zip(state.block_ids, new_block_ids, strict=True):
+                    table.extend(added)
+            self._refresh(state, req_id, current)
             num_computed = cached.num_computed_tokens[i]
             if not is_resumed and num_computed < state.num_expected_tokens:
                 # vLLM rolled the request back after a failed load: that step saved nothing.
@@ -209,6 +241,16 @@ class SchedulerSide:
         meta.requests.extend(self._finishing)
         self._finishing = []
         return meta
+
+    def _refresh(self, state: RequestState, req_id: str, current: Any) -> None:
+        """Take vLLM's current block tables where it offers them (several groups need them:
+        an appended sliding-window table would keep blocks vLLM has freed)."""
+        tables = current.get_block_ids(req_id) if current is not None else None
+        if tables is not None:
+            state.block_ids = [list(table) for table in tables]
+        elif self.settings.num_groups > 1 and state.is_storing:
+            self._log.warning("no-tables", "kvdepot: vLLM gave no block tables; not storing")
+            state.is_storing = False  # an appended table may name blocks vLLM freed
 
     def _waits_for_save(self, tokens: list[int]) -> bool:
         """Whether `tokens` continue a finished request whose final save is still pending."""
@@ -250,15 +292,17 @@ class SchedulerSide:
             transfer.save_start, transfer.save_end = state.num_saved_tokens, end
             state.num_saved_tokens = end
         if transfer.load_end > transfer.load_start or transfer.save_end > transfer.save_start:
-            transfer.block_ids = list(state.block_ids)
+            transfer.block_ids = [list(table) for table in state.block_ids]
             meta.requests.append(transfer)
 
     def request_finished(
-        self, request: Request, block_ids: list[int]
+        self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; hold its blocks (True) when its generated KV is to be saved."""
+        """Forget the request; hold its blocks (True) when its generated KV is to be saved.
+        `block_ids`: its block table per KV cache group."""
         state = self._requests.pop(request.request_id, None)
         self._num_hit_tokens.pop(request.request_id, None)
+        self._num_local_tokens.pop(request.request_id, None)
         if state is None or (transfer := self._final_save(request, state, block_ids)) is None:
             return False, None
         self._finishing.append(transfer)
@@ -267,7 +311,7 @@ class SchedulerSide:
         return True, None
 
     def _final_save(
-        self, request: Request, state: RequestState, block_ids: list[int]
+        self, request: Request, state: RequestState, block_ids: tuple[list[int], ...]
     ) -> RequestTransfer | None:
         """The save of a finished request's KV past its last stored chunk: generated tokens
         included; None when there is nothing new to store."""
@@ -279,14 +323,14 @@ class SchedulerSide:
         )
         c = self.settings.config.chunk_size_tokens
         end = num_kv if self.settings.is_token_exact else floor_to_chunk(num_kv, c)
-        end = min(end, len(block_ids) * self.settings.block_size)
+        end = min(end, min(map(len, block_ids)) * self.settings.block_size)
         if end <= max(state.num_saved_tokens, len(state.token_ids)):
             return None  # no generated token's KV to add
         return RequestTransfer(
             request.request_id,
             list(request.all_token_ids[:end]),
             state.tenant_salt,
-            list(block_ids),
+            [list(table) for table in block_ids],
             save_start=floor_to_chunk(state.num_saved_tokens, c),
             save_end=end,
             is_finished=True,

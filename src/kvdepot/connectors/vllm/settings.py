@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +68,11 @@ class ConnectorSettings:
         model: (model, revision), for the default fingerprint.
         fingerprint: an explicit model fingerprint, or None.
         tp_size: vLLM's tensor-parallel world size; each rank stores its own shard.
+        group_layers: per KV cache group (vLLM's hybrid allocator: full-attention and
+            sliding-window layers in groups of their own), its layers' indices in
+            `layer_names`; one group of all layers for most models.
+        windowed_groups: per group, whether it is sliding-window attention (its table
+            holds vLLM's null block for blocks before its window).
     """
 
     config: KVDepotConfig
@@ -80,6 +85,12 @@ class ConnectorSettings:
     model: tuple[str, str | None]
     fingerprint: str | None
     tp_size: int = 1
+    group_layers: list[list[int]] = field(default_factory=list)
+    windowed_groups: list[bool] = field(default_factory=list)  # sliding-window groups
+
+    @property
+    def num_groups(self) -> int:
+        return max(len(self.group_layers), 1)
 
     @classmethod
     def from_vllm(
@@ -94,7 +105,13 @@ class ConnectorSettings:
                 f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); use tensor "
                 "parallelism, which it supports"
             )
-        layout, layer_names, spec = kv_layout(kv_cache_config)
+        layout, groups, spec = kv_layout(kv_cache_config)
+        layer_names = sorted((name for group in groups for name in group), key=layer_order)
+        group_layers = [sorted(layer_names.index(name) for name in group) for group in groups]
+        windowed = [
+            attention_kind(group.kv_cache_spec) != "full attention"
+            for group in kv_cache_config.kv_cache_groups
+        ]
         block_size = int(spec.block_size)
         extra = transfer.kv_connector_extra_config
         config, fingerprint = connector_config(extra, block_size)
@@ -103,9 +120,9 @@ class ConnectorSettings:
         is_token_exact = cpu_isa is None or (cpu_isa == "vec" and spec.dtype == torch.float32)
         model = (vllm_config.model_config.model, vllm_config.model_config.revision)
         socket_path = embedded_socket_path(config, str(transfer.engine_id))
-        return cls(config, layout, sorted(layer_names, key=layer_order), block_size, cpu_isa,
-                   is_token_exact, socket_path, model, fingerprint,
-                   int(parallel.tensor_parallel_size))  # fmt: skip
+        return cls(config, layout, layer_names, block_size, cpu_isa, is_token_exact,
+                   socket_path, model, fingerprint, int(parallel.tensor_parallel_size),
+                   group_layers, windowed)  # fmt: skip
 
     @property
     def shard_names(self) -> list[str]:
@@ -203,33 +220,47 @@ def model_fingerprint(model: str, revision: str | None = None) -> str:
     return f"vllm:{config.get('model_type', 'model')}:{digest.hexdigest()}"
 
 
-def kv_layout(kv_cache_config: KVCacheConfig) -> tuple[KVLayout, list[str], FullAttentionSpec]:
-    """(layout, attention layer names, their spec); ConfigError when not supported."""
+def kv_layout(
+    kv_cache_config: KVCacheConfig,
+) -> tuple[KVLayout, list[list[str]], FullAttentionSpec]:
+    """(layout of all attention layers, each KV cache group's layer names, the first group's
+    spec); ConfigError when not supported.
+
+    Several groups (vLLM's hybrid allocator) are supported when every group holds full or
+    sliding-window attention layers of one shape (KV heads, head size, dtype, block size). A
+    chunk then holds every layer's KV; each group loads what vLLM keeps for it (a
+    sliding-window group: its window).
+    """
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        kinds = sorted({attention_kind(g.kv_cache_spec) for g in groups})
+    specs = [group.kv_cache_spec for group in groups]
+    for spec in specs:
+        if (kind := attention_kind(spec)) not in WINDOWED_KINDS:
+            raise ConfigError(
+                f"kvdepot's vLLM connector does not support {kind}; it supports full and "
+                "sliding-window attention"
+            )
+        if spec.kv_quant_mode.name != "NONE":
+            raise ConfigError(
+                "kvdepot's vLLM connector does not support a quantized KV cache "
+                f"({spec.kv_quant_mode.name}, stored as {spec.dtype}): use kv_cache_dtype='auto'"
+            )
+    shapes = {(s.num_kv_heads, s.head_size, s.dtype, s.block_size) for s in specs}
+    if len(shapes) != 1:
         raise ConfigError(
-            f"kvdepot's vLLM connector does not support models with several KV cache groups "
-            f"(this one has {len(groups)}: {', '.join(kinds)}); it supports one group of "
-            "full attention"
+            "kvdepot's vLLM connector needs every KV cache group to have the same KV heads, "
+            f"head size, dtype and block size; this model's groups have {sorted(map(str, shapes))}"
         )
-    spec = groups[0].kv_cache_spec
-    if (kind := attention_kind(spec)) != "full attention":
-        raise ConfigError(
-            f"kvdepot's vLLM connector does not support {kind}; it supports full attention"
-        )
-    if spec.kv_quant_mode.name != "NONE":
-        raise ConfigError(
-            "kvdepot's vLLM connector does not support a quantized KV cache "
-            f"({spec.kv_quant_mode.name}, stored as {spec.dtype}): use kv_cache_dtype='auto'"
-        )
+    spec = specs[0]
     try:
         dtype = dtype_from_torch(spec.dtype)
     except KVDepotError as exc:
         raise ConfigError(f"KV cache dtype not supported: {exc}") from None
-    names = list(groups[0].layer_names)
-    layout = KVLayout(len(names), spec.num_kv_heads, spec.head_size, dtype)
+    names = [list(group.layer_names) for group in groups]
+    layout = KVLayout(sum(map(len, names)), spec.num_kv_heads, spec.head_size, dtype)
     return layout, names, spec
+
+
+WINDOWED_KINDS = ("full attention", "sliding-window attention")
 
 
 def attention_kind(spec: object) -> str:
@@ -243,7 +274,7 @@ def attention_kind(spec: object) -> str:
         return "sliding-window attention"
     if getattr(spec, "attention_chunk_size", None):
         return "chunked local attention"
-    if type(spec) is not FullAttentionSpec:
+    if name not in ("FullAttentionSpec", "SlidingWindowSpec", "ChunkedLocalAttentionSpec"):
         return f"{name} layers"
     if getattr(spec, "head_size_v", None) not in (None, getattr(spec, "head_size", None)):
         return "K and V of different head sizes"

@@ -20,19 +20,28 @@ failed load also poisons what the other ranks compute in that step (every layer'
 summed across ranks), so before saving, the ranks agree over vLLM's TP group whether any load
 failed (one tiny all-reduce, only in steps that load and save, which the step's metadata,
 identical on every rank, decides alike everywhere).
+
+Several KV cache groups (`LayerGroup`): each group's layers move with that group's block
+table. A sliding-window group's table holds vLLM's null block for blocks before its window:
+loads skip them, and a save starts at the first chunk every group still holds. Its loads are
+asynchronous (the request is outside the batch): done and failed ones are reported through
+`get_finished` (vLLM recomputes a failed one whole), never as blocks.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
-from kvdepot.connectors.vllm.metadata import KVDepotMetadata, RequestTransfer
+from kvdepot.connectors.vllm.metadata import KVDepotMetadata, RequestTransfer, first_live_token
 from kvdepot.connectors.vllm.pages import (
     LAYOUTS,
     KVParts,
+    PagedLayout,
     detect_layout,
     gather_pages,
     page_ids,
@@ -71,6 +80,9 @@ class WorkerSide:
         self._finished_saves: set[str] = set()
         self._host: SharedStoreHost | None = None
         self._rank = 0  # TP rank, known once vLLM registers the KV caches
+        self._groups: list[LayerGroup] = []
+        self._received: set[str] = set()  # asynchronous loads done (or failed)
+        self._failed: set[str] = set()  # asynchronous loads failed: vLLM recomputes all
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the paged layout, open the store (embedded: and serve it to the scheduler)."""
@@ -84,6 +96,12 @@ class WorkerSide:
         )
         self._layers = [self._paged.split(kv_caches[name], head_dim) for name in names]
         self._stacked = stack_layers(self._layers)  # all layers in one copy, if allocated so
+        rows = self.settings.group_layers or [list(range(len(names)))]
+        windowed = self.settings.windowed_groups or [False] * len(rows)
+        self._groups = [
+            LayerGroup.of(g, r, self._layers, w)
+            for g, (r, w) in enumerate(zip(rows, windowed, strict=True))
+        ]
         self._page_size = page_size(self._layers[0], self._paged)
         self._device = kv_caches[names[0]].device
         self._rank = tp_rank() if self.settings.tp_size > 1 else 0
@@ -162,9 +180,13 @@ class WorkerSide:
         except Exception as exc:  # fail open: vLLM recomputes the blocks reported below
             self._log.warning("load", "kvdepot: load failed, recomputing: %s", exc)
             valid_end = start
-        if valid_end < end:
+        if transfer.is_async:
+            self._received.add(transfer.req_id)
+            if valid_end < end:  # vLLM takes back whole requests here, not blocks
+                self._failed.add(transfer.req_id)
+        elif valid_end < end:
             self._is_load_failed = True
-            bad = transfer.block_ids[
+            bad = transfer.block_ids[0][
                 valid_end // self.settings.block_size : cdiv(end, self.settings.block_size)
             ]
             self._invalid_block_ids.update(bad)
@@ -178,12 +200,17 @@ class WorkerSide:
         buffer = self._staging(len(tokens))  # for chunks that need decoding
         with self._cache.retrieve_views(tokens, tenant_salt=transfer.tenant_salt, out=buffer) as kv:
             valid_end = self._valid_end(sum(int(piece.shape[2]) for piece in kv), start, end)
-            if valid_end > start:
-                ids = self._page_ids(transfer.block_ids, start, valid_end)
-                first = start - start % self._page_size
-                scatter_views(
-                    kv, first, valid_end, self._layers, self._paged, ids, stacked=self._stacked
-                )
+            for group in self._groups:
+                table = transfer.block_ids[group.index]
+                live = max(start, group.first_live_token(table, self.settings.block_size))
+                if valid_end > live:
+                    ids = self._page_ids(table, live, valid_end)
+                    first = live - live % self._page_size
+                    pieces = [group.rows_of(piece) for piece in kv]
+                    scatter_views(
+                        pieces, first, valid_end, group.layers, self._paged, ids,
+                        stacked=group.stacked,
+                    )  # fmt: skip
         return valid_end
 
     def _load_staged(
@@ -194,14 +221,18 @@ class WorkerSide:
         buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
         hit = self._cache.retrieve(tokens, tenant_salt=transfer.tenant_salt, out=buffer)
         valid_end = self._valid_end(hit.shape[2], start, end)
-        if valid_end > start:
-            first = start - start % self._page_size
-            kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
-            ids = self._page_ids(transfer.block_ids, start, valid_end)
-            # Blocking: the buffer is reused next.
-            scatter_pages(
-                kv.to(self._device), self._layers, self._paged, ids, stacked=self._stacked
-            )
+        for group in self._groups:
+            table = transfer.block_ids[group.index]
+            live = max(start, group.first_live_token(table, self.settings.block_size))
+            if valid_end > live:
+                first = live - live % self._page_size
+                kv = buffer[:, :, first : cdiv(valid_end, self._page_size) * self._page_size]
+                ids = self._page_ids(table, live, valid_end)
+                # Blocking: the buffer is reused next.
+                scatter_pages(
+                    group.rows_of(kv).to(self._device), group.layers, self._paged, ids,
+                    stacked=group.stacked,
+                )  # fmt: skip
         return valid_end
 
     def wait_for_save(self, meta: KVDepotMetadata) -> None:
@@ -228,27 +259,39 @@ class WorkerSide:
             return False  # no rank loaded anything
         return any_rank(self._is_load_failed)
 
-    def get_finished(self) -> set[str]:
-        """The finished requests whose final save is done: vLLM may free their blocks."""
+    def get_finished(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished requests whose final save is done: vLLM may free their blocks,
+        asynchronous loads done, those of them that failed)."""
         done, self._finished_saves = self._finished_saves, set()
-        return done
+        received, self._received = self._received, set()
+        failed, self._failed = self._failed, set()
+        return done, received, failed
 
     def _save(self, transfer: RequestTransfer) -> None:
         assert self._cache is not None, "register_kv_caches was not called"
         start, end, n = transfer.save_start, transfer.save_end, self._page_size
+        # A chunk is stored only when every group still holds its KV (a sliding-window
+        # group frees blocks that leave its window: those chunks are not stored).
+        live = max(
+            g.first_live_token(transfer.block_ids[g.index], self.settings.block_size)
+            for g in self._groups
+        )
+        if live > start:
+            start = ceil_to_chunk(live, self.settings.config.chunk_size_tokens)
+            if start >= end:
+                return
         first = start - start % n
         num_tokens = cdiv(end, n) * n - first
         try:
             buffer = self._staging(num_tokens)
-            ids = self._page_ids(transfer.block_ids, start, end)
-            if self._device.type == "cpu":
-                gather_pages(
-                    self._layers, self._paged, ids, buffer[:, :, :num_tokens], stacked=self._stacked
-                )
-            else:
-                staged = torch.empty_like(buffer[:, :, :num_tokens], device=self._device)
-                gather_pages(self._layers, self._paged, ids, staged, stacked=self._stacked)
-                buffer[:, :, :num_tokens].copy_(staged)
+            out = buffer[:, :, :num_tokens]
+            on_device = self._device.type != "cpu"
+            staged = torch.empty_like(out, device=self._device) if on_device else out
+            for group in self._groups:
+                ids = self._page_ids(transfer.block_ids[group.index], start, end)
+                group.gather(staged, self._paged, ids)
+            if on_device:
+                out.copy_(staged)
             kv = buffer[:, :, start - first : end - first]
             self._cache.store(
                 transfer.token_ids[:end],
@@ -269,6 +312,48 @@ class WorkerSide:
             self._host.close()  # the store too
         elif self._cache is not None:
             self._cache.backend.close()
+
+
+@dataclass(slots=True)
+class LayerGroup:
+    """One KV cache group's layers: their pages, and their rows in a chunk's layer dim."""
+
+    index: int  # the group's block table in `RequestTransfer.block_ids`
+    rows: slice | torch.Tensor  # a view's slice when evenly spaced, else indices
+    layers: list[KVParts]
+    stacked: KVParts | None
+    is_windowed: bool  # sliding window: vLLM frees (nulls) the blocks before the window
+
+    @classmethod
+    def of(
+        cls, index: int, rows: list[int], layers: list[KVParts], is_windowed: bool
+    ) -> LayerGroup:
+        mine = [layers[i] for i in rows]
+        steps = {b - a for a, b in itertools.pairwise(rows)}
+        if len(steps) <= 1 and (step := steps.pop() if steps else 1) > 0:
+            view: slice | torch.Tensor = slice(rows[0], rows[-1] + 1, step)
+        else:
+            view = torch.tensor(rows)
+        return cls(index, view, mine, stack_layers(mine), is_windowed)
+
+    def first_live_token(self, table: list[int], block_size: int) -> int:
+        """The first token whose KV this group still holds (0 but for sliding windows)."""
+        return first_live_token(table, block_size) if self.is_windowed else 0
+
+    def rows_of(self, kv: torch.Tensor) -> torch.Tensor:
+        """The group's layers of `kv` `[L, ...]`: a view, or a copy if not evenly spaced."""
+        if isinstance(self.rows, slice):
+            return kv[self.rows]
+        return kv.index_select(0, self.rows.to(kv.device))
+
+    def gather(self, out: torch.Tensor, paged: PagedLayout, ids: list[int]) -> None:
+        """Copy the group's pages `ids` into its rows of `out` `[L, 2, T, H, D]`."""
+        if isinstance(self.rows, slice):
+            gather_pages(self.layers, paged, ids, out[self.rows], stacked=self.stacked)
+            return
+        mine = torch.empty_like(out[: len(self.layers)])
+        gather_pages(self.layers, paged, ids, mine, stacked=self.stacked)
+        out.index_copy_(0, self.rows.to(out.device), mine)
 
 
 def tp_rank() -> int:
