@@ -8,17 +8,14 @@ import os
 import uuid
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 from kvdepot.bench.servers import HOST, LocalServer
-from kvdepot.codec import RawCodec, encode_chunk
-from kvdepot.keys import ChunkHash, ChunkKey
-from kvdepot.layout import DType
 from kvdepot.metrics import Metrics
 from kvdepot.remote_config import ValkeyConfig
 from kvdepot.tiers.valkey import open_valkey_tier
 from kvdepot.tiers.valkey_wire import NodeClient, open_client
+from tests.helpers import blob_of, make_chunk, make_keys
 
 pytest_plugins = ["tests.servers"]
 pytestmark = pytest.mark.integration
@@ -75,9 +72,7 @@ def test_a_torn_split_value_is_a_miss_and_deleted(valkey: LocalServer) -> None:
     tier = open_valkey_tier(config, metrics.tier("valkey"))
     raw = open_client(config, HOST, valkey.port)
     try:
-        data = np.random.default_rng(0).standard_normal((4, 2500)).astype(np.float16)
-        chunk = encode_chunk(data, DType.FLOAT16, RawCodec())  # a 20,128-byte blob: 5 parts
-        keys = [ChunkKey(bytes(16), ChunkHash(os.urandom(16))) for _ in range(4)]
+        chunk, keys = make_chunk(0, (4, 2500)), make_keys(4)  # a 20,128-byte blob: 5 parts
         assert tier.put([(key, chunk) for key in keys]) == 4
         names = [tier._name(key) for key in keys]
         (part,) = raw.get([f"{names[0]}:2"])
@@ -86,8 +81,7 @@ def test_a_torn_split_value_is_a_miss_and_deleted(valkey: LocalServer) -> None:
         raw.pipeline([("DEL", f"{names[2]}:0")])
         blobs = tier.get(keys)
         assert blobs[:3] == [None] * 3
-        sealed = chunk.bound(keys[3]).sealed()
-        assert blobs[3] == sealed.header.pack() + bytes(sealed.contiguous_payload())
+        assert blobs[3] == blob_of(chunk, keys[3])
         labels = {"tier": "valkey"}
         assert metrics.registry.get_sample_value("kvdepot_tier_corrupt_chunks_total", labels) == 3
         left = raw.pipeline([("EXISTS", n, *(f"{n}:{p}" for p in range(5))) for n in names])
