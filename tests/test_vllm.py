@@ -8,10 +8,12 @@ a fake forward pass (seconds). The `slow` tests start real engines, each in its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -794,6 +796,56 @@ def test_hybrid_model_stores_only_chunks_every_group_still_holds(tmp_path: Path)
         engine.worker.shutdown()
 
 
+def test_mla_latents_round_trip_byte_for_byte(tmp_path: Path) -> None:
+    """MLA pages `[B, N, 2*D]` (one latent row per token and layer) are stored as the
+    chunk's two halves and come back, bit for bit, into other blocks."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    spec = MLAAttentionSpec(block_size=N, num_kv_heads=1, head_size=2 * D, dtype=torch.bfloat16)
+    kv_config = KVCacheConfig(B, [], [KVCacheGroupSpec(NAMES, spec)])
+    config = vllm_config(tmp_path)
+    worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_config)
+    scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_config)
+    latents = torch.randn(len(NAMES), B, N, 2 * D).to(torch.bfloat16)
+    caches = dict(zip(NAMES, latents.clone(), strict=True))
+    worker.register_kv_caches(caches)
+    engine = Engine(scheduler, worker, caches)
+    try:
+        assert scheduler.scheduler_side.settings.layout.chunk_shape(1) == (2, 2, 1, 1, D)
+
+        def step(req_id: str, blocks: list[int], done: int, todo: int) -> set[int]:
+            """A step whose "forward" wrote nothing (blocks 1-7 hold random latents)."""
+            meta = scheduler.build_connector_meta(SimpleNamespace(
+                scheduled_new_reqs=[SimpleNamespace(req_id=req_id, block_ids=(blocks,),
+                                                    num_computed_tokens=done)],
+                scheduled_cached_reqs=cached_reqs(), num_scheduled_tokens={req_id: todo},
+                preempted_req_ids=None))  # fmt: skip
+            worker.bind_connector_metadata(meta)
+            worker.start_load_kv(None)
+            worker.wait_for_save()
+            worker.clear_connector_metadata()
+            return set(worker.get_block_ids_with_load_errors())
+
+        engine.lookup(request("a", PROMPT))
+        assert step("a", [1, 2, 3, 4, 5, 6, 7], 0, 200) == set()
+        assert engine.lookup(request("b", PROMPT)) == 199
+        blocks = [20, 9, 11, 15, 8, 22, 13]
+        assert step("b", blocks, 199, 1) == set()
+        for name, original in zip(NAMES, latents, strict=True):
+            got = caches[name].index_select(0, torch.tensor(blocks)).reshape(-1, 2 * D)[:199]
+            want = original[1:8].reshape(-1, 2 * D)[:199]
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        # With tensor parallelism the latents are the same on every rank: one copy, no rank
+        # in the keys.
+        tp = KVDepotConnector(vllm_config(tmp_path / "tp", tp=2), KVConnectorRole.SCHEDULER,
+                              kv_config)  # fmt: skip
+        assert tp.scheduler_side.settings.shard_names == ["", ""]
+        tp.shutdown()
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()
+
+
 def test_settings_are_validated_and_fail_open_is_enforced(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean"):
         connector_config({"memory.capacity": "1GiB"})
@@ -815,7 +867,6 @@ def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
         ChunkedLocalAttentionSpec,
         KVQuantMode,
         MambaSpec,
-        MLAAttentionSpec,
         SlidingWindowSpec,
     )
 
@@ -830,8 +881,6 @@ def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
                                                      head_size=D, dtype=torch.float32,
                                                      attention_chunk_size=256)],
                           "does not support chunked local attention"),
-        "mla": ([MLAAttentionSpec(block_size=N, num_kv_heads=1, head_size=576,
-                                  dtype=torch.bfloat16)], r"latent attention \(MLA\)"),
         "mamba": ([full, MambaSpec(block_size=N, shapes=((4,),), dtypes=(torch.float32,))],
                   "Mamba.*not KV"),
         "fp8": ([dataclasses.replace(full, dtype=torch.uint8,
@@ -840,7 +889,7 @@ def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("shape", ["mixed-shapes", "chunked-local", "mla", "mamba", "fp8"])
+@pytest.mark.parametrize("shape", ["mixed-shapes", "chunked-local", "mamba", "fp8"])
 def test_unsupported_models_are_refused_saying_what_and_why(tmp_path: Path, shape: str) -> None:
     specs, message = unsupported_specs()[shape]
     groups = [KVCacheGroupSpec([f"layer.{i}"], spec) for i, spec in enumerate(specs)]
@@ -876,6 +925,7 @@ def test_explicit_chunk_size_must_be_a_multiple_of_the_block_size(tmp_path: Path
 
 # ---- real engines (one process each) ---------------------------------------------------------
 
+ENGINE_TIMEOUT_S = 600  # ~1-3 min alone; the CPU may be shared
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -901,13 +951,24 @@ def run_engine(
     spec_path.write_text(json.dumps(spec))
     script = REPO / "tests" / "vllm_scripts" / "engine.py"
     with open(log_path, "wb") as log:
-        proc = subprocess.run(
+        # A session of its own: on a timeout, vLLM's engine-core and worker processes go too
+        # (killing the script alone would leave them running, and the next tests starved).
+        proc = subprocess.Popen(
             [sys.executable, str(script), scenario, str(spec_path), str(out_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=420,
-            env={**os.environ, **env},
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **env},
+            start_new_session=True,
         )  # fmt: skip
-    if proc.returncode != 0:
-        pytest.fail(f"{scenario} engine failed:\n{log_path.read_text()[-4000:]}")
+        try:
+            returncode = proc.wait(timeout=ENGINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if returncode != 0:
+        what = "timed out" if returncode is None else "failed"
+        pytest.fail(f"{scenario} engine {what}:\n{log_path.read_text()[-4000:]}")
     return dict(json.loads(out_path.read_text()))
 
 

