@@ -401,10 +401,17 @@ def generate(engine: Engine, req: SimpleNamespace, blocks: list[int], answer: li
     req.num_computed_tokens = req.num_tokens - 1
 
 
-def idle_step(engine: Engine) -> set[str]:
-    """A step that computes nothing (vLLM still runs the connector); the finished saves."""
-    engine.step([], new=[])
-    finished_sending, finished_recving = engine.worker.get_finished(set())
+def idle_step(engine: Engine, *, calls_wait_for_save: bool = True) -> set[str]:
+    """A step that computes nothing (vLLM still runs the connector); the finished saves.
+    vLLM 0.30 calls no `wait_for_save` in such a step; 0.31 and later do."""
+    empty = SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=cached_reqs(),
+                            num_scheduled_tokens={}, preempted_req_ids=None)  # fmt: skip
+    engine.worker.bind_connector_metadata(engine.scheduler.build_connector_meta(empty))
+    engine.worker.start_load_kv(None)
+    if calls_wait_for_save:
+        engine.worker.wait_for_save()
+    finished_sending, finished_recving = engine.worker.get_finished(set())  # metadata bound
+    engine.worker.clear_connector_metadata()
     assert finished_recving is None
     done = set(finished_sending or ())
     engine.scheduler.update_connector_output(SimpleNamespace(finished_sending=done))
@@ -435,7 +442,10 @@ def _two_loads_in_one_step(engine: Engine) -> None:
     assert engine.holds(second, blocks_b, 0, 150)
 
 
-def test_generated_tokens_are_stored_when_the_request_finishes(engine: Engine) -> None:
+@pytest.mark.parametrize("calls_wait_for_save", [True, False])  # False: vLLM 0.30
+def test_generated_tokens_are_stored_when_the_request_finishes(
+    engine: Engine, calls_wait_for_save: bool
+) -> None:
     engine.lookup(req := request("a", PROMPT))
     blocks = list(range(8))
     engine.step([(req, blocks, 0, 200)])
@@ -447,8 +457,8 @@ def test_generated_tokens_are_stored_when_the_request_finishes(engine: Engine) -
     # The next turn waits (vLLM asks again next step) for the save; other prompts do not.
     assert engine.scheduler.get_num_new_matched_tokens(follow_up, 0) == (None, False)
     assert engine.lookup(request("c", PROMPT)) == 199
-    assert idle_step(engine) == {"a"}  # saved: vLLM may free the blocks
-    assert idle_step(engine) == set()
+    assert idle_step(engine, calls_wait_for_save=calls_wait_for_save) == {"a"}  # saved
+    assert idle_step(engine, calls_wait_for_save=calls_wait_for_save) == set()
     assert engine.lookup(follow_up) == 219  # prompt and answer, the last answer token aside
     new_blocks = list(range(10, 18))
     engine.step([(follow_up, new_blocks, 219, 20)])

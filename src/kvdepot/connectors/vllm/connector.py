@@ -140,17 +140,22 @@ class KVDepotConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]  
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose final save is done, asynchronous loads done); vLLM releases
         versions that predate `get_transfer_results` call this."""
-        saved, received, failed = self.worker_side.get_finished()
+        saved, received, failed = self._transfer_results()
         if failed:
             logger.warning("kvdepot: %d asynchronous loads failed: recomputed", len(failed))
         return saved or None, received or None
+
+    def _transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        if self.has_connector_metadata():  # a step without wait_for_save (vLLM 0.30)
+            self.worker_side.save_finished(self._get_connector_metadata())
+        return self.worker_side.get_finished()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         """Saves done, asynchronous loads done and those that failed (vLLM recomputes a
         request whose load failed from its first token)."""
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
-        saved, received, failed = self.worker_side.get_finished()
+        saved, received, failed = self._transfer_results()
         return KVConnectorTransferResults(
             finished_sending=saved, finished_recving=received, failed_recving=failed
         )

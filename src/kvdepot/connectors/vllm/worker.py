@@ -248,12 +248,18 @@ class WorkerSide:
             saves = []  # MLA with TP, one daemon: rank 0 stores the latents every rank holds
         for transfer in saves:
             self._save(transfer)
+        self.save_finished(meta)
+
+    def save_finished(self, meta: KVDepotMetadata) -> None:
+        """The finished requests' final saves in `meta`, each once: from `wait_for_save`, and
+        from the transfer report of a step without a forward pass, where vLLM 0.30 calls no
+        `wait_for_save` (later releases call it in every step)."""
         for transfer in meta.requests:
-            if transfer.is_finished and self._is_replica():
-                self._finished_saves.add(transfer.req_id)  # rank 0 stores it
-            elif transfer.is_finished:
+            if not transfer.is_finished or transfer.req_id in self._finished_saves:
+                continue
+            if not self._is_replica():  # else rank 0 stores it
                 self._save(transfer)
-                self._finished_saves.add(transfer.req_id)
+            self._finished_saves.add(transfer.req_id)
 
     def _is_replica(self) -> bool:
         """A rank that leaves storing to rank 0: MLA latents, identical on every rank, in a
