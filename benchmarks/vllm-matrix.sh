@@ -44,8 +44,10 @@ setup_venv() {
   # Always: the venv then tests this checkout, wherever it was built from.
   "$venv/bin/pip" install -q --no-deps -e "$repo" || return
   # The tests skip themselves when vLLM does not import: that must fail here, not "pass".
-  VLLM_LOGGING_LEVEL=ERROR "$venv/bin/python" -W ignore -c "import vllm, kvdepot.connectors.vllm" \
-    >/dev/null
+  # Its output (vLLM's import chatter) is shown only then.
+  local out
+  out=$("$venv/bin/python" -W ignore -c "import vllm, kvdepot.connectors.vllm" 2>&1) \
+    || { echo "$out"; return 1; }
 }
 
 # "tests failures errors skipped" from pytest's JUnit XML.
