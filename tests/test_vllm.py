@@ -1159,13 +1159,18 @@ TP_SHARD = [4, 1, 64]  # layers, KV heads per rank (2 in all), head size
 LOGPROB_ATOL = 2e-4
 
 
+def tiny_model(*args: str) -> None:
+    """Run tests/vllm_scripts/tiny_models.py (transformers stays out of this process)."""
+    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
+    subprocess.run([sys.executable, str(script), *args], check=True, cwd=REPO, timeout=300,
+                   capture_output=True)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tp_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 query and 2 KV heads: each rank holds one KV head (tests/vllm_scripts/tiny_models)."""
     folder = tmp_path_factory.mktemp("models") / "llama-tp"
-    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
-    subprocess.run([sys.executable, str(script), "llama-tp", str(folder)], check=True,
-                   cwd=REPO, timeout=300, capture_output=True)  # fmt: skip
+    tiny_model("llama-tp", str(folder))
     return folder
 
 
@@ -1256,10 +1261,8 @@ def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     """name: [vLLM's int id, folder]; "sql-copy" holds a copy of "sql"'s files."""
     pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("adapters")
-    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
     for name, seed in (("sql", 1), ("other", 2)):
-        subprocess.run([sys.executable, str(script), "lora", str(root / name), str(seed)],
-                       check=True, cwd=REPO, timeout=300, capture_output=True)  # fmt: skip
+        tiny_model("lora", str(root / name), str(seed))
     shutil.copytree(root / "sql", root / "sql-copy")
     return {"sql": [1, str(root / "sql")], "other": [2, str(root / "other")],
             "sql-copy": [3, str(root / "sql-copy")]}  # fmt: skip
@@ -1318,9 +1321,7 @@ def test_hybrid_model_keeps_vllms_hybrid_allocator_and_matches_vllm_alone(
     from tests.helpers import Daemon
 
     folder = tmp_path_factory.mktemp("models") / "gemma3-hybrid"
-    script = REPO / "tests" / "vllm_scripts" / "tiny_models.py"
-    subprocess.run([sys.executable, str(script), "gemma3-hybrid", str(folder)], check=True,
-                   cwd=REPO, timeout=300, capture_output=True)  # fmt: skip
+    tiny_model("gemma3-hybrid", str(folder))
     d = Daemon(
         tmp_path_factory.mktemp("hybrid-daemon"), extra=["--memory-capacity-bytes", "256MiB"]
     )

@@ -23,8 +23,7 @@ asserts. Scenarios:
 - concurrent (embedded): 16 requests at once with preemption, partial hits and misses;
 - hybrid_populate, hybrid_fresh (daemon mode): a Gemma-3-style model with sliding-window and
   full-attention layers (vLLM's hybrid allocator on): reference and cold runs, then a new
-  engine's hits, and a hit that ends mid-prompt (the window before it loaded);
-- mla_populate, mla_fresh (daemon mode): the same with a DeepSeek-V2-style MLA model in bf16.
+  engine's hits, and a hit that ends mid-prompt (the window before it loaded).
 """
 
 from __future__ import annotations
@@ -239,13 +238,12 @@ def drop_chunk(
     from kvdepot.layout import DType, KVLayout
 
     layers, heads, head_size = spec["shard_layout"]
-    dtype = DType.from_name(spec.get("llm", {}).get("dtype", "float32"))
     client = DaemonClient(socket_path=socket, reconnect_interval_s=0.0)
     try:
         cache = CacheEngine(
             client,
-            KVLayout(layers, heads, head_size, dtype),
-            model_fingerprint(spec["model"]) + spec.get("fingerprint_suffix", "") + suffix,
+            KVLayout(layers, heads, head_size, DType.FLOAT32),
+            model_fingerprint(spec["model"]) + suffix,
             chunk_size_tokens=CHUNK_TOKENS,
         )
         keys = cache.chunk_keys(engine.prompts[name], include_partial=True)
@@ -381,8 +379,6 @@ SCENARIOS = {
     "concurrent": concurrent,
     "hybrid_populate": tp_populate,
     "hybrid_fresh": hybrid_fresh,
-    "mla_populate": tp_populate,
-    "mla_fresh": hybrid_fresh,
 }
 
 

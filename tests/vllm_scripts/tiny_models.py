@@ -1,4 +1,4 @@
-"""Tiny random-weight models for the deployment shapes no offline model has (TP, MLA, ...).
+"""Tiny random-weight models for the deployment shapes no offline model has (TP, hybrids).
 
 `make_model(kind, folder)` writes a Hugging Face folder vLLM loads: a small config of the
 shape, weights initialised by transformers with a larger `initializer_range` (vLLM's own
@@ -54,32 +54,6 @@ KINDS: dict[str, dict[str, Any]] = {
         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
         "query_pre_attn_scalar": 64,
         "rms_norm_eps": 1e-6,
-    },
-    # DeepSeek-V2-style MLA (bf16 only on CPU): a 576-value latent per token and layer.
-    "deepseek-mla": {
-        "architectures": ["DeepseekV2ForCausalLM"],
-        "model_type": "deepseek_v2",
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "moe_intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "n_shared_experts": 1,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "first_k_dense_replace": 1,
-        "kv_lora_rank": 512,
-        "q_lora_rank": None,
-        "qk_rope_head_dim": 64,
-        "qk_nope_head_dim": 128,
-        "v_head_dim": 128,
-        "topk_method": "greedy",
-        "n_group": 1,
-        "topk_group": 1,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
     },
 }
 
