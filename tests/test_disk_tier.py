@@ -19,7 +19,7 @@ from kvdepot.codec import (
     decode_chunk,
     default_registry,
 )
-from kvdepot.errors import TierUnavailable
+from kvdepot.errors import ConfigError, TierUnavailable
 from kvdepot.keys import CacheNamespace, ChunkHash, ChunkKey, chunk_keys
 from kvdepot.layout import DType
 from kvdepot.metrics import Metrics
@@ -491,3 +491,35 @@ def test_random_ops_respect_budget_and_return_exact_bytes(
             on_disk = sum(p.stat().st_size for p in Path(root).rglob("*.kvc"))
             assert on_disk == usage.used_bytes
         tier.close()
+
+
+@pytest.mark.parametrize("read_threads", [1, 4])
+def test_read_into_a_batch_fills_each_buffer_and_misses_the_bad_ones(
+    read_threads: int, tmp_path: Path
+) -> None:
+    metrics = Metrics()
+    tier = DiskTier.open(tmp_path, 1 << 20, fsync=False, read_threads=read_threads,
+                         metrics=metrics.tier("disk"))  # fmt: skip
+    keys = [random_key() for _ in range(6)]
+    chunks = [raw_chunk(make_array(i)) for i in range(6)]
+    tier.put(list(zip(keys[:5], chunks[:5], strict=True)))  # the last is never stored
+    path = chunk_path(tmp_path, keys[2])
+    path.write_bytes(flip_bit(path.read_bytes(), HEADER_NBYTES + 3))
+    buffers = [memoryview(bytearray(CHUNK_NBYTES)) for _ in keys]
+
+    hits = tier.read_into(list(zip(keys, buffers, strict=True)))
+
+    assert hits == [True, True, False, True, True, False]
+    for i in (0, 1, 3, 4):
+        assert bytes(buffers[i]) == blob_of(chunks[i], keys[i])
+    assert not path.exists()  # the corrupt one is deleted, the rest stay
+    assert tier.contains(keys) == [True, True, False, True, True, False]
+    assert sample(metrics, "kvdepot_tier_corrupt_chunks_total") == 1
+    assert sample(metrics, "kvdepot_tier_ops_total", op="get", outcome="hit") == 4
+    assert sample(metrics, "kvdepot_tier_ops_total", op="get", outcome="miss") == 2
+    tier.close()
+
+
+def test_read_threads_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="read_threads"):
+        DiskTier(tmp_path, 1 << 20, read_threads=0)

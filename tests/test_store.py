@@ -322,7 +322,7 @@ class _ExplodingDisk(_BlockingTier):
     def blob_sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
         return [make_chunk(0).nbytes] * len(keys)
 
-    def read_into(self, key: ChunkKey, buffer: memoryview) -> bool:
+    def read_into(self, items: Sequence[tuple[ChunkKey, memoryview]]) -> list[bool]:
         raise ConnectionResetError("injected")
 
 
@@ -480,4 +480,38 @@ def test_a_plugin_tiers_blob_under_the_wrong_key_is_corrupt_and_a_miss() -> None
         assert payload(blobs[0]) == payload(chunk_bytes(make_chunk(0)))
     assert _corrupt_count(store, "plugin") == 1
     assert plugin.deleted == [keys[1]]
+    store.close()
+
+
+def test_a_chain_promoted_from_disk_in_one_batch_stops_at_a_stranger(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    keys = [random_key() for _ in range(8)]
+    store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+    assert store.flush(5)
+    store.memory.clear()
+    stranger = next((tmp_path / "disk").rglob(keys[7].chunk_hash.hex() + "*")).read_bytes()
+    next((tmp_path / "disk").rglob(keys[4].chunk_hash.hex() + "*")).write_bytes(stranger)
+
+    with store.read(keys) as blobs:
+        assert [payload(b) for b in blobs] == [
+            payload(chunk_bytes(make_chunk(i))) for i in range(4)
+        ]
+    assert store.memory.usage().num_objects == 4  # the slots read past the stranger given back
+    assert _corrupt_count(store, "disk") == 1
+    assert store.lookup(keys) == 4
+    store.close()
+
+
+def test_a_chain_bigger_than_ram_is_served_whole_from_disk(tmp_path: Path) -> None:
+    store = make_store(tmp_path, ram_slots=3)
+    keys = [random_key() for _ in range(6)]
+    for i, key in enumerate(keys):  # one at a time: RAM holds 3
+        store.put([(key, make_chunk(i))])
+        assert store.flush(5)
+    store.memory.clear()
+    with store.read(keys) as blobs:
+        assert [payload(b) for b in blobs] == [
+            payload(chunk_bytes(make_chunk(i))) for i in range(6)
+        ]
+        assert store.memory.usage().num_objects == 3  # the rest came as bytes, not promoted
     store.close()

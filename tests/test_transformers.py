@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kvdepot import TieredStore
 from kvdepot.connectors.model import default_model_dir, prepare_model
 from kvdepot.connectors.transformers import (
+    FirstTokenClock,
     KVDepotGenerator,
+    generate_from_cache,
     model_fingerprint,
     model_layout,
 )
@@ -277,3 +279,24 @@ def test_without_store_generated_the_prompt_is_still_stored(
     second = generator.generate(prompt, max_new_tokens=6)
     assert second.num_cached_tokens == 39
     assert second.token_ids == first.token_ids == plain_generate(model, prompt, 6)
+
+
+def test_a_loaded_prefix_is_handed_to_the_model_without_another_copy(
+    store: TieredStore,
+) -> None:
+    """The cache built from a hit holds views of the retrieved KV, and generating from it
+    leaves that KV unchanged (the model's first step writes into new tensors)."""
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(model, store, chunk_size_tokens=16)
+    ids = list(range(5, 69))
+    generator.generate(ids, max_new_tokens=2)
+    num_cached, cache = generator.load_prefix(torch.tensor(ids), b"")
+    assert num_cached == len(ids) - 1 and cache is not None
+    buffer = generator._buffer(len(ids))
+    held = buffer[:, :, :num_cached].clone()
+    assert cache.layers[0].keys.data_ptr() == buffer[0, 0].data_ptr()
+    assert cache.get_seq_length() == num_cached
+    prompt = torch.tensor([ids])
+    output, _ = generate_from_cache(model, prompt, cache, FirstTokenClock(), 4)
+    assert output[len(ids) :].tolist() == plain_generate(model, ids, 4)
+    assert torch.equal(buffer[:, :, :num_cached], held)

@@ -62,9 +62,12 @@ class DiskConfig:
     codec: str = _doc("codec of chunks on disk: raw, lossless, int8, fp8, cachegen, ...", "raw")
     file_mode: str = _doc("permissions of chunk files, octal (0640: readable by the group)", "0600")
     dir_mode: str = _doc("permissions of directories the tier creates, octal (e.g. 0750)", "0700")
+    read_threads: int = _doc("chunk files read at once when a prompt is promoted from disk", 4)
 
     def validate(self) -> DiskConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
+        if self.read_threads < 1:
+            raise ConfigError(f"disk.read_threads must be at least 1, got {self.read_threads}")
         file_mode = parse_mode("disk.file_mode", self.file_mode)
         dir_mode = parse_mode("disk.dir_mode", self.dir_mode)
         if file_mode & 0o111 or file_mode & 0o600 != 0o600:

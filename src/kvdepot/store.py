@@ -247,14 +247,30 @@ class TieredStore:
         """Fetch `keys` (believed present below RAM) and promote them into RAM.
 
         Returns, for the leading run fetched: None for a chunk now in RAM, the blob itself
-        for one RAM had no room for. Stops at the first chunk no tier could deliver.
+        for one RAM had no room for. Stops at the first chunk no tier could deliver. A run of
+        chunks the first lower tier can read into memory is read as one batch (the disk keeps
+        several reads in flight); whatever the batch does not deliver is fetched one by one
+        from every tier in order.
         """
         out: list[bytes | None] = []
         slots: list[WriteSlot] = []
+        first = self.lower[0]
+        sizes = self._safe_sizes(first, keys)
+        may_batch = True
         try:
-            for key in keys:
+            while len(out) < len(keys):
+                i = len(out)
+                run = _leading([size is not None for size in sizes[i:]])
+                if may_batch and run > 1:
+                    batch = self._promote_run(first, keys[i : i + run], sizes[i : i + run])
+                    slots += batch
+                    out += [None] * len(batch)
+                    may_batch = len(batch) == run  # a failure in the batch: go one by one
+                    if batch:
+                        continue
                 got = next(
-                    (g for t in self.lower if (g := self._promote_one(t, key)) is not None), None
+                    (g for t in self.lower if (g := self._promote_one(t, keys[i])) is not None),
+                    None,
                 )
                 if got is None:
                     break
@@ -266,6 +282,54 @@ class TieredStore:
         finally:
             self.memory.commit(slots)
         return out
+
+    def _safe_sizes(self, tier: Tier, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Blob sizes from a tier that reads into memory; all None for any other tier."""
+        if not isinstance(tier, ReadsInto):
+            return [None] * len(keys)
+        try:
+            return tier.blob_sizes(keys)
+        except Exception as exc:
+            self._log.warning(f"get-{tier.name}", "tier %s failed: %s", tier.name, exc)
+            return [None] * len(keys)
+
+    def _promote_run(
+        self, tier: Tier, keys: Sequence[ChunkKey], sizes: Sequence[int | None]
+    ) -> list[WriteSlot]:
+        """Read the leading run of `keys` from `tier` into RAM slots, as one batch.
+
+        Returns the slots of the chunks read and bound to their keys, in order; the slots
+        after the first failure are given back. Never raises (a failing tier is a miss).
+        """
+        if not isinstance(tier, ReadsInto):
+            return []
+        reserved: list[WriteSlot] = []
+        for key, size in zip(keys, sizes, strict=True):
+            slot = None if size is None else self.memory.reserve(key, size)
+            if slot is None:
+                break  # RAM has no room (or another writer has the key): one by one
+            reserved.append(slot)
+        try:
+            hits = tier.read_into([(slot.key, slot.buffer) for slot in reserved])
+        except Exception as exc:
+            self._log.warning(f"get-{tier.name}", "tier %s read failed: %s", tier.name, exc)
+            hits = [False] * len(reserved)
+        done: list[WriteSlot] = []
+        for i, (slot, hit) in enumerate(zip(reserved, hits, strict=True)):
+            if hit and len(done) == i and self._is_bound(tier, slot):
+                done.append(slot)
+            else:
+                self.memory.abort(slot)
+        return done
+
+    def _is_bound(self, tier: Tier, slot: WriteSlot) -> bool:
+        """Whether the blob read into `slot` is bound to its key; a stranger is deleted."""
+        try:
+            open_blob(slot.buffer, key=slot.key, verify=False)
+            return True
+        except CorruptChunk as exc:
+            self._count_corrupt(tier, slot.key, exc)
+            return False
 
     def _promote_one(self, tier: Tier, key: ChunkKey) -> WriteSlot | bytes | None:
         """One chunk from `tier` in a RAM slot (or its bytes if RAM has no room); None: miss.
@@ -280,7 +344,7 @@ class TieredStore:
                 (size,) = tier.blob_sizes([key])
                 slot = None if size is None else self.memory.reserve(key, size)
                 if slot is not None:
-                    if tier.read_into(key, slot.buffer):
+                    if tier.read_into([(key, slot.buffer)])[0]:
                         open_blob(slot.buffer, key=key, verify=False)
                         return slot
                     self.memory.abort(slot)
@@ -300,18 +364,20 @@ class TieredStore:
         except CorruptChunk as exc:
             if slot is not None:
                 self.memory.abort(slot)
-            self.metrics.corrupt_chunks.labels(tier.name).inc()
-            self._log.warning(
-                f"corrupt-{tier.name}", "tier %s: bad chunk, deleted: %s", tier.name, exc
-            )
-            with contextlib.suppress(Exception):
-                tier.delete([key])
+            self._count_corrupt(tier, key, exc)
             return None
         except Exception as exc:
             if slot is not None:
                 self.memory.abort(slot)
             self._log.warning(f"get-{tier.name}", "tier %s read failed: %s", tier.name, exc)
             return None
+
+    def _count_corrupt(self, tier: Tier, key: ChunkKey, exc: CorruptChunk) -> None:
+        """A bad chunk from `tier`: counted, logged (rate-limited) and deleted there."""
+        self.metrics.corrupt_chunks.labels(tier.name).inc()
+        self._log.warning(f"corrupt-{tier.name}", "tier %s: bad chunk, deleted: %s", tier.name, exc)
+        with contextlib.suppress(Exception):
+            tier.delete([key])
 
     def _promote_decoded(self, key: ChunkKey, blob: bytes, header: ChunkHeader) -> WriteSlot | None:
         """Decode a chunk stored in another codec straight into a raw RAM slot."""
@@ -556,6 +622,7 @@ def open_store(
                 metrics=metrics.tier("disk"),
                 file_mode=config.disk.file_mode_bits(),
                 dir_mode=config.disk.dir_mode_bits(),
+                read_threads=config.disk.read_threads,
             )
             lower.append(_with_codec(disk, config.disk.codec, registry))
             continuations_path = Path(config.disk.path) / CONTINUATIONS_FILE

@@ -38,6 +38,7 @@ from kvdepot.tensors import as_numpy_bits, dtype_from_torch
 
 try:
     from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+    from transformers.cache_utils import DynamicLayer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "kvdepot.connectors.transformers needs transformers: pip install 'kvdepot[transformers]'"
@@ -67,6 +68,22 @@ def model_layout(model: PreTrainedModel) -> KVLayout:
         head_dim=head_dim,
         dtype=dtype_from_torch(model.dtype),
     )
+
+
+def cache_holding(
+    model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]]
+) -> DynamicCache:
+    """A `DynamicCache` for `model` holding each layer's `[1, H, T, D]` keys and values as
+    given, not copied (`DynamicCache(ddp_cache_data=...)` concatenates them onto empty
+    tensors: a pass over every byte, into fresh memory). The model's first step
+    concatenates its new tokens onto them into new tensors, so they are only read."""
+    cache = DynamicCache(config=model.config)
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        if type(layer) is not DynamicLayer:  # model_layout refuses such models
+            raise ConfigError(f"only full-attention cache layers, got {type(layer).__name__}")
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return cache
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
@@ -253,7 +270,7 @@ class KVDepotGenerator:
             (kv[i, 0].permute(1, 0, 2).unsqueeze(0), kv[i, 1].permute(1, 0, 2).unsqueeze(0))
             for i in range(kv.shape[0])
         ]
-        return num_cached, DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        return num_cached, cache_holding(self.model, layers)
 
     def _buffer(self, num_tokens: int) -> torch.Tensor:
         """A reused CPU tensor with room for `num_tokens` (fresh memory is slow to fill).

@@ -68,15 +68,16 @@ class Tier(Protocol):
 class ReadsInto(Protocol):
     """Optional tier capability: read a blob straight into caller-owned memory.
 
-    The store uses it to promote a chunk into a RAM-tier slot with no intermediate buffer
+    The store uses it to promote chunks into RAM-tier slots with no intermediate buffer
     (fresh allocations are slow to fill, and a staging copy costs a pass over the bytes).
+    Batch-first like `Tier`: a tier may keep several reads of one batch in flight.
     """
 
     def blob_sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
         """Stored blob length of each key, None for a miss."""
         ...
 
-    def read_into(self, key: ChunkKey, buffer: memoryview) -> bool:
-        """Fill `buffer` (exactly the blob's length) with the validated blob; False on a miss
-        or a corrupt chunk (deleted and counted, as in `get`)."""
+    def read_into(self, items: Sequence[tuple[ChunkKey, memoryview]]) -> list[bool]:
+        """Fill each buffer (exactly its blob's length) with the validated blob of its key;
+        False for a miss or a corrupt chunk (deleted and counted, as in `get`)."""
         ...
