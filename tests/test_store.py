@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,9 @@ from kvdepot import (
     load_config,
     open_store,
 )
-from kvdepot.codec import HEADER_NBYTES, EncodedChunk
+from kvdepot.codec import HEADER_NBYTES, EncodedChunk, RawCodec
+from kvdepot.codec.format import open_blob
+from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.tiers.arena import ArenaAllocator, HostBuffer
 from kvdepot.tiers.base import TierUsage
@@ -383,12 +385,74 @@ def test_disk_tier_in_its_own_codec_round_trips_through_ram(tmp_path: Path, code
         out = engine.retrieve(tokens)  # from disk, decoded back to raw in RAM
         assert out.shape == kv.shape
         assert store.memory.usage().num_objects == 6
+        keys = engine.chunk_keys(tokens)
+        with store.memory.read(keys) as views:
+            codecs = {
+                open_blob(v, key=k, verify=False)[0].codec_id
+                for v, k in zip(views, keys, strict=True)
+                if v is not None
+            }
+        assert codecs == {RawCodec.codec_id}  # RAM holds raw chunks only
     assert disk_nbytes < raw_nbytes  # stored smaller than raw
     if codec == "lossless":
         assert torch.equal(out, kv)
     else:
         error = (out.float() - kv.float()).norm() / kv.float().norm()
         assert error < 0.1
+
+
+def _disk_store(tmp_path: Path, codec: str) -> TieredStore:
+    config = load_config(
+        overrides={"memory.capacity_bytes": "16MiB", "memory.prefault": False,
+                   "disk.path": str(tmp_path / "d"), "disk.codec": codec, "disk.fsync": False}
+    )  # fmt: skip
+    return open_store(config)
+
+
+def test_chunks_written_in_another_codec_are_decoded_after_a_codec_change(
+    tmp_path: Path,
+) -> None:
+    keys = [random_key() for _ in range(3)]
+    with _disk_store(tmp_path, "lossless") as store:
+        store.put([(k, make_chunk(i)) for i, k in enumerate(keys)])
+        assert store.flush(5)
+    # The files on disk are still lossless:
+    with _disk_store(tmp_path, "raw") as store, store.read(keys) as blobs:
+        assert [payload(b) for b in blobs] == [
+            payload(chunk_bytes(make_chunk(i))) for i in range(3)
+        ]
+        pairs = zip(blobs, keys, strict=True)
+        codecs = {open_blob(b, key=k, verify=False)[0].codec_id for b, k in pairs}
+        assert codecs == {RawCodec.codec_id}  # decoded on promotion, as RAM holds raw only
+
+
+class _UndecodableTier(_BlockingTier):
+    """A codec tier whose decode fails after the store reserved room: injected."""
+
+    name = "undecodable"
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return [True] * len(keys)
+
+    def read_decoded(self, key: ChunkKey, reserve: Callable[[int], memoryview | None]) -> bool:
+        buffer = reserve(make_chunk(0).nbytes)
+        assert buffer is not None
+        raise CorruptChunk("injected: payload does not decode")
+
+
+def test_a_chunk_that_does_not_decode_is_a_miss_counted_and_deleted() -> None:
+    memory = MemoryTier(HostBuffer.allocate(4 * SLOT, prefault=False))
+    tier = _UndecodableTier()
+    store = TieredStore(memory, [tier], metrics=Metrics())
+    deleted: list[ChunkKey] = []
+    tier.delete = deleted.extend  # type: ignore[method-assign]
+    key = random_key()
+    with store.read([key]) as blobs:
+        assert blobs == []
+    assert store.memory.usage().used_bytes == 0  # the reserved slot given back
+    assert _corrupt_count(store, "undecodable") == 1
+    assert deleted == [key]
+    store.close()
 
 
 def test_unknown_tier_codec_is_a_clear_config_error(tmp_path: Path) -> None:

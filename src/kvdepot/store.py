@@ -25,7 +25,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -34,11 +34,10 @@ import numpy as np
 from kvdepot.codec import (
     CodecRegistry,
     RawCodec,
-    decode_chunk_into,
     default_registry,
     load_registry,
 )
-from kvdepot.codec.format import HEADER_NBYTES, ChunkHeader, EncodedChunk, open_blob
+from kvdepot.codec.format import EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
 from kvdepot.continuations import Continuation, ContinuationIndex, TailQuery
 from kvdepot.errors import CorruptChunk, TierUnavailable
@@ -46,11 +45,11 @@ from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.tiers.arena import HostBuffer
-from kvdepot.tiers.base import ReadsInto, Tier, TierUsage
+from kvdepot.tiers.base import DecodesInto, ReadsInto, Tier, TierUsage
 from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.memory import Lease, MemoryTier, WriteSlot
 from kvdepot.tiers.policy import make_policy
-from kvdepot.tiers.transcode import CodecTier
+from kvdepot.tiers.transcode import CodecTier, decode_to_raw, raw_header
 
 logger = logging.getLogger(__name__)
 _STOP = None
@@ -316,17 +315,19 @@ class TieredStore:
             hits = [False] * len(reserved)
         done: list[WriteSlot] = []
         for i, (slot, hit) in enumerate(zip(reserved, hits, strict=True)):
-            if hit and len(done) == i and self._is_bound(tier, slot):
+            if hit and len(done) == i and self._holds_raw_blob(tier, slot):
                 done.append(slot)
             else:
                 self.memory.abort(slot)
         return done
 
-    def _is_bound(self, tier: Tier, slot: WriteSlot) -> bool:
-        """Whether the blob read into `slot` is bound to its key; a stranger is deleted."""
+    def _holds_raw_blob(self, tier: Tier, slot: WriteSlot) -> bool:
+        """Whether the blob read into `slot` is raw and bound to its key. A stranger is
+        deleted; a blob in another codec (written before a codec change) is not, and the
+        one-by-one path decodes it."""
         try:
-            open_blob(slot.buffer, key=slot.key, verify=False)
-            return True
+            header, _ = open_blob(slot.buffer, key=slot.key, verify=False)
+            return header.codec_id == RawCodec.codec_id
         except CorruptChunk as exc:
             self._count_corrupt(tier, slot.key, exc)
             return False
@@ -344,17 +345,26 @@ class TieredStore:
                 (size,) = tier.blob_sizes([key])
                 slot = None if size is None else self.memory.reserve(key, size)
                 if slot is not None:
-                    if tier.read_into([(key, slot.buffer)])[0]:
-                        open_blob(slot.buffer, key=key, verify=False)
+                    if not tier.read_into([(key, slot.buffer)])[0]:
+                        self.memory.abort(slot)
+                        return None
+                    header, _ = open_blob(slot.buffer, key=key, verify=False)
+                    if header.codec_id == RawCodec.codec_id:
                         return slot
-                    self.memory.abort(slot)
-                    return None
+                    self.memory.abort(slot)  # in another codec: decoded from `get` below
+                    slot = None
+            if isinstance(tier, DecodesInto):
+                return self._promote_decoded(tier, key)
             (blob,) = tier.get([key])
             if blob is None:
                 return None
             header, payload = open_blob(blob, key=key, verify=False)
-            if header.codec_id != RawCodec.codec_id:
-                return self._promote_decoded(key, blob, header)
+            if header.codec_id != RawCodec.codec_id:  # e.g. written before a codec change
+                slot = self.memory.reserve(key, raw_header(header).blob_nbytes)
+                if slot is None:
+                    return None  # RAM is full: a miss rather than an undecoded blob
+                decode_to_raw(blob, header, slot.buffer, self.registry, key)
+                return slot
             chunk = EncodedChunk(header, np.frombuffer(payload, dtype=np.uint8))
             slot = self.memory.reserve(key, chunk.nbytes)
             if slot is None:
@@ -379,21 +389,27 @@ class TieredStore:
         with contextlib.suppress(Exception):
             tier.delete([key])
 
-    def _promote_decoded(self, key: ChunkKey, blob: bytes, header: ChunkHeader) -> WriteSlot | None:
-        """Decode a chunk stored in another codec straight into a raw RAM slot."""
-        raw = replace(header, codec_id=RawCodec.codec_id, payload_nbytes=header.logical_nbytes)
-        raw = replace(raw, checksum=None)
-        slot = self.memory.reserve(key, raw.blob_nbytes)
-        if slot is None:
-            return None  # RAM is full: a miss rather than an undecoded blob
+    def _promote_decoded(self, tier: DecodesInto, key: ChunkKey) -> WriteSlot | None:
+        """One chunk from a tier in its own codec, decoded by it straight into a RAM slot."""
+        slots: list[WriteSlot] = []
+
+        def reserve(nbytes: int) -> memoryview | None:
+            slot = None if slots else self.memory.reserve(key, nbytes)
+            if slot is None:
+                return None  # RAM is full: a miss rather than an undecoded blob
+            slots.append(slot)
+            return slot.buffer
+
         try:
-            slot.buffer[:HEADER_NBYTES] = raw.pack()
-            out = np.frombuffer(slot.buffer, dtype=header.dtype.storage_dtype, offset=HEADER_NBYTES)
-            decode_chunk_into(blob, out.reshape(header.shape), self.registry, verify=False, key=key)
+            if tier.read_decoded(key, reserve) and slots:
+                return slots[0]
         except BaseException:
-            self.memory.abort(slot)
+            for slot in slots:
+                self.memory.abort(slot)
             raise
-        return slot
+        for slot in slots:
+            self.memory.abort(slot)
+        return None
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int:
         """Store chunks (one chain, head first) in RAM and queue their write-back.

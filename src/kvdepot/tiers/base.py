@@ -13,7 +13,7 @@ daemon otherwise). Contract, for implementers:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -80,4 +80,23 @@ class ReadsInto(Protocol):
     def read_into(self, items: Sequence[tuple[ChunkKey, memoryview]]) -> list[bool]:
         """Fill each buffer (exactly its blob's length) with the validated blob of its key;
         False for a miss or a corrupt chunk (deleted and counted, as in `get`)."""
+        ...
+
+
+@runtime_checkable
+class DecodesInto(Protocol):
+    """Optional tier capability: a tier that stores chunks in a codec of its own decodes one
+    straight into caller-owned memory as a raw blob (the form the RAM tier holds).
+
+    The store uses it to promote such a chunk with one pass over its bytes: the decode.
+    """
+
+    def read_decoded(self, key: ChunkKey, reserve: Callable[[int], memoryview | None]) -> bool:
+        """Fetch `key`, ask `reserve` for room for its raw blob (the blob's length), and
+        decode the raw blob into that room. False on a miss or when `reserve` gives no room.
+
+        Raises:
+            CorruptChunk: the stored blob is not `key`'s, or does not decode; the caller
+                deletes it.
+        """
         ...
