@@ -246,9 +246,15 @@ class WorkerSide:
             saves = []
         if self._is_replica():
             saves = []  # MLA with TP, one daemon: rank 0 stores the latents every rank holds
+        t0 = time.perf_counter()
         for transfer in saves:
             self._save(transfer)
         self.save_finished(meta)
+        if saves:
+            logger.debug(
+                "kvdepot: saved %d tokens in %.4f s",
+                sum(t.save_end - t.save_start for t in saves), time.perf_counter() - t0,
+            )  # fmt: skip
 
     def save_finished(self, meta: KVDepotMetadata) -> None:
         """The finished requests' final saves in `meta`, each once: from `wait_for_save`, and
