@@ -4,6 +4,7 @@ rewriting."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,6 +14,14 @@ from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import MemoryTier
 
 pytest.register_assert_rewrite("tests.helpers")  # before a test module imports it
+
+
+@pytest.fixture(autouse=True)
+def _no_kvdepot_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load_config` reads KVDEPOT_* variables by default: a developer's own settings must not
+    change what a test sees (tests that want them set them with `monkeypatch`)."""
+    for name in [n for n in os.environ if n.startswith("KVDEPOT_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

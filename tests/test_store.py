@@ -456,10 +456,12 @@ def test_a_chunk_that_does_not_decode_is_a_miss_counted_and_deleted() -> None:
 
 
 def test_unknown_tier_codec_is_a_clear_config_error(tmp_path: Path) -> None:
-    config = load_config(
-        overrides={"memory.capacity_bytes": "1MiB", "memory.prefault": False,
-                   "disk.path": str(tmp_path / "d"), "disk.codec": "zip9000"}
-    )  # fmt: skip
+    overrides = {"memory.capacity_bytes": "1MiB", "memory.prefault": False,
+                 "disk.path": str(tmp_path / "d"), "disk.codec": "zip9000"}  # fmt: skip
+    with pytest.raises(ConfigError, match="zip9000"):
+        load_config(overrides=overrides)  # with the rest of the config, not at open
+    config = load_config(overrides={**overrides, "disk.codec": "raw"})
+    config.disk.codec = "zip9000"  # set behind validation's back: open_store still refuses
     with pytest.raises(ConfigError, match="zip9000"):
         open_store(config)
 

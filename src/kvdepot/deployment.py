@@ -3,7 +3,8 @@
 Runs in the engine process. Every answer implements `ChunkStore`, so connectors never care
 which one they got. The one decision, made here only:
 - `mode: daemon`: a client of `kvdepot serve`;
-- `mode: embedded`, store in this process: the tiered store itself;
+- `mode: embedded`, store in this process: the tiered store itself (serving its /metrics
+  when `metrics_port` is set: `embedded_metrics`);
 - `mode: embedded`, store in another process of the same engine (vLLM's scheduler asks its
   worker, which holds the store and serves it on a private socket): a client of that socket.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from kvdepot.config import KVDepotConfig
 from kvdepot.metrics import Metrics
-from kvdepot.store import ChunkStore, open_store
+from kvdepot.metrics_http import serve_metrics
+from kvdepot.store import ChunkStore, TieredStore, open_store
 
 
 def open_cache(
@@ -33,4 +35,16 @@ def open_cache(
         return DaemonClient.from_config(
             config, metrics, socket_path=socket, client_name=client_name
         )
-    return open_store(config, metrics)
+    store = open_store(config, metrics)
+    embedded_metrics(store, config)
+    return store
+
+
+def embedded_metrics(store: TieredStore, config: KVDepotConfig, port_offset: int = 0) -> None:
+    """Serve `store`'s /metrics on `config.metrics_port` (+ `port_offset`), if set, until the
+    store closes."""
+    if config.metrics_port > 0:
+        port = config.metrics_port + port_offset
+        server = serve_metrics(store.metrics, config.metrics_host, port)
+        if server is not None:
+            store.on_close(server.stop)

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +131,9 @@ class TieredStore:
         """
         self.memory = memory
         self.lower = list(lower)
+        self.disabled_tiers: dict[str, str] = {}
+        """Tiers the config asked for that could not be opened: name -> why."""
+        self._on_close: list[Callable[[], None]] = []
         self.registry = registry if registry is not None else default_registry()
         self.metrics = metrics if metrics is not None else Metrics()
         self._queue: queue.Queue[tuple[Lease, int] | None] = queue.Queue()
@@ -582,8 +585,15 @@ class TieredStore:
     def usage(self) -> dict[str, TierUsage]:
         return {t.name: t.usage() for t in [self.memory, *self.lower]}
 
+    def on_close(self, stop: Callable[[], None]) -> None:
+        """Run `stop` when the store closes (e.g. the embedded /metrics server)."""
+        self._on_close.append(stop)
+
     def close(self) -> None:
         """Finish queued write-backs, stop the writer and close every tier."""
+        for stop in self._on_close:
+            stop()
+        self._on_close = []
         if self._writer is not None:
             self._queue.put(_STOP)
             self._writer.join()
@@ -627,6 +637,7 @@ def open_store(
     )
     registry = load_registry([p.strip() for p in config.codec_plugins.split(",") if p.strip()])
     lower: list[Tier] = []
+    disabled: dict[str, str] = {}
     continuations_path: Path | None = None
     if config.disk.path:
         try:
@@ -643,8 +654,10 @@ def open_store(
             lower.append(_with_codec(disk, config.disk.codec, registry))
             continuations_path = Path(config.disk.path) / CONTINUATIONS_FILE
         except TierUnavailable as exc:
-            # Fail open: a cache without its disk tier still serves from RAM.
+            # Fail open: a cache without its disk tier still serves from RAM (the daemon
+            # refuses to start instead, unless told to tolerate it: `disk.required`).
             logger.error("running without the disk tier: %s", exc)
+            disabled["disk"] = str(exc)
     if config.valkey.address:
         from kvdepot.tiers.valkey import open_valkey_tier
 
@@ -664,6 +677,7 @@ def open_store(
         continuations_path=continuations_path,
         continuation_index_bytes=config.continuation_index_bytes,
     )
+    store.disabled_tiers.update(disabled)
     return store.start()
 
 

@@ -151,6 +151,20 @@ class DaemonClient:
             self._log.warning("lost", "kvdepot daemon unreachable (%s): serving misses", reason)
         self._next_attempt_s = time.monotonic() + self.reconnect_interval_s
 
+    def _say_unreachable(self, exc: BaseException) -> None:
+        """Once (then every few seconds at most): where no daemon answered, and what to do."""
+        if self.tcp_address is not None:
+            where, start = f"{self.tcp_address[0]}:{self.tcp_address[1]}", "--daemon-tcp-host"
+        else:
+            where = str(self.socket_path)
+            start = f"--daemon-socket-path {where}"
+        self._log.warning(
+            "unreachable",
+            "kvdepot: no daemon answers at %s (%s): every lookup is a miss and nothing is "
+            "stored until one runs there; start one with `kvdepot serve %s`",
+            where, exc, start,
+        )  # fmt: skip
+
     def _call(self, request: p.Request, op: str, *, wait: bool = True) -> p.Response | None:
         """The daemon's answer, or None when it cannot be had (degraded: miss / drop).
         `wait=False` posts the request: its reply is read and dropped by the next call."""
@@ -163,6 +177,7 @@ class DaemonClient:
                     self._connect()
                 except (OSError, p.ProtocolError) as exc:
                     self._disconnect(exc)
+                    self._say_unreachable(exc)
                     self.metrics.client_degraded.labels(op).inc()
                     return None
             assert self._sock is not None

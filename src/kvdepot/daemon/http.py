@@ -38,7 +38,10 @@ def _handler_for(daemon: DaemonServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":
-                self._reply(200, b"ok\n", "text/plain")
+                disabled = daemon.store.disabled_tiers
+                problems = "; ".join(f"{t} DISABLED ({why})" for t, why in disabled.items())
+                body = f"degraded: {problems}\n" if problems else "ok\n"
+                self._reply(200, body.encode(), "text/plain")
             elif self.path == "/metrics":
                 self._reply(200, daemon.metrics.render(), "text/plain; version=0.0.4")
             elif self.path == "/stats":

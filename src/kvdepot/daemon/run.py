@@ -21,6 +21,7 @@ from kvdepot.config import KVDepotConfig
 from kvdepot.daemon.auth import ensure_private_dir
 from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.daemon.http import AdminServer
+from kvdepot.errors import ConfigError
 from kvdepot.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ def run_daemon(config: KVDepotConfig, *, ready: threading.Event | None = None) -
     host = SharedStoreHost.open(
         config, socket_path=socket_path, token=_token(config, socket_path), metrics=Metrics()
     )
+    disk_problem = host.store.disabled_tiers.get("disk")
+    if disk_problem is not None and config.disk.required:
+        host.close()
+        with contextlib.suppress(FileNotFoundError):
+            token_path(socket_path).unlink()
+        raise ConfigError(
+            f"the disk tier cannot be used ({disk_problem}); the daemon would keep nothing "
+            "across a restart. Fix the path, or set disk.required: false "
+            "(--disk-required false) to run from RAM only"
+        )
     try:
         server = host.server
         admin = AdminServer(server, d.http_host, d.http_port).start() if d.http_port else None
@@ -59,7 +70,8 @@ def run_daemon(config: KVDepotConfig, *, ready: threading.Event | None = None) -
             "kvdepot daemon %d: socket %s%s, RAM %.1f GiB in %s, disk %s, admin %s",
             os.getpid(), socket_path,
             f", tcp {server.tcp_address}" if server.tcp_address else "",
-            config.memory.capacity_bytes / 2**30, host.buffer.path, config.disk.path or "off",
+            config.memory.capacity_bytes / 2**30, host.buffer.path,
+            f"DISABLED ({disk_problem})" if disk_problem else config.disk.path or "off",
             f"http://{admin.address[0]}:{admin.address[1]}" if admin else "off",
         )  # fmt: skip
         if ready is not None:

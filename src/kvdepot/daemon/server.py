@@ -390,6 +390,7 @@ class DaemonServer:
                 }
                 for name, u in self.store.usage().items()
             },
+            "disabled_tiers": dict(self.store.disabled_tiers),
             "lookup_chunks": self.metrics.counter_value("kvdepot_store_lookup_chunks_total"),
             "hit_chunks": self.metrics.counter_value("kvdepot_store_hit_chunks_total"),
             "continuations": len(self.store.continuations),

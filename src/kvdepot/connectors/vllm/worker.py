@@ -52,7 +52,7 @@ from kvdepot.connectors.vllm.pages import (
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.daemon.host import SharedStoreHost
-from kvdepot.deployment import open_cache
+from kvdepot.deployment import embedded_metrics, open_cache
 from kvdepot.engine import CacheEngine, ceil_to_chunk, floor_to_chunk
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
@@ -125,6 +125,7 @@ class WorkerSide:
         self._host = SharedStoreHost.open(
             self.settings.config, socket_path=self.settings.rank_socket_path(self._rank), tcp=False
         )
+        embedded_metrics(self._host.store, self.settings.config, port_offset=self._rank)
         return self._host.store
 
     def _staging(self, num_tokens: int) -> torch.Tensor:
