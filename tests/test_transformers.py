@@ -300,3 +300,43 @@ def test_a_loaded_prefix_is_handed_to_the_model_without_another_copy(
     output, _ = generate_from_cache(model, prompt, cache, FirstTokenClock(), 4)
     assert output[len(ids) :].tolist() == plain_generate(model, ids, 4)
     assert torch.equal(buffer[:, :, :num_cached], held)
+
+
+def test_each_request_leaves_a_record_in_metrics_and_optionally_a_json_line(
+    store: TieredStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    model = tiny_llama()
+    generator = KVDepotGenerator.for_model(
+        model, store, chunk_size_tokens=16, request_log="info", store_generated=False
+    )
+    ids = list(range(5, 69))
+    with caplog.at_level(logging.INFO, logger="kvdepot.requests"):
+        generator.generate(ids, max_new_tokens=2)
+        generator.generate(ids, max_new_tokens=2)
+    cold, warm = (
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "kvdepot.requests"
+    )
+    per_token = generator.engine.layout.bytes_per_token
+    assert (cold["cached_tokens"], cold["computed_tokens"], cold["stored_tokens"]) == (0, 64, 64)
+    assert (warm["cached_tokens"], warm["computed_tokens"], warm["stored_tokens"]) == (63, 1, 0)
+    assert warm["loaded_bytes"] == 63 * per_token and cold["stored_bytes"] == 64 * per_token
+    assert warm["load_s"] > 0 and cold["save_s"] > 0 and warm["fallback"] is None
+    assert cold["request_id"] != warm["request_id"]
+    value = store.metrics.registry.get_sample_value
+    labels = {"connector": "transformers"}
+    assert value("kvdepot_request_hit_ratio_count", labels) == 2
+    assert value("kvdepot_request_hit_ratio_sum", labels) == pytest.approx(63 / 64)
+    assert value("kvdepot_request_load_seconds_count", labels) == 2
+
+
+def test_request_lines_are_off_by_default(
+    store: TieredStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    generator = KVDepotGenerator.for_model(tiny_llama(), store, chunk_size_tokens=16)
+    with caplog.at_level(logging.DEBUG, logger="kvdepot.requests"):
+        generator.generate(list(range(5, 40)), max_new_tokens=1)
+    assert not [r for r in caplog.records if r.name == "kvdepot.requests"]
+    value = store.metrics.registry.get_sample_value
+    assert value("kvdepot_request_hit_ratio_count", {"connector": "transformers"}) == 1

@@ -365,6 +365,61 @@ def test_failed_load_reports_its_blocks_and_stores_nothing(
     assert engine.lookup(request("d", bystander.prompt_token_ids)) == 0  # not stored
 
 
+def test_stats_for_vllms_metrics_count_tokens_and_times_once(
+    engine: Engine, store: DaemonClient
+) -> None:
+    """What vLLM's /metrics shows: each side's counts, summed as vLLM sums them (workers and
+    scheduler), then recorded by the connector's Prometheus metrics."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from kvdepot.connectors.vllm.connector import KVDepotPromMetrics
+
+    engine.lookup(first := request("a", PROMPT))
+    engine.step([(first, list(range(7)), 0, 200)])
+    again = request("b", PROMPT)
+    assert engine.lookup(again) == 199
+    cache = CacheEngine(
+        store, KVLayout(L, H, D, DType.FLOAT32), "test-model", chunk_size_tokens=CHUNK
+    )
+    store.delete(cache.chunk_keys(PROMPT, include_partial=True)[2:])  # gone before the load
+    engine.step([(again, list(range(10, 17)), 199, 1)])
+    engine.lookup(request("skip", PROMPT, params={"kvdepot.load": False}))
+    scheduler_stats, worker_stats = (
+        engine.scheduler.get_kv_connector_stats(), engine.worker.get_kv_connector_stats()
+    )  # fmt: skip
+    assert engine.worker.get_kv_connector_stats() is None  # taken: the next step starts at 0
+    total = type(engine.worker).build_kv_connector_stats(worker_stats.to_dict())
+    total = total.aggregate(scheduler_stats)
+    counts = total.data["counts"]
+    assert counts["requests"] == 2 and counts["lookup_tokens"] == 400
+    assert counts["hit_tokens"] == 200  # the second request: all of it was stored
+    assert counts["loaded_tokens"] == 128 and counts["failed_loads"] == 1
+    assert counts["failed_load_tokens"] == 199 - 128
+    assert counts["stored_tokens"] == 200  # the first request; nothing after a failed load
+    assert len(total.data["load_s"]) == 1 and len(total.data["save_s"]) == 1
+    assert total.reduce()["kvdepot_hit_rate"] == 0.5
+
+    registry = CollectorRegistry()
+
+    def bound(cls: type) -> type:  # vLLM passes its own classes, bound to its registry
+        def init(self: Any, *args: Any, **kw: Any) -> None:
+            kw.setdefault("registry", registry)
+            cls.__init__(self, *args, **kw)
+
+        return type(cls.__name__, (cls,), {"__init__": init})
+
+    types = {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)}
+    config = SimpleNamespace(kv_transfer_config=None)
+    metrics = KVDepotPromMetrics(config, types, ["model_name", "engine"], {0: ["m", "0"]})
+    metrics.observe(total.to_dict(), 0)
+    labels = {"model_name": "m", "engine": "0"}
+    value = registry.get_sample_value
+    assert value("vllm:kvdepot_loaded_tokens_total", labels) == 128
+    assert value("vllm:kvdepot_hit_tokens_total", labels) == 200
+    assert value("vllm:kvdepot_load_seconds_count", labels) == 1
+    assert value("vllm:kvdepot_save_seconds_count", labels) == 1
+
+
 def test_preempted_request_is_planned_again_from_scratch(engine: Engine) -> None:
     req = request("a", PROMPT)
     engine.lookup(req)

@@ -66,6 +66,7 @@ OTHER_QUESTION = "\n\nQuestion: who is the lead engineer of each product?\nAnswe
 CHAT = [{"role": "user", "content": f"{DOC}\n\nWhich product runs longest on one charge?"}]
 NEXT_QUESTION = "And which of them is the lightest?"
 NO_LOAD = {"kvdepot.load": False}  # a per-request opt-out (the connector's docstring)
+SCRAPES: dict[str, dict[str, float]] = {}  # a server's /metrics, kvdepot's series summed
 
 
 @dataclass(slots=True)
@@ -140,6 +141,31 @@ class Server:
                 self.proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def scrape(self) -> dict[str, float]:
+        """vLLM's /metrics: each `vllm:kvdepot_*` sample, summed over its labels."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+        finally:
+            connection.close()
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("vllm:kvdepot_"):
+                name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+                found[name] = found.get(name, 0.0) + value
+        return found
+
+    def scrape_until(self, name: str, value: float, timeout_s: float = 30.0) -> dict[str, float]:
+        """`scrape`, again until `name` reaches `value` (vLLM records a step's stats just
+        after it answers) or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.scrape()
+            if found.get(name) == value or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
 
     def fail(self, why: str) -> NoReturn:
         self.stop()
@@ -320,6 +346,10 @@ def served(
         }
         turn2 = next_turn(replies["turn1"])  # right away: the answer's save may be pending
         replies["turn2"] = counted(sock, lambda: server.chat(turn2))
+        SCRAPES["kvdepot"] = server.scrape_until(
+            "vllm:kvdepot_loaded_tokens_total",
+            sum(r.num_cached_tokens for r in replies.values()),
+        )
     finally:
         server.stop()
     server = kvdepot_server(model_dir, daemon, workdir / "fresh.log").start()
@@ -391,3 +421,23 @@ def test_a_request_can_opt_out_of_loads_over_http(
     no_load = served["no_load"]  # the repeated prompt, stored, but not to be looked up
     assert (no_load.num_cached_tokens, no_load.lookup_chunks, no_load.hit_chunks) == (0, 0, 0)
     assert_same(no_load, reference["doc"])
+
+
+def test_vllms_metrics_show_kvdepots_series(served: dict[str, Reply]) -> None:
+    """A real scrape of `vllm serve`'s /metrics after the cases above: kvdepot's counts, as
+    the connector reported them through vLLM's stats interface, match what the client saw."""
+    found = SCRAPES["kvdepot"]
+    first_server = [served[k] for k in ("cold", "repeat", "other", "no_load", "turn1", "turn2")]
+    assert found["vllm:kvdepot_loaded_tokens_total"] == sum(
+        r.num_cached_tokens for r in first_server
+    )  # vLLM's own prefix cache is off: every cached token came from kvdepot
+    looked_up = [r for k, r in served.items() if k not in ("no_load", "fresh")]
+    assert found["vllm:kvdepot_requests_total"] == len(looked_up)
+    assert found["vllm:kvdepot_lookup_tokens_total"] == sum(
+        len(r.prompt_token_ids) for r in looked_up
+    )
+    assert found["vllm:kvdepot_hit_tokens_total"] >= found["vllm:kvdepot_loaded_tokens_total"]
+    assert found["vllm:kvdepot_stored_tokens_total"] >= len(served["cold"].prompt_token_ids)
+    assert found["vllm:kvdepot_failed_loads_total"] == 0
+    assert found["vllm:kvdepot_load_seconds_count"] >= 3  # repeat, other, turn2
+    assert found["vllm:kvdepot_save_seconds_count"] >= 1

@@ -197,6 +197,11 @@ class KVDepotConfig:
         0,
     )
     metrics_host: str = _doc("address the embedded /metrics server binds", "127.0.0.1")
+    request_log: str = _doc(
+        "one JSON line per request on the kvdepot.requests logger at this level: off, debug, "
+        "info or warning",
+        "off",
+    )
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"doc": "RAM tier"})
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "disk tier"})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "daemon"})
@@ -214,6 +219,10 @@ class KVDepotConfig:
         algorithms = [a.value for a in HashAlgorithm]
         if self.hash_algorithm not in algorithms:
             raise ConfigError(f"hash_algorithm {self.hash_algorithm!r}: choose one of {algorithms}")
+        if self.request_log not in ("off", "debug", "info", "warning"):
+            raise ConfigError(
+                f"request_log {self.request_log!r}: choose one of off, debug, info, warning"
+            )
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r}: choose one of {list(MODES)}")
         d = self.daemon

@@ -39,6 +39,28 @@ class Metrics:
         self.retrieved_tokens = Counter(
             "kvdepot_engine_retrieved_tokens", "Tokens whose KV was loaded", registry=r
         )
+        seconds = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+        self.request_hit_ratio = Histogram(
+            "kvdepot_request_hit_ratio",
+            "Per request: prompt tokens loaded from kvdepot / prompt tokens",
+            ["connector"],
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
+        self.request_load_seconds = Histogram(
+            "kvdepot_request_load_seconds",
+            "Per request: seconds looking up and loading cached KV",
+            ["connector"],
+            buckets=seconds,
+            registry=r,
+        )
+        self.request_save_seconds = Histogram(
+            "kvdepot_request_save_seconds",
+            "Per request: seconds storing its KV",
+            ["connector"],
+            buckets=seconds,
+            registry=r,
+        )
         self.blend_requests = Counter(
             "kvdepot_blend_requests",
             "Segmented (CacheBlend) requests by outcome: blended or fallback",

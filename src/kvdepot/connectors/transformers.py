@@ -33,6 +33,7 @@ from kvdepot.errors import ConfigError, KVDepotError
 from kvdepot.keys import HashAlgorithm
 from kvdepot.layout import KVLayout
 from kvdepot.logutil import RateLimitedLog
+from kvdepot.records import RequestLog, RequestRecord
 from kvdepot.store import ChunkStore
 from kvdepot.tensors import as_numpy_bits, dtype_from_torch
 
@@ -149,6 +150,7 @@ class KVDepotGenerator:
         *,
         store_generated: bool = True,
         min_reuse_fraction: float = 0.2,
+        request_log: RequestLog | None = None,
     ) -> None:
         """Args:
         store_generated: also store the KV of generated tokens (whole chunks), for the
@@ -158,6 +160,8 @@ class KVDepotGenerator:
             non-causal attention kernel: on CPU, a 2,428-token prefill after 32 cached
             tokens took 1.2x as long as a plain prefill of all 2,460, and the two broke
             even near 20 %.
+        request_log: where each request's record goes (`kvdepot.records`); by default the
+            engine's metrics, no log line.
         """
         if not 0.0 <= min_reuse_fraction <= 1.0:
             raise ConfigError(f"min_reuse_fraction must be within 0..1, got {min_reuse_fraction}")
@@ -167,6 +171,8 @@ class KVDepotGenerator:
         self.min_reuse_fraction = min_reuse_fraction
         self._log = RateLimitedLog(logger)
         self._kv_buffer: torch.Tensor | None = None
+        self.request_log = request_log or RequestLog(engine.metrics)
+        self._num_requests = 0
 
     @classmethod
     def for_model(
@@ -179,12 +185,15 @@ class KVDepotGenerator:
         store_generated: bool = True,
         fingerprint: str | None = None,
         min_reuse_fraction: float = 0.2,
+        request_log: str = "off",
     ) -> KVDepotGenerator:
         """A generator with a cache engine keyed by `model`'s fingerprint and layout.
 
         Args:
             fingerprint: identity of the weights (e.g. "org/model@revision"); computed from
                 the weights when None.
+            request_log: one JSON line per request on the `kvdepot.requests` logger at this
+                level (off, debug, info, warning); the config's `request_log`.
         """
         engine = CacheEngine(
             store,
@@ -194,8 +203,9 @@ class KVDepotGenerator:
             hash_algorithm=hash_algorithm,
         )
         return cls(
-            model, engine, store_generated=store_generated, min_reuse_fraction=min_reuse_fraction
-        )
+            model, engine, store_generated=store_generated, min_reuse_fraction=min_reuse_fraction,
+            request_log=RequestLog(engine.metrics, request_log),
+        )  # fmt: skip
 
     def generate(
         self,
@@ -220,9 +230,10 @@ class KVDepotGenerator:
         num_prompt = ids.shape[1]
         reason: str | None = None if use_cache else "lookup disabled"
         num_cached, cache = 0, None
+        timing = [0.0, 0.0]  # lookup, load
         if use_cache:
             try:
-                num_cached, cache = self.load_prefix(ids[0], tenant_salt)
+                num_cached, cache = self._load_prefix(ids[0], tenant_salt, timing)
             except Exception as exc:
                 reason = f"cache load failed: {exc}"
                 self._log.warning("load", "kvdepot: %s; running a full prefill", reason)
@@ -238,7 +249,10 @@ class KVDepotGenerator:
             num_cached, clock = 0, FirstTokenClock()
             output, cache = self._generate(ids, None, clock, max_new_tokens, generation_config)
         ttft_s = (clock.first_s or time.perf_counter()) - start
+        save_start = time.perf_counter()
         num_stored = self._store(output, cache, num_prompt, num_cached, tenant_salt)
+        self._report(num_prompt, num_cached, num_stored, timing, time.perf_counter() - save_start,
+                     ttft_s, reason)  # fmt: skip
         return GenerationResult(
             token_ids=output[num_prompt:].tolist(),
             num_prompt_tokens=num_prompt,
@@ -249,6 +263,29 @@ class KVDepotGenerator:
             fallback_reason=reason,
         )
 
+    def _report(
+        self,
+        num_prompt: int,
+        num_cached: int,
+        num_stored: int,
+        timing: list[float],
+        save_s: float,
+        ttft_s: float,
+        reason: str | None,
+    ) -> None:
+        """This request's record (`kvdepot.records`); never raises."""
+        self._num_requests += 1
+        per_token = self.engine.layout.bytes_per_token
+        record = RequestRecord(
+            "transformers", str(self._num_requests), num_prompt, num_cached,
+            num_prompt - num_cached, num_stored, timing[0], timing[1], save_s,
+            num_cached * per_token, num_stored * per_token, ttft_s, reason,
+        )  # fmt: skip
+        try:
+            self.request_log.report(record)
+        except Exception as exc:
+            self._log.warning("record", "kvdepot: request record failed: %s", exc)
+
     def load_prefix(self, ids: torch.Tensor, tenant_salt: bytes) -> tuple[int, DynamicCache | None]:
         """(tokens loaded, cache holding them); the last prompt token is always recomputed.
 
@@ -257,20 +294,32 @@ class KVDepotGenerator:
         A hit below `min_reuse_fraction` of the prompt is not loaded (a plain prefill is
         faster).
         """
+        return self._load_prefix(ids, tenant_salt, [0.0, 0.0])
+
+    def _load_prefix(
+        self, ids: torch.Tensor, tenant_salt: bytes, timing: list[float]
+    ) -> tuple[int, DynamicCache | None]:
+        """`load_prefix`, adding its lookup and load seconds to `timing`."""
+        start = time.perf_counter()
         num_hit = self.engine.lookup(ids, tenant_salt=tenant_salt)  # counts the whole prompt
+        timing[0] += time.perf_counter() - start
         num_usable = min(num_hit, ids.shape[0] - 1)
         if num_usable <= 0 or num_usable < self.min_reuse_fraction * ids.shape[0]:
             return 0, None
-        kv = self.engine.retrieve(ids, tenant_salt=tenant_salt, out=self._buffer(ids.shape[0]))
-        num_cached = min(kv.shape[2], ids.shape[0] - 1)
-        if num_cached <= 0:
-            return 0, None
-        kv = kv[:, :, :num_cached]
-        layers = [
-            (kv[i, 0].permute(1, 0, 2).unsqueeze(0), kv[i, 1].permute(1, 0, 2).unsqueeze(0))
-            for i in range(kv.shape[0])
-        ]
-        return num_cached, cache_holding(self.model, layers)
+        start = time.perf_counter()
+        try:
+            kv = self.engine.retrieve(ids, tenant_salt=tenant_salt, out=self._buffer(ids.shape[0]))
+            num_cached = min(kv.shape[2], ids.shape[0] - 1)
+            if num_cached <= 0:
+                return 0, None
+            kv = kv[:, :, :num_cached]
+            layers = [
+                (kv[i, 0].permute(1, 0, 2).unsqueeze(0), kv[i, 1].permute(1, 0, 2).unsqueeze(0))
+                for i in range(kv.shape[0])
+            ]
+            return num_cached, cache_holding(self.model, layers)
+        finally:
+            timing[1] += time.perf_counter() - start
 
     def _buffer(self, num_tokens: int) -> torch.Tensor:
         """A reused CPU tensor with room for `num_tokens` (fresh memory is slow to fill).

@@ -16,10 +16,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     SupportsHMA,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
 from kvdepot.connectors.vllm.metadata import KVDepotMetadata
 from kvdepot.connectors.vllm.scheduler import SchedulerSide
 from kvdepot.connectors.vllm.settings import ConnectorSettings
+from kvdepot.connectors.vllm.stats import COUNTS, empty, is_empty, merge, summary
 from kvdepot.connectors.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -163,7 +168,105 @@ class KVDepotConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]  
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
 
+    # ---- vLLM's metrics -------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> Any:
+        """What this side counted since the last step (vLLM sums the ranks' and the
+        scheduler's and feeds `build_prom_metrics`'s metrics in its logging process)."""
+        side = self._scheduler if self._scheduler is not None else self._worker
+        data = side.stats.take() if side is not None else None
+        return None if data is None else KVDepotStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        return KVDepotStats(data=merge(empty(), data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:
+        return KVDepotPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         for side in (self._scheduler, self._worker):
             if side is not None:
                 side.shutdown()
+
+
+class KVDepotStats(KVConnectorStats):  # type: ignore[misc]  # no vLLM stubs
+    """The connector's counts in vLLM's stats container (`kvdepot.connectors.vllm.stats`)."""
+
+    def reset(self) -> None:
+        self.data = empty()
+
+    def aggregate(self, other: KVConnectorStats) -> KVDepotStats:
+        merge(self.data, other.data)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return summary(self.data)
+
+    def is_empty(self) -> bool:
+        return is_empty(self.data)
+
+
+class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vLLM stubs
+    """kvdepot's series on `vllm serve`'s /metrics, per engine like vLLM's own:
+    `vllm:kvdepot_<count>_total` for each of `COUNTS`, `..._uncached_requests_total`
+    by reason, and `vllm:kvdepot_load_seconds` / `..._save_seconds` histograms."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: self._per_engine(
+                self._counter_cls(
+                    name=f"vllm:kvdepot_{name}",
+                    documentation=f"kvdepot: {doc}",
+                    labelnames=labelnames,
+                )
+            )
+            for name, doc in COUNTS.items()
+        }
+        self._uncached = self._counter_cls(
+            name="vllm:kvdepot_uncached_requests",
+            documentation="kvdepot: requests vLLM alone served (their KV cannot be keyed exactly)",
+            labelnames=[*labelnames, "reason"],
+        )
+        buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+        self._times = {
+            field: self._per_engine(
+                self._histogram_cls(
+                    name=f"vllm:kvdepot_{field.removesuffix('_s')}_seconds",
+                    documentation=f"kvdepot: seconds per {field.removesuffix('_s')}, "
+                    "per request and step (each TP rank's)",
+                    buckets=buckets,
+                    labelnames=labelnames,
+                )
+            )
+            for field in ("load_s", "save_s")
+        }
+
+    def _per_engine(self, metric: Any) -> dict[int, Any]:
+        return {i: metric.labels(*values) for i, values in self.per_engine_labelvalues.items()}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        data = transfer_stats_data
+        for name, n in (data.get("counts") or {}).items():
+            if name in self._counters and n:
+                self._counters[name][engine_idx].inc(n)
+        labels = self.per_engine_labelvalues.get(engine_idx, [])
+        for reason, n in (data.get("uncached") or {}).items():
+            self._uncached.labels(*labels, reason).inc(n)
+        for field, histograms in self._times.items():
+            for seconds in data.get(field) or []:
+                histograms[engine_idx].observe(seconds)

@@ -43,6 +43,7 @@ from kvdepot.connectors.vllm.metadata import (
     uncacheable_reason,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings
+from kvdepot.connectors.vllm.stats import StepStats
 from kvdepot.deployment import open_cache
 from kvdepot.engine import CacheEngine, floor_to_chunk
 from kvdepot.logutil import RateLimitedLog
@@ -89,6 +90,7 @@ class SchedulerSide:
         # whole requests then (a failed load is recomputed from the start), not blocks.
         self.is_async = settings.num_groups > 1
         self.uncached_requests: Counter[str] = Counter()  # requests vLLM alone served, by why
+        self.stats = StepStats()  # for vLLM's metrics (`get_kv_connector_stats`)
         self._uncached_ids: dict[str, None] = {}
 
     def _engines(self) -> list[CacheEngine]:
@@ -135,6 +137,7 @@ class SchedulerSide:
             if len(self._uncached_ids) > 4096:  # only recent ones: asked at most twice
                 del self._uncached_ids[next(iter(self._uncached_ids))]
             self.uncached_requests[reason] += 1
+            self.stats.uncached(reason)
             self._log.warning(
                 f"uncached-{reason}",
                 "kvdepot: a request vLLM alone serves (%s): its KV cannot be keyed exactly",
@@ -185,6 +188,10 @@ class SchedulerSide:
             if (salt := self._salt(request)) is None:
                 return
             is_storing = opts_in(request, "store", self._log)
+            if self.is_loading and opts_in(request, "load", self._log):  # looked up: counted
+                self.stats.count("requests")
+                self.stats.count("lookup_tokens", len(tokens))
+                self.stats.count("hit_tokens", min(num_hit, len(tokens)))
             if num_hit < len(tokens):  # a partial match is another prompt's chunk: not ours
                 num_hit = floor_to_chunk(num_hit, self.settings.config.chunk_size_tokens)
             state = RequestState(tokens, salt, num_hit, is_storing)

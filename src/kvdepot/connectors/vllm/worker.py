@@ -51,6 +51,7 @@ from kvdepot.connectors.vllm.pages import (
     stack_layers,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
+from kvdepot.connectors.vllm.stats import StepStats
 from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.deployment import embedded_metrics, open_cache
 from kvdepot.engine import CacheEngine, ceil_to_chunk, floor_to_chunk
@@ -83,6 +84,7 @@ class WorkerSide:
         self._groups: list[LayerGroup] = []
         self._received: set[str] = set()  # asynchronous loads done (or failed)
         self._failed: set[str] = set()  # asynchronous loads failed: vLLM recomputes all
+        self.stats = StepStats()  # for vLLM's metrics (`get_kv_connector_stats`)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the paged layout, open the store (embedded: and serve it to the scheduler)."""
@@ -172,8 +174,8 @@ class WorkerSide:
         if end <= floor_to_chunk(len(tokens), c):
             tokens = tokens[: ceil_to_chunk(end, c)]  # no need to read chunks past the load
         valid_end = start
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             load = self._load_views if self._device.type == "cpu" else self._load_staged
             valid_end = load(transfer, tokens, start, end)
             logger.debug(
@@ -182,6 +184,12 @@ class WorkerSide:
         except Exception as exc:  # fail open: vLLM recomputes the blocks reported below
             self._log.warning("load", "kvdepot: load failed, recomputing: %s", exc)
             valid_end = start
+        self.stats.observe("load_s", time.perf_counter() - t0)
+        if self._rank == 0:  # tokens once, whatever the TP size
+            self.stats.count("loaded_tokens", valid_end - start)
+            if valid_end < end:
+                self.stats.count("failed_loads")
+                self.stats.count("failed_load_tokens", end - valid_end)
         if transfer.is_async:
             self._received.add(transfer.req_id)
             if valid_end < end:  # vLLM takes back whole requests here, not blocks
@@ -305,6 +313,7 @@ class WorkerSide:
                 return
         first = start - start % n
         num_tokens = cdiv(end, n) * n - first
+        t0 = time.perf_counter()
         try:
             buffer = self._staging(num_tokens)
             out = buffer[:, :, :num_tokens]
@@ -323,8 +332,12 @@ class WorkerSide:
                 kv_start_token=start,
                 store_partial=self.settings.is_token_exact and end == len(transfer.token_ids),
             )
+            if self._rank == 0:
+                self.stats.count("stored_tokens", end - start)
         except Exception as exc:  # a cache problem must never cost the user the answer
             self._log.warning("save", "kvdepot: storing KV failed, request unaffected: %s", exc)
+            self.stats.count("failed_saves")
+        self.stats.observe("save_s", time.perf_counter() - t0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         invalid, self._invalid_block_ids = self._invalid_block_ids, set()

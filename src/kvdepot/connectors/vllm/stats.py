@@ -1,0 +1,94 @@
+"""What the connector did, counted for vLLM's own metrics (`vllm serve`'s /metrics, its log).
+
+Runs in both of vLLM's connector processes: the scheduler side counts lookups, hits and
+requests vLLM alone serves; the worker side counts loads and saves and times them. vLLM
+collects each side's `take()` every step (`get_kv_connector_stats`), sums the workers' (all
+TP ranks) and the scheduler's with `merge`, and hands the sum to the connector's Prometheus
+metrics (`KVDepotPromMetrics` in `connector.py`) in its logging process.
+
+The payload is a plain dict (vLLM ships it between processes): `counts` (name -> int, the
+names in `COUNTS`), `uncached` (reason -> requests), `load_s` and `save_s` (one observation
+per request and step, seconds). With tensor parallelism every rank times its own loads and
+saves, but tokens are counted by rank 0 only, so a token is counted once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+COUNTS = {
+    "requests": "requests kvdepot looked up",
+    "lookup_tokens": "prompt tokens looked up",
+    "hit_tokens": "prompt tokens kvdepot held when looked up (vLLM's own hits included)",
+    "loaded_tokens": "tokens loaded from kvdepot instead of computed",
+    "failed_load_tokens": "tokens whose load failed (vLLM recomputed them)",
+    "failed_loads": "loads that failed, in part or whole",
+    "stored_tokens": "tokens stored",
+    "failed_saves": "saves that failed (a future miss, nothing else)",
+}
+
+
+def empty() -> dict[str, Any]:
+    return {"counts": {}, "uncached": {}, "load_s": [], "save_s": []}
+
+
+def merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Add `other`'s counts and observations to `into` (returned)."""
+    for field in ("counts", "uncached"):
+        totals = Counter(into.get(field) or {})
+        totals.update(other.get(field) or {})
+        into[field] = dict(totals)
+    for field in ("load_s", "save_s"):
+        into[field] = [*(into.get(field) or []), *(other.get(field) or [])]
+    return into
+
+
+def is_empty(data: dict[str, Any]) -> bool:
+    return not any(data.get(field) for field in ("counts", "uncached", "load_s", "save_s"))
+
+
+def summary(data: dict[str, Any]) -> dict[str, int | float]:
+    """One line's worth for vLLM's periodic log: rates, sums and mean times."""
+    counts = Counter(data.get("counts") or {})
+    loads, saves = data.get("load_s") or [], data.get("save_s") or []
+    looked = counts["lookup_tokens"]
+    return {
+        "kvdepot_hit_rate": round(counts["hit_tokens"] / looked, 3) if looked else 0.0,
+        "kvdepot_loaded_tokens": counts["loaded_tokens"],
+        "kvdepot_stored_tokens": counts["stored_tokens"],
+        "kvdepot_failed_loads": counts["failed_loads"],
+        "kvdepot_mean_load_ms": round(1e3 * sum(loads) / len(loads), 2) if loads else 0.0,
+        "kvdepot_mean_save_ms": round(1e3 * sum(saves) / len(saves), 2) if saves else 0.0,
+        "kvdepot_uncached_requests": sum((data.get("uncached") or {}).values()),
+    }
+
+
+class StepStats:
+    """A side's counts since vLLM last took them (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data = empty()
+
+    def count(self, name: str, n: int = 1) -> None:
+        assert name in COUNTS, name
+        with self._lock:
+            counts = self._data["counts"]
+            counts[name] = counts.get(name, 0) + n
+
+    def uncached(self, reason: str) -> None:
+        with self._lock:
+            self._data["uncached"][reason] = self._data["uncached"].get(reason, 0) + 1
+
+    def observe(self, field: str, seconds: float) -> None:
+        assert field in ("load_s", "save_s"), field
+        with self._lock:
+            self._data[field].append(seconds)
+
+    def take(self) -> dict[str, Any] | None:
+        """What was counted since the last call (None if nothing), and start afresh."""
+        with self._lock:
+            data, self._data = self._data, empty()
+        return None if is_empty(data) else data

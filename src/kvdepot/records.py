@@ -1,0 +1,77 @@
+"""Per-request records: what one request cost and what the cache gave it back.
+
+Runs in the engine process, wherever a connector serves requests (today the transformers
+generator; the vLLM connector reports through vLLM's stats instead). Each record goes to
+Prometheus (per-request hit ratio, load and save seconds, labelled by connector only: a
+bounded label) and, when asked (`request_log` level; off by default), to the
+`kvdepot.requests` logger as one JSON line. Nothing here raises into the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+from kvdepot.errors import ConfigError
+from kvdepot.metrics import Metrics
+
+logger = logging.getLogger("kvdepot.requests")
+LEVELS = {"off": None, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request, as its connector saw it.
+
+    Attributes:
+        connector: which connector served it ("transformers", ...).
+        request_id: the connector's id of the request.
+        prompt_tokens: tokens in the prompt.
+        cached_tokens: prompt tokens loaded from kvdepot instead of computed.
+        computed_tokens: prompt tokens the engine computed.
+        stored_tokens: tokens newly stored (prompt and, if enabled, generated ones).
+        lookup_s / load_s / save_s: seconds spent looking up, loading and storing.
+        loaded_bytes / stored_bytes: KV bytes moved (uncompressed).
+        ttft_s: request start to first token, lookup and load included.
+        fallback: why the cache was not used although it could have been, if it was not.
+    """
+
+    connector: str
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    computed_tokens: int
+    stored_tokens: int
+    lookup_s: float
+    load_s: float
+    save_s: float
+    loaded_bytes: int
+    stored_bytes: int
+    ttft_s: float
+    fallback: str | None = None
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class RequestLog:
+    """Where a connector reports its records."""
+
+    def __init__(self, metrics: Metrics, level: str = "off") -> None:
+        if level not in LEVELS:
+            raise ConfigError(f"request_log {level!r}: choose one of {list(LEVELS)}")
+        self.metrics = metrics
+        self.level = LEVELS[level]
+
+    def report(self, record: RequestRecord) -> None:
+        m, who = self.metrics, record.connector
+        m.request_hit_ratio.labels(who).observe(record.hit_ratio)
+        m.request_load_seconds.labels(who).observe(record.load_s)
+        m.request_save_seconds.labels(who).observe(record.save_s)
+        if self.level is not None and logger.isEnabledFor(self.level):
+            fields = asdict(record)
+            for name in ("lookup_s", "load_s", "save_s", "ttft_s"):
+                fields[name] = round(fields[name], 6)
+            logger.log(self.level, "%s", json.dumps(fields, separators=(",", ":")))
