@@ -329,6 +329,13 @@ def test_each_request_leaves_a_record_in_metrics_and_optionally_a_json_line(
     assert value("kvdepot_request_hit_ratio_count", labels) == 2
     assert value("kvdepot_request_hit_ratio_sum", labels) == pytest.approx(63 / 64)
     assert value("kvdepot_request_load_seconds_count", labels) == 2
+    # Return on investment: the cold request measured the prefill cost per token, the warm
+    # one saved its 63 tokens at that cost.
+    cost = generator.prefill_cost
+    assert cost.tokens == 64 and cold["saved_s"] == 0.0
+    assert warm["saved_s"] == pytest.approx(63 * cost.seconds / 64, rel=1e-3)
+    assert value("kvdepot_prefill_tokens_saved_total", labels) == 63
+    assert value("kvdepot_prefill_seconds_saved_total", labels) == pytest.approx(warm["saved_s"])
 
 
 def test_request_lines_are_off_by_default(

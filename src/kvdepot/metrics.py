@@ -61,6 +61,19 @@ class Metrics:
             buckets=seconds,
             registry=r,
         )
+        self.prefill_tokens_saved = Counter(
+            "kvdepot_prefill_tokens_saved",
+            "Prompt tokens loaded from kvdepot instead of prefilled",
+            ["connector"],
+            registry=r,
+        )
+        self.prefill_seconds_saved = Counter(
+            "kvdepot_prefill_seconds_saved",
+            "Estimated prefill seconds saved: tokens not recomputed x the engine's measured "
+            "prefill seconds per token (kvdepot.records)",
+            ["connector"],
+            registry=r,
+        )
         self.blend_requests = Counter(
             "kvdepot_blend_requests",
             "Segmented (CacheBlend) requests by outcome: blended or fallback",

@@ -5,6 +5,13 @@ generator; the vLLM connector reports through vLLM's stats instead). Each record
 Prometheus (per-request hit ratio, load and save seconds, labelled by connector only: a
 bounded label) and, when asked (`request_log` level; off by default), to the
 `kvdepot.requests` logger as one JSON line. Nothing here raises into the request.
+
+Return on investment (`PrefillCost`): the prefill compute a hit saved is estimated as the
+tokens not recomputed x this engine's measured prefill seconds per token, where the latter is
+the prefill time of the requests seen so far (TTFT minus lookup and load) over the tokens they
+computed, counting requests that computed at least `MIN_MEASURED_TOKENS`. A per-token average
+is linear in the prompt; attention makes long prefills cost more per token, so for hits
+longer than the measured prefills the estimate is low (conservative).
 """
 
 from __future__ import annotations
@@ -50,10 +57,32 @@ class RequestRecord:
     stored_bytes: int
     ttft_s: float
     fallback: str | None = None
+    saved_s: float = 0.0
+    """Estimated prefill seconds the cached tokens saved (`PrefillCost`); 0 until measured."""
 
     @property
     def hit_ratio(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+MIN_MEASURED_TOKENS = 64
+
+
+class PrefillCost:
+    """This engine's measured prefill seconds per token (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def observe(self, prefill_s: float, computed_tokens: int) -> None:
+        if computed_tokens >= MIN_MEASURED_TOKENS and prefill_s > 0:
+            self.seconds += prefill_s
+            self.tokens += computed_tokens
+
+    def saved_s(self, cached_tokens: int) -> float:
+        """Estimated seconds `cached_tokens` would have cost to prefill (0 until measured)."""
+        return cached_tokens * self.seconds / self.tokens if self.tokens else 0.0
 
 
 class RequestLog:
@@ -70,6 +99,8 @@ class RequestLog:
         m.request_hit_ratio.labels(who).observe(record.hit_ratio)
         m.request_load_seconds.labels(who).observe(record.load_s)
         m.request_save_seconds.labels(who).observe(record.save_s)
+        m.prefill_tokens_saved.labels(who).inc(record.cached_tokens)
+        m.prefill_seconds_saved.labels(who).inc(record.saved_s)
         if self.level is not None and logger.isEnabledFor(self.level):
             fields = asdict(record)
             for name in ("lookup_s", "load_s", "save_s", "ttft_s"):

@@ -33,7 +33,7 @@ from kvdepot.errors import ConfigError, KVDepotError
 from kvdepot.keys import HashAlgorithm
 from kvdepot.layout import KVLayout
 from kvdepot.logutil import RateLimitedLog
-from kvdepot.records import RequestLog, RequestRecord
+from kvdepot.records import PrefillCost, RequestLog, RequestRecord
 from kvdepot.store import ChunkStore
 from kvdepot.tensors import as_numpy_bits, dtype_from_torch
 
@@ -172,6 +172,7 @@ class KVDepotGenerator:
         self._log = RateLimitedLog(logger)
         self._kv_buffer: torch.Tensor | None = None
         self.request_log = request_log or RequestLog(engine.metrics)
+        self.prefill_cost = PrefillCost()
         self._num_requests = 0
 
     @classmethod
@@ -276,10 +277,12 @@ class KVDepotGenerator:
         """This request's record (`kvdepot.records`); never raises."""
         self._num_requests += 1
         per_token = self.engine.layout.bytes_per_token
+        self.prefill_cost.observe(ttft_s - timing[0] - timing[1], num_prompt - num_cached)
         record = RequestRecord(
             "transformers", str(self._num_requests), num_prompt, num_cached,
             num_prompt - num_cached, num_stored, timing[0], timing[1], save_s,
             num_cached * per_token, num_stored * per_token, ttft_s, reason,
+            self.prefill_cost.saved_s(num_cached),
         )  # fmt: skip
         try:
             self.request_log.report(record)
