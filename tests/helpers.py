@@ -119,6 +119,14 @@ def corrupt_header(store: TieredStore, key: ChunkKey) -> None:
 
 # ---- a real daemon ----------------------------------------------------------------------
 
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 _DAEMON_NS = CacheNamespace("daemon-test-model", "L2-2-H2-D8-float16")
 _DAEMON_SHAPE = (2, 2, 16, 2, 8)
 _DAEMON_BIG_SHAPE = (8, 2, 16, 8, 512)  # 2 MiB of fp16

@@ -22,13 +22,7 @@ import kvdepot
 from kvdepot import ConfigError, TieredStore, load_config, open_cache
 from kvdepot.cli import main
 from kvdepot.daemon.client import DaemonClient
-from tests.helpers import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.helpers import Daemon, free_port
 
 
 def test_the_environment_is_read_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

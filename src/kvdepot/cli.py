@@ -13,8 +13,10 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kvdepot import __version__
 from kvdepot.bench import BENCHMARKS, Benchmark
@@ -58,36 +60,60 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     config = _config(args)
     client = DaemonClient.from_config(config)
-    stats = client.stats()
-    client.close()
-    if not stats:
-        print(f"kvdepot: no daemon answers on {config.daemon.socket_path}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(stats, indent=2))
+    try:
+        while True:
+            stats = client.stats()
+            if not stats:
+                print(f"kvdepot: no daemon answers on {config.daemon.socket_path}", file=sys.stderr)
+                return 1
+            text = json.dumps(stats, indent=2) if args.json else _stats_text(stats)
+            if not args.watch:
+                print(text)
+                return 0
+            print("\x1b[H\x1b[2J" + text, flush=True)  # home, clear: refreshed in place
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
         return 0
-    print(f"daemon pid {stats['pid']}, up {stats['uptime_s']} s")
-    tiers = stats["tiers"]
-    assert isinstance(tiers, dict)
-    for name, usage in tiers.items():
-        print(
+    finally:
+        client.close()
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    lines = [f"daemon pid {stats['pid']}, up {stats['uptime_s']} s"]
+    for name, usage in stats["tiers"].items():
+        lines.append(
             f"  {name:<7} {usage['num_objects']:>8} chunks  "
             f"{usage['used_bytes'] / 2**20:>10.1f} / {usage['capacity_bytes'] / 2**20:.0f} MiB"
         )
-    disabled = stats.get("disabled_tiers") or {}
-    assert isinstance(disabled, dict)
-    for name, why in disabled.items():
-        print(f"  {name:<7} DISABLED ({why})")
-    looked = float(str(stats["lookup_chunks"]))
-    hit = float(str(stats["hit_chunks"]))
+    for name, why in (stats.get("disabled_tiers") or {}).items():
+        lines.append(f"  {name:<7} DISABLED ({why})")
+    looked, hit = float(stats["lookup_chunks"]), float(stats["hit_chunks"])
     rate = f"{hit / looked:.1%}" if looked else "n/a"
-    print(f"  lookups {int(looked)} chunks, hits {int(hit)} ({rate})")
+    lines.append(f"  lookups {int(looked)} chunks, hits {int(hit)} ({rate})")
+    models = stats.get("models") or {}
+    totals = {k: sum(int(m.get(k, 0)) for m in models.values()) for k in ("looked_up", "hit")}
+    if totals["looked_up"]:
+        lines.append(
+            f"  tokens  looked up {totals['looked_up']:,}, hit {totals['hit']:,} "
+            f"({totals['hit'] / totals['looked_up']:.1%}) over {len(models)} model(s)"
+        )
+    for label, kinds in models.items():
+        rate = kinds.get("hit_rate")
+        lines.append(
+            f"    {label}: looked up {kinds.get('looked_up', 0):,}, hit {kinds.get('hit', 0):,}"
+            f" ({'n/a' if rate is None else f'{rate:.1%}'}), partial {kinds.get('partial', 0):,},"
+            f" stored {kinds.get('stored', 0):,}"
+        )
     clients = stats["clients"]
-    assert isinstance(clients, list)
-    print(f"  clients {len(clients)}")
-    for client_info in clients:
-        print(f"    {client_info}")
-    return 0
+    lines.append(f"  clients {len(clients)}")
+    for c in clients:
+        rate = c.get("hit_rate")
+        lines.append(
+            f"    {c['name']} (pid {c['pid']}, {c['transport']}): {c['leases']} leases, "
+            f"{c['held_bytes'] / 2**20:.1f} MiB held, token hit rate "
+            f"{'n/a' if rate is None else f'{rate:.1%}'} of {c.get('looked_up_tokens', 0):,}"
+        )
+    return "\n".join(lines)
 
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
@@ -179,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("stats", allow_abbrev=False, help="print the daemon's state")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument(
+        "--watch", type=float, default=0.0, metavar="SECONDS",
+        help="refresh in place every SECONDS until interrupted",
+    )  # fmt: skip
     _add_config_flags(stats)
     stats.set_defaults(func=_cmd_stats)
 

@@ -173,12 +173,23 @@ class CacheEngine:
         hit = self.backend.match(keys, tail) if tail is not None else None
         num_chunks = hit.num_chunks if hit is not None else self.backend.lookup(keys)
         num_hit = min(num_chunks * self.chunk_size_tokens, len(tokens))
-        if hit is not None and hit.num_partial_tokens:
-            num_hit += hit.num_partial_tokens
-            self.metrics.partial_hit_tokens.inc(hit.num_partial_tokens)
+        num_partial = hit.num_partial_tokens if hit is not None else 0
+        if num_partial:
+            num_hit += num_partial
+            self.metrics.partial_hit_tokens.inc(num_partial)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
+        self._report(looked_up=len(tokens), hit=num_hit, partial=num_partial)
         return num_hit
+
+    def _report(self, looked_up: int = 0, hit: int = 0, partial: int = 0, stored: int = 0) -> None:
+        """Token counts to the store (the daemon's per-model view); never raises."""
+        if self.shard_rank:
+            return  # tensor parallelism: rank 0 speaks for the request
+        try:
+            self.backend.report_tokens(self.model_fingerprint, looked_up, hit, partial, stored)
+        except Exception as exc:
+            self._log.warning("report", "kvdepot: token report failed: %s", exc)
 
     def store(
         self,
@@ -227,6 +238,7 @@ class CacheEngine:
             items = [item for item, is_held in zip(items, held, strict=True) if is_held]
         num_written = sum(chunk.header.shape[2] for _, chunk in items)
         self.metrics.stored_tokens.inc(num_written)
+        self._report(stored=num_written)
         if self.partial_match and not segment:
             stored = {key for key, _ in items}
             kept = [first + i for i, key in enumerate(keys) if present[i] or key in stored]

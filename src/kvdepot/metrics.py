@@ -16,6 +16,10 @@ _LATENCY_BUCKETS_S = (
 )  # fmt: skip
 
 
+MODEL_LABEL_CHARS = 48
+MAX_MODEL_LABELS = 16
+
+
 class Metrics:
     """All kvdepot metric families, registered in `self.registry`."""
 
@@ -74,6 +78,15 @@ class Metrics:
             ["connector"],
             registry=r,
         )
+        self.model_tokens = Counter(
+            "kvdepot_model_tokens",
+            "Tokens by model and kind: looked_up, hit (partial included), partial, stored. The "
+            f"model label is the engine's model id (first {MODEL_LABEL_CHARS} characters), at "
+            f"most {MAX_MODEL_LABELS} of them, then 'other'",
+            ["model", "kind"],
+            registry=r,
+        )
+        self._model_labels: set[str] = set()
         self.blend_requests = Counter(
             "kvdepot_blend_requests",
             "Segmented (CacheBlend) requests by outcome: blended or fallback",
@@ -177,6 +190,25 @@ class Metrics:
         self.client_reconnects = Counter(
             "kvdepot_client_reconnects", "Successful (re)connections to the daemon", registry=r
         )
+
+    def model_label(self, model: str) -> str:
+        """A bounded label for `model`: its first characters, or 'other' once
+        `MAX_MODEL_LABELS` models have labels."""
+        label = model[:MODEL_LABEL_CHARS] or "unnamed"
+        if label not in self._model_labels:
+            if len(self._model_labels) >= MAX_MODEL_LABELS:
+                return "other"
+            self._model_labels.add(label)
+        return label
+
+    def count_tokens(self, model: str, looked_up: int, hit: int, partial: int, stored: int) -> str:
+        """Add an engine's token counts under `model`'s label; returns the label."""
+        label = self.model_label(model)
+        for kind, n in (("looked_up", looked_up), ("hit", hit), ("partial", partial),
+                        ("stored", stored)):  # fmt: skip
+            if n > 0:
+                self.model_tokens.labels(label, kind).inc(n)
+        return label
 
     def counter_value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample (e.g. "kvdepot_store_hit_chunks_total"), 0 if unset."""

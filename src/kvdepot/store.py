@@ -99,6 +99,10 @@ class ChunkStore(Protocol):
 
     def remember(self, entries: Sequence[Continuation]) -> None: ...
 
+    def report_tokens(
+        self, model: str, looked_up: int, hit: int, partial: int, stored: int
+    ) -> None: ...
+
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
 
     def flush(self, timeout_s: float = 30.0) -> bool: ...
@@ -433,6 +437,12 @@ class TieredStore:
     def remember(self, entries: Sequence[Continuation]) -> None:
         """Note which chunks follow which parents (see `kvdepot.continuations`)."""
         self.continuations.add(entries)
+
+    def report_tokens(
+        self, model: str, looked_up: int, hit: int, partial: int, stored: int
+    ) -> None:
+        """An engine's token counts for `model` (`kvdepot_model_tokens_total`)."""
+        self.metrics.count_tokens(model, looked_up, hit, partial, stored)
 
     def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None:
         """(child, m): a stored chunk after `parent` whose first m tokens equal the first m

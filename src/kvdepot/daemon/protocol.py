@@ -107,6 +107,18 @@ class Remember(msgspec.Struct, tag="remember"):
     tokens: list[bytes]
 
 
+class Tokens(msgspec.Struct, tag="tokens"):
+    """An engine's token counts since its last report, for one model (posted, not waited
+    for): tokens looked up, found (partial matches included), found by partial matching,
+    stored."""
+
+    model: str
+    looked_up: int
+    hit: int
+    partial: int
+    stored: int
+
+
 class Stats(msgspec.Struct, tag="stats"):
     pass
 
@@ -125,6 +137,7 @@ Request = (
     | Release
     | Delete
     | Remember
+    | Tokens
     | Flush
     | Stats
     | Clear

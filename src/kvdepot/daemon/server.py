@@ -287,6 +287,11 @@ class DaemonServer:
                 _check_tokens(*tokens)
                 store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
                 return p.Done()
+            case p.Tokens(model=model, looked_up=looked, hit=hit, partial=partial, stored=stored):
+                counts = [max(0, int(n)) for n in (looked, hit, partial, stored)]
+                label = self.metrics.count_tokens(model[:256], *counts)
+                session.count_tokens(label, *counts)
+                return p.Done()
             case p.Flush(timeout_s=timeout_s):
                 return p.Done(store.flush(min(max(timeout_s, 0.0), 300.0)))
             case p.Stats():
@@ -371,12 +376,28 @@ class DaemonServer:
         num_whole = min(len(offsets), len(blobs) - (hit.num_partial_tokens > 0))
         return p.Extents(lease_id, offsets[:num_whole], sizes[:num_whole])
 
+    def _model_tokens(self) -> dict[str, dict[str, object]]:
+        """Tokens per model label (`kvdepot_model_tokens_total`) and each model's hit rate."""
+        models: dict[str, dict[str, object]] = {}
+        for family in self.metrics.model_tokens.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    kinds = models.setdefault(sample.labels["model"], {})
+                    kinds[sample.labels["kind"]] = int(sample.value)
+        for kinds in models.values():
+            hit, looked = kinds.get("hit", 0), kinds.get("looked_up", 0)
+            assert isinstance(hit, int) and isinstance(looked, int)
+            kinds["hit_rate"] = _rate(hit, looked)
+        return models
+
     def stats(self) -> dict[str, object]:
         with self._sessions_lock:
             clients = [
                 {"name": s.name, "pid": s.pid, "transport": s.transport,
                  "connected_s": round(time.time() - s.connected_at, 1), "leases": len(s.leases),
-                 "held_bytes": s.held_bytes}
+                 "held_bytes": s.held_bytes, "models": sorted(s.models),
+                 "looked_up_tokens": s.tokens["looked_up"], "hit_tokens": s.tokens["hit"],
+                 "hit_rate": _rate(s.tokens["hit"], s.tokens["looked_up"])}
                 for s in self._sessions.values()
             ]  # fmt: skip
         return {
@@ -394,8 +415,13 @@ class DaemonServer:
             "lookup_chunks": self.metrics.counter_value("kvdepot_store_lookup_chunks_total"),
             "hit_chunks": self.metrics.counter_value("kvdepot_store_hit_chunks_total"),
             "continuations": len(self.store.continuations),
+            "models": self._model_tokens(),
             "clients": clients,
         }
+
+
+def _rate(hit: int, looked_up: int) -> float | None:
+    return round(hit / looked_up, 4) if looked_up else None
 
 
 def _keys(raw: list[bytes]) -> list[ChunkKey]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from kvdepot.tiers.arena import ArenaAllocator
@@ -54,6 +55,13 @@ class Session:
     leases: dict[int, Lease] = field(default_factory=dict)
     held_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tokens: Counter[str] = field(default_factory=Counter)  # this client's token counts
+    models: set[str] = field(default_factory=set)  # the model labels it reported
+
+    def count_tokens(self, model: str, looked_up: int, hit: int, partial: int, stored: int) -> None:
+        with self.lock:
+            self.models.add(model)
+            self.tokens.update(looked_up=looked_up, hit=hit, partial=partial, stored=stored)
 
     def add_reservation(self, raw_key: bytes, slot: WriteSlot, ttl_s: float) -> None:
         with self.lock:

@@ -1,0 +1,65 @@
+"""The daemon sees tokens: engines report token counts per model, and the daemon shows the
+token hit rate for the node, per model (a bounded label) and per client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from kvdepot import CacheEngine, Metrics
+from kvdepot.metrics import MAX_MODEL_LABELS
+from tests.helpers import LAYOUTS, Daemon, free_port, kv_for
+
+CHUNK = 16
+
+
+def test_model_labels_are_bounded() -> None:
+    metrics = Metrics()
+    labels = [metrics.model_label(f"model-{i}") for i in range(MAX_MODEL_LABELS + 3)]
+    assert len(set(labels)) == MAX_MODEL_LABELS + 1 and labels[-1] == "other"
+    assert metrics.model_label("model-0") == "model-0"  # known ones keep their label
+    assert Metrics().model_label("x" * 500) == "x" * 48
+
+
+def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -> None:
+    import torch
+
+    daemon = Daemon(tmp_path, http_port=free_port()).start()
+    try:
+        a_client, b_client = daemon.client(client_name="engine-a"), daemon.client(client_name="b")
+        layout = LAYOUTS[torch.float32]
+        a = CacheEngine(a_client, layout, "org/model-a@main", chunk_size_tokens=CHUNK)
+        b = CacheEngine(b_client, layout, "org/model-b@main", chunk_size_tokens=CHUNK)
+        tokens = list(range(64))
+        assert a.lookup(tokens) == 0
+        assert a.store(tokens, kv_for(a, 64)) == 64
+        assert a.lookup(tokens) == 64
+        assert b.lookup(tokens) == 0  # another model: nothing shared
+        a_client.flush()  # a call that waits: the posted reports are in
+        b_client.flush()
+        stats = json.loads(daemon.http("/stats")[1])
+        model_a, model_b = stats["models"]["org/model-a@main"], stats["models"]["org/model-b@main"]
+        assert (model_a["looked_up"], model_a["hit"], model_a["stored"]) == (128, 64, 64)
+        assert model_a["hit_rate"] == 0.5
+        assert (model_b["looked_up"], model_b.get("hit", 0), model_b["hit_rate"]) == (64, 0, 0.0)
+        clients = {c["name"]: c for c in stats["clients"]}
+        assert clients["engine-a"]["hit_rate"] == 0.5
+        assert clients["engine-a"]["models"] == ["org/model-a@main"]
+        assert clients["b"]["hit_rate"] == 0.0
+        metrics = daemon.http("/metrics")[1].decode()
+        line = 'kvdepot_model_tokens_total{kind="hit",model="org/model-a@main"} 64.0'
+        assert line in metrics
+        shown = subprocess.run(
+            [sys.executable, "-m", "kvdepot.cli", "stats",
+             "--daemon-socket-path", str(daemon.socket_path)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert "tokens  looked up 192, hit 64 (33.3%) over 2 model(s)" in shown
+        assert "org/model-a@main: looked up 128, hit 64 (50.0%)" in shown
+        assert "engine-a" in shown and "token hit rate 50.0% of 128" in shown
+        a_client.close()
+        b_client.close()
+    finally:
+        daemon.stop()
