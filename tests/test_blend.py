@@ -245,6 +245,11 @@ def test_generator_stores_missing_segments_then_reuses_them_in_any_order(
     metrics = generator.engine.metrics
     assert metrics.counter_value("kvdepot_blend_requests_total", {"outcome": "blended"}) == 3
     assert metrics.counter_value("kvdepot_blend_tokens_total", {"kind": "reused"}) == 230
+    # One record per blended request: the reused tokens the blend kept count as cached.
+    blend = {"connector": "blend"}
+    assert metrics.counter_value("kvdepot_request_hit_ratio_count", blend) == 3
+    kept = (115 - 95) + 115  # the second request kept 20 of 115, the naive one all 115
+    assert metrics.counter_value("kvdepot_prefill_tokens_saved_total", blend) == kept
 
 
 def test_query_aware_selection_runs_the_question_in_the_pass(store: TieredStore) -> None:

@@ -43,6 +43,7 @@ from kvdepot.connectors.transformers import (
 from kvdepot.engine import CacheEngine
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
+from kvdepot.records import RequestRecord
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -120,6 +121,7 @@ class BlendGenerator:
         self._log = RateLimitedLog(logger)
         self._adapter: BlendAdapter | BlendUnsupported | None = None
         self._scratch_kv: torch.Tensor | None = None
+        self._num_requests = 0
 
     @classmethod
     def for_generator(
@@ -155,7 +157,9 @@ class BlendGenerator:
             return self._fallback(ids, None, start, max_new_tokens, generation_config, tenant_salt)
         clock = FirstTokenClock()
         try:
+            blend_start = time.perf_counter()
             blended = self.blended_cache(segments, ratio, tenant_salt)
+            blend_s = time.perf_counter() - blend_start
             prompt = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
             output, _ = generate_from_cache(
                 self.model, prompt, blended.cache, clock, max_new_tokens, generation_config
@@ -170,7 +174,7 @@ class BlendGenerator:
         metrics.blend_tokens.labels("reused").inc(blended.num_reused)
         metrics.blend_tokens.labels("computed").inc(blended.num_computed)
         metrics.blend_tokens.labels("recomputed").inc(blended.num_recomputed)
-        return BlendResult(
+        result = BlendResult(
             token_ids=output[len(ids) :].tolist(),
             num_prompt_tokens=len(ids),
             num_reused_tokens=blended.num_reused,
@@ -179,6 +183,28 @@ class BlendGenerator:
             ttft_s=(clock.first_s or time.perf_counter()) - start,
             total_s=time.perf_counter() - start,
         )
+        self._report(result, blend_s)
+        return result
+
+    def _report(self, result: BlendResult, blend_s: float) -> None:
+        """The request's record (`kvdepot.records`): its cached tokens are the reused ones
+        the blend kept; `load_s` covers fetching, moving and the selective recompute (the
+        segments computed on the way are stored inside it, so `save_s` is 0). A fallback is
+        recorded by the plain generator that serves it."""
+        self._num_requests += 1
+        kept = result.num_reused_tokens - result.num_recomputed_tokens
+        per_token = self.engine.layout.bytes_per_token
+        plain = self.plain
+        record = RequestRecord(
+            "blend", f"blend-{self._num_requests}", result.num_prompt_tokens, kept,
+            result.num_prompt_tokens - kept, 0, 0.0, blend_s, 0.0,
+            result.num_reused_tokens * per_token, 0, result.ttft_s, None,
+            plain.prefill_cost.saved_s(kept),
+        )  # fmt: skip
+        try:
+            plain.request_log.report(record)
+        except Exception as exc:
+            self._log.warning("record", "kvdepot: request record failed: %s", exc)
 
     def index(self, segments: Sequence[Segment], tenant_salt: bytes = b"") -> int:
         """Compute and store every reusable segment not cached yet (e.g. a RAG corpus, ahead
