@@ -59,6 +59,20 @@ def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -
         assert "tokens  looked up 192, hit 64 (33.3%) over 2 model(s)" in shown
         assert "org/model-a@main: looked up 128, hit 64 (50.0%)" in shown
         assert "engine-a" in shown and "token hit rate 50.0% of 128" in shown
+        # Another engine of model a, with another chunk size: a's chunks are whole-chunk
+        # misses for it (partial matching still finds the first 16 tokens).
+        a32 = CacheEngine(b_client, layout, "org/model-a@main", chunk_size_tokens=2 * CHUNK)
+        assert a32.lookup(tokens) < 64
+        b_client.flush()
+        setups = json.loads(daemon.http("/stats")[1])["models"]["org/model-a@main"]["setups"]
+        assert len(setups) == 2 and any("chunk=32" in s for s in setups)
+        shown = subprocess.run(
+            [sys.executable, "-m", "kvdepot.cli", "stats",
+             "--daemon-socket-path", str(daemon.socket_path)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert "! org/model-a@main: used in 2 setups whose chunks miss each other" in shown
+        assert "! org/model-b" not in shown
         a_client.close()
         b_client.close()
     finally:

@@ -104,6 +104,13 @@ def _stats_text(stats: dict[str, Any]) -> str:
             f" ({'n/a' if rate is None else f'{rate:.1%}'}), partial {kinds.get('partial', 0):,},"
             f" stored {kinds.get('stored', 0):,}"
         )
+    for label, kinds in models.items():
+        setups = kinds.get("setups") or []
+        if len(setups) > 1:  # the classic "two engines that should share but don't"
+            lines.append(
+                f"  ! {label}: used in {len(setups)} setups whose chunks miss each other: "
+                + "; ".join(setups)
+            )
     clients = stats["clients"]
     lines.append(f"  clients {len(clients)}")
     for c in clients:

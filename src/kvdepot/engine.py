@@ -187,7 +187,11 @@ class CacheEngine:
         if self.shard_rank:
             return  # tensor parallelism: rank 0 speaks for the request
         try:
-            self.backend.report_tokens(self.model_fingerprint, looked_up, hit, partial, stored)
+            c, algorithm = self.chunk_size_tokens, self.hash_algorithm.value
+            setup = f"{self.layout.layout_id} chunk={c} {algorithm}"
+            self.backend.report_tokens(
+                self.model_fingerprint, looked_up, hit, partial, stored, setup=setup
+            )
         except Exception as exc:
             self._log.warning("report", "kvdepot: token report failed: %s", exc)
 

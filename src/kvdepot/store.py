@@ -100,7 +100,7 @@ class ChunkStore(Protocol):
     def remember(self, entries: Sequence[Continuation]) -> None: ...
 
     def report_tokens(
-        self, model: str, looked_up: int, hit: int, partial: int, stored: int
+        self, model: str, looked_up: int, hit: int, partial: int, stored: int, setup: str = ""
     ) -> None: ...
 
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
@@ -439,7 +439,7 @@ class TieredStore:
         self.continuations.add(entries)
 
     def report_tokens(
-        self, model: str, looked_up: int, hit: int, partial: int, stored: int
+        self, model: str, looked_up: int, hit: int, partial: int, stored: int, setup: str = ""
     ) -> None:
         """An engine's token counts for `model` (`kvdepot_model_tokens_total`)."""
         self.metrics.count_tokens(model, looked_up, hit, partial, stored)

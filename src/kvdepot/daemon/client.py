@@ -337,10 +337,11 @@ class DaemonClient:
             self._call(request, "remember", wait=False)
 
     def report_tokens(
-        self, model: str, looked_up: int, hit: int, partial: int, stored: int
+        self, model: str, looked_up: int, hit: int, partial: int, stored: int, setup: str = ""
     ) -> None:
         """Posted (not waited for): the daemon counts tokens per model and per client."""
-        self._call(p.Tokens(model, looked_up, hit, partial, stored), "tokens", wait=False)
+        request = p.Tokens(model, looked_up, hit, partial, stored, setup)
+        self._call(request, "tokens", wait=False)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         self._call(p.Delete([k.to_bytes() for k in keys]), "delete")

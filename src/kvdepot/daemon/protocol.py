@@ -110,13 +110,14 @@ class Remember(msgspec.Struct, tag="remember"):
 class Tokens(msgspec.Struct, tag="tokens"):
     """An engine's token counts since its last report, for one model (posted, not waited
     for): tokens looked up, found (partial matches included), found by partial matching,
-    stored."""
+    stored; and its setup, so that engines of one model that cannot share are seen."""
 
     model: str
     looked_up: int
     hit: int
     partial: int
     stored: int
+    setup: str = ""  # what else keys its chunks: layout, chunk size, hash (not the tenant)
 
 
 class Stats(msgspec.Struct, tag="stats"):

@@ -105,6 +105,7 @@ class DaemonServer:
         self._num_connections = 0  # accepted and not closed, handshake or not
         self._conns: set[socket.socket] = set()
         self._sessions_lock = threading.Lock()
+        self._setups: dict[str, set[str]] = {}  # model label -> setups it was used with
         self._lease_ids = itertools.count(1)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -287,10 +288,12 @@ class DaemonServer:
                 _check_tokens(*tokens)
                 store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
                 return p.Done()
-            case p.Tokens(model=model, looked_up=looked, hit=hit, partial=partial, stored=stored):
+            case p.Tokens(model=model, looked_up=looked, hit=hit, partial=partial, stored=stored,
+                          setup=setup):  # fmt: skip
                 counts = [max(0, int(n)) for n in (looked, hit, partial, stored)]
                 label = self.metrics.count_tokens(model[:256], *counts)
                 session.count_tokens(label, *counts)
+                self._note_setup(label, setup[:200])
                 return p.Done()
             case p.Flush(timeout_s=timeout_s):
                 return p.Done(store.flush(min(max(timeout_s, 0.0), 300.0)))
@@ -376,6 +379,15 @@ class DaemonServer:
         num_whole = min(len(offsets), len(blobs) - (hit.num_partial_tokens > 0))
         return p.Extents(lease_id, offsets[:num_whole], sizes[:num_whole])
 
+    def _note_setup(self, label: str, setup: str) -> None:
+        """Remember which setups (layout, chunk size, hash) each model label was used with:
+        engines of one model in two setups miss each other's chunks (`stats` flags it)."""
+        if setup:
+            with self._sessions_lock:
+                setups = self._setups.setdefault(label, set())
+                if len(setups) < 8:
+                    setups.add(setup)
+
     def _model_tokens(self) -> dict[str, dict[str, object]]:
         """Tokens per model label (`kvdepot_model_tokens_total`) and each model's hit rate."""
         models: dict[str, dict[str, object]] = {}
@@ -384,10 +396,13 @@ class DaemonServer:
                 if sample.name.endswith("_total"):
                     kinds = models.setdefault(sample.labels["model"], {})
                     kinds[sample.labels["kind"]] = int(sample.value)
-        for kinds in models.values():
+        with self._sessions_lock:
+            setups = {label: sorted(found) for label, found in self._setups.items()}
+        for label, kinds in models.items():
             hit, looked = kinds.get("hit", 0), kinds.get("looked_up", 0)
             assert isinstance(hit, int) and isinstance(looked, int)
             kinds["hit_rate"] = _rate(hit, looked)
+            kinds["setups"] = setups.get(label, [])
         return models
 
     def stats(self) -> dict[str, object]:
