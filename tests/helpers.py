@@ -120,6 +120,14 @@ def corrupt_header(store: TieredStore, key: ChunkKey) -> None:
 # ---- a real daemon ----------------------------------------------------------------------
 
 
+def kvdepot_stats(socket_path: Path) -> str:
+    """What `kvdepot stats` prints for the daemon on `socket_path`."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvdepot.cli", "stats", "--daemon-socket-path", str(socket_path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:

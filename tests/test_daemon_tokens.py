@@ -4,13 +4,11 @@ token hit rate for the node, per model (a bounded label) and per client."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from kvdepot import CacheEngine, Metrics
 from kvdepot.metrics import MAX_MODEL_LABELS
-from tests.helpers import LAYOUTS, Daemon, free_port, kv_for
+from tests.helpers import LAYOUTS, Daemon, free_port, kv_for, kvdepot_stats
 
 CHUNK = 16
 
@@ -51,11 +49,7 @@ def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -
         metrics = daemon.http("/metrics")[1].decode()
         line = 'kvdepot_model_tokens_total{kind="hit",model="org/model-a@main"} 64.0'
         assert line in metrics
-        shown = subprocess.run(
-            [sys.executable, "-m", "kvdepot.cli", "stats",
-             "--daemon-socket-path", str(daemon.socket_path)],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
+        shown = kvdepot_stats(daemon.socket_path)
         assert "tokens  looked up 192, hit 64 (33.3%) over 2 model(s)" in shown
         assert "org/model-a@main: looked up 128, hit 64 (50.0%)" in shown
         assert "engine-a" in shown and "token hit rate 50.0% of 128" in shown
@@ -66,11 +60,7 @@ def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -
         b_client.flush()
         setups = json.loads(daemon.http("/stats")[1])["models"]["org/model-a@main"]["setups"]
         assert len(setups) == 2 and any("chunk=32" in s for s in setups)
-        shown = subprocess.run(
-            [sys.executable, "-m", "kvdepot.cli", "stats",
-             "--daemon-socket-path", str(daemon.socket_path)],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
+        shown = kvdepot_stats(daemon.socket_path)
         assert "! org/model-a@main: used in 2 setups whose chunks miss each other" in shown
         assert "! org/model-b" not in shown
         a_client.close()

@@ -22,7 +22,7 @@ import kvdepot
 from kvdepot import ConfigError, TieredStore, load_config, open_cache
 from kvdepot.cli import main
 from kvdepot.daemon.client import DaemonClient
-from tests.helpers import Daemon, free_port
+from tests.helpers import Daemon, free_port, kvdepot_stats
 
 
 def test_the_environment_is_read_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,11 +116,7 @@ def test_a_daemon_told_to_tolerate_it_says_disabled_everywhere(tmp_path: Path) -
         assert status == 200 and body.startswith(b"degraded: disk DISABLED (")
         stats = json.loads(daemon.http("/stats")[1])
         assert "Not a directory" in stats["disabled_tiers"]["disk"]
-        shown = subprocess.run(
-            [sys.executable, "-m", "kvdepot.cli", "stats",
-             "--daemon-socket-path", str(daemon.socket_path)],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
+        shown = kvdepot_stats(daemon.socket_path)
         assert "disk    DISABLED (" in shown
     finally:
         daemon.stop()

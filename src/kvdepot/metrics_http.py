@@ -48,24 +48,28 @@ def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer | Non
     return server
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A handler that answers with `reply` and keeps scrapes out of the log."""
+
+    def reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return  # the log is for the cache, not for scrapes
+
+
 def _handler_for(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                self._reply(200, metrics.render(), "text/plain; version=0.0.4")
+                self.reply(200, metrics.render(), "text/plain; version=0.0.4")
             elif self.path == "/healthz":
-                self._reply(200, b"ok\n", "text/plain")
+                self.reply(200, b"ok\n", "text/plain")
             else:
-                self._reply(404, b"not found\n", "text/plain")
-
-        def _reply(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            logger.debug("metrics http: %s", format % args)
+                self.reply(404, b"not found\n", "text/plain")
 
     return Handler

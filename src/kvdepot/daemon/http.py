@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from kvdepot.daemon.auth import bearer_token, tokens_match
 from kvdepot.daemon.server import DaemonServer
+from kvdepot.metrics_http import QuietHandler
 
 
 class AdminServer:
@@ -35,40 +36,30 @@ class AdminServer:
 
 
 def _handler_for(daemon: DaemonServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 disabled = daemon.store.disabled_tiers
                 problems = "; ".join(f"{t} DISABLED ({why})" for t, why in disabled.items())
                 body = f"degraded: {problems}\n" if problems else "ok\n"
-                self._reply(200, body.encode(), "text/plain")
+                self.reply(200, body.encode(), "text/plain")
             elif self.path == "/metrics":
-                self._reply(200, daemon.metrics.render(), "text/plain; version=0.0.4")
+                self.reply(200, daemon.metrics.render(), "text/plain; version=0.0.4")
             elif self.path == "/stats":
-                self._reply(200, json.dumps(daemon.stats()).encode(), "application/json")
+                self.reply(200, json.dumps(daemon.stats()).encode(), "application/json")
             else:
-                self._reply(404, b"not found\n", "text/plain")
+                self.reply(404, b"not found\n", "text/plain")
 
         def do_POST(self) -> None:
             if self.path != "/clear":
-                self._reply(404, b"not found\n", "text/plain")
+                self.reply(404, b"not found\n", "text/plain")
                 return
             given = bearer_token(self.headers.get("Authorization"))
             # Header values arrive decoded as latin-1: encoding back gives the bytes sent.
             if given is None or not tokens_match(given.encode("latin-1", "replace"), daemon.token):
-                self._reply(401, b"a valid token is required\n", "text/plain")
+                self.reply(401, b"a valid token is required\n", "text/plain")
                 return
             daemon.store.clear()
-            self._reply(200, b"cleared\n", "text/plain")
-
-        def _reply(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return  # keep the daemon's log for the cache, not for scrapes
+            self.reply(200, b"cleared\n", "text/plain")
 
     return Handler
