@@ -42,6 +42,10 @@ def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -
         assert (model_a["looked_up"], model_a["hit"], model_a["stored"]) == (128, 64, 64)
         assert model_a["hit_rate"] == 0.5
         assert (model_b["looked_up"], model_b.get("hit", 0), model_b["hit_rate"]) == (64, 0, 0.0)
+        memory = stats["tiers"]["memory"]
+        assert memory["written_bytes"] > 0 and memory["evictions"] == 0
+        assert stats["tiers"]["disk"]["get_hits"] == 0  # everything came from RAM
+        assert stats["write_back"]["dropped"] == {}
         clients = {c["name"]: c for c in stats["clients"]}
         assert clients["engine-a"]["hit_rate"] == 0.5
         assert clients["engine-a"]["models"] == ["org/model-a@main"]
@@ -53,6 +57,7 @@ def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -
         assert "tokens  looked up 192, hit 64 (33.3%) over 2 model(s)" in shown
         assert "org/model-a@main: looked up 128, hit 64 (50.0%)" in shown
         assert "engine-a" in shown and "token hit rate 50.0% of 128" in shown
+        assert "write-back queue" in shown and "dropped none" in shown
         # Another engine of model a, with another chunk size: a's chunks are whole-chunk
         # misses for it (partial matching still finds the first 16 tokens).
         a32 = CacheEngine(b_client, layout, "org/model-a@main", chunk_size_tokens=2 * CHUNK)

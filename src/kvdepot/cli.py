@@ -81,9 +81,21 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _stats_text(stats: dict[str, Any]) -> str:
     lines = [f"daemon pid {stats['pid']}, up {stats['uptime_s']} s"]
     for name, usage in stats["tiers"].items():
+        gets = usage.get("get_hits", 0) + usage.get("get_misses", 0)
+        hits = f"{usage.get('get_hits', 0) / gets:.0%} of {gets:,} gets hit" if gets else "no gets"
         lines.append(
             f"  {name:<7} {usage['num_objects']:>8} chunks  "
-            f"{usage['used_bytes'] / 2**20:>10.1f} / {usage['capacity_bytes'] / 2**20:.0f} MiB"
+            f"{usage['used_bytes'] / 2**20:>10.1f} / {usage['capacity_bytes'] / 2**20:.0f} MiB  "
+            f"{hits}, read {usage.get('read_bytes', 0) / 2**20:,.0f} MiB, written "
+            f"{usage.get('written_bytes', 0) / 2**20:,.0f} MiB, "
+            f"{usage.get('evictions', 0):,} evicted"
+        )
+    write_back = stats.get("write_back") or {}
+    if write_back:
+        dropped = write_back.get("dropped") or {}
+        lines.append(
+            f"  write-back queue {write_back.get('queued_chunks', 0)} chunks, dropped "
+            + (", ".join(f"{n} ({why})" for why, n in dropped.items()) or "none")
         )
     for name, why in (stats.get("disabled_tiers") or {}).items():
         lines.append(f"  {name:<7} DISABLED ({why})")

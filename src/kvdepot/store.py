@@ -595,6 +595,11 @@ class TieredStore:
     def usage(self) -> dict[str, TierUsage]:
         return {t.name: t.usage() for t in [self.memory, *self.lower]}
 
+    @property
+    def queued_chunks(self) -> int:
+        """Chunks waiting for (or in) write-back to the lower tiers."""
+        return self._queued_chunks
+
     def on_close(self, stop: Callable[[], None]) -> None:
         """Run `stop` when the store closes (e.g. the embedded /metrics server)."""
         self._on_close.append(stop)

@@ -362,7 +362,10 @@ class DaemonClient:
         tiers = self.stats().get("tiers", {})
         if not isinstance(tiers, dict):
             return {}
-        return {name: TierUsage(**fields) for name, fields in tiers.items()}
+        return {  # the stats hold more per tier (traffic): keep the usage fields
+            name: TierUsage(fields["used_bytes"], fields["capacity_bytes"], fields["num_objects"])
+            for name, fields in tiers.items()
+        }
 
     def close(self) -> None:
         """Disconnect. A connection that a read or write still uses is parked (closed by

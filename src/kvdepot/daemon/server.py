@@ -379,6 +379,26 @@ class DaemonServer:
         num_whole = min(len(offsets), len(blobs) - (hit.num_partial_tokens > 0))
         return p.Extents(lease_id, offsets[:num_whole], sizes[:num_whole])
 
+    def _tier_traffic(self, tier: str) -> dict[str, int]:
+        """A tier's get hits and misses, bytes read and written, and evictions, so far."""
+        value = self.metrics.counter_value
+        ops = "kvdepot_tier_ops_total"
+        return {
+            "get_hits": int(value(ops, {"tier": tier, "op": "get", "outcome": "hit"})),
+            "get_misses": int(value(ops, {"tier": tier, "op": "get", "outcome": "miss"})),
+            "read_bytes": int(value("kvdepot_tier_bytes_total", {"tier": tier, "op": "read"})),
+            "written_bytes": int(value("kvdepot_tier_bytes_total", {"tier": tier, "op": "write"})),
+            "evictions": int(value("kvdepot_tier_evictions_total", {"tier": tier})),
+        }
+
+    def _dropped_writes(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for family in self.metrics.dropped_writes.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    found[sample.labels["reason"]] = int(sample.value)
+        return found
+
     def _note_setup(self, label: str, setup: str) -> None:
         """Remember which setups (layout, chunk size, hash) each model label was used with:
         engines of one model in two setups miss each other's chunks (`stats` flags it)."""
@@ -423,8 +443,13 @@ class DaemonServer:
                     "used_bytes": u.used_bytes,
                     "capacity_bytes": u.capacity_bytes,
                     "num_objects": u.num_objects,
+                    **self._tier_traffic(name),
                 }
                 for name, u in self.store.usage().items()
+            },
+            "write_back": {
+                "queued_chunks": self.store.queued_chunks,
+                "dropped": self._dropped_writes(),
             },
             "disabled_tiers": dict(self.store.disabled_tiers),
             "lookup_chunks": self.metrics.counter_value("kvdepot_store_lookup_chunks_total"),
