@@ -106,6 +106,8 @@ class CacheEngine:
         self._roots: dict[bytes, ChunkKey] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(logger)
+        # What keys this engine's chunks besides the model (reported with its token counts).
+        self._setup = f"{layout.layout_id} chunk={chunk_size_tokens} {hash_algorithm.value}"
 
     def namespace(self, tenant_salt: bytes = b"") -> CacheNamespace:
         """The key namespace of this model shard for one tenant."""
@@ -187,10 +189,8 @@ class CacheEngine:
         if self.shard_rank:
             return  # tensor parallelism: rank 0 speaks for the request
         try:
-            c, algorithm = self.chunk_size_tokens, self.hash_algorithm.value
-            setup = f"{self.layout.layout_id} chunk={c} {algorithm}"
             self.backend.report_tokens(
-                self.model_fingerprint, looked_up, hit, partial, stored, setup=setup
+                self.model_fingerprint, looked_up, hit, partial, stored, setup=self._setup
             )
         except Exception as exc:
             self._log.warning("report", "kvdepot: token report failed: %s", exc)

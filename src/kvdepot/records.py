@@ -21,6 +21,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from kvdepot.errors import ConfigError
+from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 
 logger = logging.getLogger("kvdepot.requests")
@@ -93,16 +94,21 @@ class RequestLog:
             raise ConfigError(f"request_log {level!r}: choose one of {list(LEVELS)}")
         self.metrics = metrics
         self.level = LEVELS[level]
+        self._log = RateLimitedLog(logging.getLogger(__name__))
 
     def report(self, record: RequestRecord) -> None:
-        m, who = self.metrics, record.connector
-        m.request_hit_ratio.labels(who).observe(record.hit_ratio)
-        m.request_load_seconds.labels(who).observe(record.load_s)
-        m.request_save_seconds.labels(who).observe(record.save_s)
-        m.prefill_tokens_saved.labels(who).inc(record.cached_tokens)
-        m.prefill_seconds_saved.labels(who).inc(record.saved_s)
-        if self.level is not None and logger.isEnabledFor(self.level):
-            fields = asdict(record)
-            for name in ("lookup_s", "load_s", "save_s", "ttft_s"):
-                fields[name] = round(fields[name], 6)
-            logger.log(self.level, "%s", json.dumps(fields, separators=(",", ":")))
+        """Count `record` and log it if asked; a failure here is logged, never raised."""
+        try:
+            m, who = self.metrics, record.connector
+            m.request_hit_ratio.labels(who).observe(record.hit_ratio)
+            m.request_load_seconds.labels(who).observe(record.load_s)
+            m.request_save_seconds.labels(who).observe(record.save_s)
+            m.prefill_tokens_saved.labels(who).inc(record.cached_tokens)
+            m.prefill_seconds_saved.labels(who).inc(record.saved_s)
+            if self.level is not None and logger.isEnabledFor(self.level):
+                fields = asdict(record)
+                for name in ("lookup_s", "load_s", "save_s", "ttft_s"):
+                    fields[name] = round(fields[name], 6)
+                logger.log(self.level, "%s", json.dumps(fields, separators=(",", ":")))
+        except Exception as exc:  # a record must never cost the user the answer
+            self._log.warning("record", "kvdepot: request record failed: %s", exc)

@@ -201,10 +201,7 @@ class BlendGenerator:
             result.num_reused_tokens * per_token, 0, result.ttft_s, None,
             plain.prefill_cost.saved_s(kept),
         )  # fmt: skip
-        try:
-            plain.request_log.report(record)
-        except Exception as exc:
-            self._log.warning("record", "kvdepot: request record failed: %s", exc)
+        plain.request_log.report(record)
 
     def index(self, segments: Sequence[Segment], tenant_salt: bytes = b"") -> int:
         """Compute and store every reusable segment not cached yet (e.g. a RAG corpus, ahead

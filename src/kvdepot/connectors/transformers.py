@@ -284,10 +284,7 @@ class KVDepotGenerator:
             num_cached * per_token, num_stored * per_token, ttft_s, reason,
             self.prefill_cost.saved_s(num_cached),
         )  # fmt: skip
-        try:
-            self.request_log.report(record)
-        except Exception as exc:
-            self._log.warning("record", "kvdepot: request record failed: %s", exc)
+        self.request_log.report(record)
 
     def load_prefix(self, ids: torch.Tensor, tenant_salt: bytes) -> tuple[int, DynamicCache | None]:
         """(tokens loaded, cache holding them); the last prompt token is always recomputed.
