@@ -383,7 +383,8 @@ def test_posted_releases_and_remembers_keep_replies_in_order(daemon: Daemon) -> 
     client.remember([(keys[0], keys[1], as_bytes[0])])
     assert client.lookup(keys) == 4  # not a stale Done
     tail = TailQuery(keys[0], as_bytes[0] + as_bytes[1], chunk_size_tokens=4, min_tokens=1)
-    assert client.match([keys[0], chain(11)[1]], tail) == PrefixHit(1, keys[1], 3)
+    hit = client.match([keys[0], chain(11)[1]], tail)
+    assert hit == PrefixHit(1, keys[1], 3, miss="never_stored")
     clients = client.stats()["clients"]
     assert isinstance(clients, list)
     assert [c["leases"] for c in clients if c["pid"] == os.getpid()] == [0]  # all released

@@ -67,7 +67,11 @@ def test_the_daemon_shows_token_hit_rates_per_model_and_client(tmp_path: Path) -
         assert len(setups) == 2 and any("chunk=32" in s for s in setups)
         shown = kvdepot_stats(daemon.socket_path)
         assert "! org/model-a@main: used in 2 setups whose chunks miss each other" in shown
-        assert "! org/model-b" not in shown
+        # b missed tokens that a holds: shown, as a hint that the two cannot share.
+        assert "! org/model-b@main: 64 missed tokens are stored under another namespace" in shown
+        assert "! org/model-b@main: used in" not in shown
+        model_b = json.loads(daemon.http("/stats")[1])["models"]["org/model-b@main"]
+        assert model_b["missed"] == {"other_namespace": 64}
         a_client.close()
         b_client.close()
     finally:

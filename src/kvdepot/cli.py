@@ -109,6 +109,9 @@ def _stats_text(stats: dict[str, Any]) -> str:
             f"  tokens  looked up {totals['looked_up']:,}, hit {totals['hit']:,} "
             f"({totals['hit'] / totals['looked_up']:.1%}) over {len(models)} model(s)"
         )
+    saved_s = sum(float(m.get("prefill_seconds_saved", 0.0)) for m in models.values())
+    if saved_s:
+        lines.append(f"  prefill saved ~{saved_s:,.1f} s of compute (engines' own estimates)")
     for label, kinds in models.items():
         rate = kinds.get("hit_rate")
         lines.append(
@@ -116,12 +119,29 @@ def _stats_text(stats: dict[str, Any]) -> str:
             f" ({'n/a' if rate is None else f'{rate:.1%}'}), partial {kinds.get('partial', 0):,},"
             f" stored {kinds.get('stored', 0):,}"
         )
+        missed: dict[str, int] = kinds.get("missed") or {}
+        if missed:
+            total = sum(missed.values())
+            lines.append(
+                "      missed: "
+                + ", ".join(
+                    f"{why} {n:,} ({n / total:.0%})"
+                    for why, n in sorted(missed.items(), key=lambda item: -item[1])
+                )
+            )
     for label, kinds in models.items():
         setups = kinds.get("setups") or []
         if len(setups) > 1:  # the classic "two engines that should share but don't"
             lines.append(
                 f"  ! {label}: used in {len(setups)} setups whose chunks miss each other: "
                 + "; ".join(setups)
+            )
+        elsewhere = (kinds.get("missed") or {}).get("other_namespace", 0)
+        if elsewhere:
+            lines.append(
+                f"  ! {label}: {elsewhere:,} missed tokens are stored under another namespace: "
+                "if those engines serve this model, their setups differ (model fingerprint, "
+                "dtype, layout, rank or tenant) and they cannot share"
             )
     clients = stats["clients"]
     lines.append(f"  clients {len(clients)}")

@@ -20,6 +20,9 @@ Invariants:
   (`MAX_CHUNK_TOKENS`) are not kept. ~12 MB at the default entry cap with 128-token chunks.
 - Keys carry the namespace digest (model, layout, tenant salt), so a parent in one namespace
   never lists a child of another.
+- It also remembers the roots of the namespaces it has seen (at most `MAX_ROOTS`), so that
+  a prompt that misses in its own namespace can be checked against the others' chains
+  (`held_elsewhere`: the "another namespace" miss reason, `kvdepot.misses`).
 - Saved on a clean close and loaded at start when the store has a disk tier (`save`/`load`,
   beside the chunk files); a crash, or chunks another machine put in a shared tier, leave
   matching to whole chunks until the chunks are stored again. A file that does not load is
@@ -43,6 +46,8 @@ from kvdepot.keys import MAX_CHUNK_TOKENS, ChunkKey
 
 logger = logging.getLogger(__name__)
 _FILE_VERSION = 1
+MAX_ROOTS = 64
+"""Namespace roots remembered for `held_elsewhere` (the least recently seen go first)."""
 ENTRY_OVERHEAD_BYTES = 256
 """Memory an entry costs besides its tokens (keys, dict slots, the array object)."""
 
@@ -54,6 +59,7 @@ class _Saved(msgspec.Struct):
     parents: list[bytes]
     children: list[bytes]
     tokens: list[bytes]
+    roots: list[bytes] = []
 
 
 Continuation = tuple[ChunkKey, ChunkKey, bytes]
@@ -111,6 +117,7 @@ class ContinuationIndex:
         self.max_bytes = max_bytes
         self._on_evict = on_evict
         self._parents: OrderedDict[ChunkKey, OrderedDict[ChunkKey, np.ndarray]] = OrderedDict()
+        self._roots: OrderedDict[ChunkKey, None] = OrderedDict()
         self._num_entries = 0
         self._num_bytes = 0
         self._lock = threading.Lock()
@@ -192,6 +199,61 @@ class ContinuationIndex:
                 return child, m
         return None
 
+    def note_root(self, root: ChunkKey) -> None:
+        """`root` is a namespace's root (a lookup named it)."""
+        with self._lock:
+            self._roots[root] = None
+            self._roots.move_to_end(root)
+            if len(self._roots) > MAX_ROOTS:
+                self._roots.popitem(last=False)
+
+    def held_elsewhere(
+        self,
+        root: ChunkKey,
+        raw_tokens: bytes,
+        is_present: Callable[[Sequence[ChunkKey]], list[bool]],
+    ) -> int:
+        """How many leading tokens of `raw_tokens` (a prompt, int32 bytes) some namespace
+        other than `root`'s holds: the longest walk down another root's chain of present
+        children whose tokens equal the prompt's (chunk sizes may differ)."""
+        with self._lock:
+            others = [r for r in self._roots if r.namespace != root.namespace]
+        return max((self._held_under(r, raw_tokens, is_present) for r in others), default=0)
+
+    def _held_under(
+        self,
+        root: ChunkKey,
+        raw_tokens: bytes,
+        is_present: Callable[[Sequence[ChunkKey]], list[bool]],
+    ) -> int:
+        """Leading tokens of `raw_tokens` that the chain under `root` holds."""
+        tokens = np.frombuffer(raw_tokens, dtype="<i4")
+        parent, held = root, 0
+        while held < tokens.size:
+            with self._lock:
+                children = list((self._parents.get(parent) or {}).items())
+            ranked = sorted(
+                ((common_prefix_len(t, tokens[held:]), t.size, child) for child, t in children),
+                key=lambda item: -item[0],
+            )
+            ranked = [item for item in ranked if item[0] > 0]
+            present = is_present([child for _, _, child in ranked]) if ranked else []
+            step = next(
+                (
+                    (m, size, child)
+                    for (m, size, child), ok in zip(ranked, present, strict=True)
+                    if ok
+                ),
+                None,
+            )
+            if step is None:
+                break
+            m, size, parent = step
+            held += m
+            if m < size:
+                break  # the prompt parts from this chain inside the child
+        return held
+
     def save(self, path: Path, mode: int = 0o600) -> None:
         """Write the index to `path` atomically (temp file, then rename), with file `mode`."""
         with self._lock:
@@ -200,11 +262,13 @@ class ContinuationIndex:
                 for parent, children in self._parents.items()
                 for child, tokens in children.items()
             ]
+            roots = [root.to_bytes() for root in self._roots]
         saved = _Saved(
             _FILE_VERSION,
             [t[0] for t in triples],
             [t[1] for t in triples],
             [t[2] for t in triples],
+            roots,
         )
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         # Private like the chunk files: the tokens are other people's prompts.
@@ -224,17 +288,21 @@ class ContinuationIndex:
                 (ChunkKey.from_bytes(p), ChunkKey.from_bytes(c), t)
                 for p, c, t in zip(saved.parents, saved.children, saved.tokens, strict=True)
             ]
+            roots = [ChunkKey.from_bytes(r) for r in saved.roots]
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, msgspec.DecodeError) as exc:
             logger.warning("continuation index %s not loaded (a hint only): %s", path, exc)
             return 0
         self.add(entries)
+        for root in roots:
+            self.note_root(root)
         return len(entries)
 
     def clear(self) -> None:
         with self._lock:
             self._parents.clear()
+            self._roots.clear()
             self._num_entries = 0
             self._num_bytes = 0
 

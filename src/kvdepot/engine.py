@@ -40,6 +40,7 @@ from kvdepot.keys import (
 from kvdepot.layout import KVLayout
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
+from kvdepot.misses import BELOW_MIN_REUSE, parse_miss, split_missed
 from kvdepot.store import ChunkStore
 from kvdepot.tensors import as_numpy_bits, dtype_from_torch, torch_dtype, torch_from_bits
 
@@ -172,26 +173,54 @@ class CacheEngine:
         segment (see `chunk_keys`): whole chunks and the exact tail only.
         """
         keys, tail = self._prompt_keys(tokens, tenant_salt, segment)
-        hit = self.backend.match(keys, tail) if tail is not None else None
-        num_chunks = hit.num_chunks if hit is not None else self.backend.lookup(keys)
-        num_hit = min(num_chunks * self.chunk_size_tokens, len(tokens))
-        num_partial = hit.num_partial_tokens if hit is not None else 0
+        hit = self.backend.match(keys, tail)
+        num_hit = min(hit.num_chunks * self.chunk_size_tokens, len(tokens))
+        num_partial = hit.num_partial_tokens
         if num_partial:
             num_hit += num_partial
             self.metrics.partial_hit_tokens.inc(num_partial)
         self.metrics.lookup_tokens.inc(len(tokens))
         self.metrics.hit_tokens.inc(num_hit)
-        self._report(looked_up=len(tokens), hit=num_hit, partial=num_partial)
+        missed = split_missed(len(tokens), num_hit, hit.miss, hit.held_elsewhere)
+        self._count_missed(missed)
+        self._report(looked_up=len(tokens), hit=num_hit, partial=num_partial, missed=missed)
         return num_hit
 
-    def _report(self, looked_up: int = 0, hit: int = 0, partial: int = 0, stored: int = 0) -> None:
+    def count_unused(self, num_tokens: int, reason: str = BELOW_MIN_REUSE) -> None:
+        """`num_tokens` that `lookup` found were not loaded (the connector's choice, e.g.
+        below its `min_reuse_fraction`): counted as a miss for `reason` too."""
+        if num_tokens > 0:
+            missed = {reason: num_tokens}
+            self._count_missed(missed)
+            self._report(missed=missed)
+
+    def count_saved(self, saved_s: float) -> None:
+        """Prefill seconds the connector estimates this engine's hits saved (to the store's
+        per-model view; `kvdepot.records` counts them for this process)."""
+        if saved_s > 0:
+            self._report(saved_s=saved_s)
+
+    def _count_missed(self, missed: dict[str, int]) -> None:
+        for text, n in missed.items():
+            self.metrics.miss_tokens.labels(*parse_miss(text)).inc(n)
+
+    def _report(
+        self,
+        looked_up: int = 0,
+        hit: int = 0,
+        partial: int = 0,
+        stored: int = 0,
+        missed: dict[str, int] | None = None,
+        saved_s: float = 0.0,
+    ) -> None:
         """Token counts to the store (the daemon's per-model view); never raises."""
         if self.shard_rank:
             return  # tensor parallelism: rank 0 speaks for the request
         try:
             self.backend.report_tokens(
-                self.model_fingerprint, looked_up, hit, partial, stored, setup=self._setup
-            )
+                self.model_fingerprint, looked_up, hit, partial, stored, self._setup, missed,
+                saved_s,
+            )  # fmt: skip
         except Exception as exc:
             self._log.warning("report", "kvdepot: token report failed: %s", exc)
 

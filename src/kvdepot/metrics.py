@@ -7,9 +7,14 @@ in one process (or tests) never collide. Label values are bounded (`tier`, `op`,
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvdepot.keys import ChunkKey
+from kvdepot.misses import CORRUPT, EVICTED, GoneLedger, parse_miss
 
 _LATENCY_BUCKETS_S = (
     1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0,
@@ -18,6 +23,8 @@ _LATENCY_BUCKETS_S = (
 
 MODEL_LABEL_CHARS = 48
 MAX_MODEL_LABELS = 16
+FAILED_OUTCOMES = frozenset({"error", "breaker_open", "unrouted"})
+"""Tier op outcomes that mean the tier could not answer (`Metrics.tiers_failed_since`)."""
 
 
 class Metrics:
@@ -35,6 +42,12 @@ class Metrics:
         self.partial_hit_tokens = Counter(
             "kvdepot_engine_partial_hit_tokens",
             "Hit tokens found by partial matching (part of a chunk that follows the prefix)",
+            registry=r,
+        )
+        self.miss_tokens = Counter(
+            "kvdepot_engine_miss_tokens",
+            "Looked-up tokens not found, by reason (kvdepot.misses) and the tier it names",
+            ["reason", "tier"],
             registry=r,
         )
         self.stored_tokens = Counter(
@@ -86,7 +99,25 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.model_miss_tokens = Counter(
+            "kvdepot_model_miss_tokens",
+            "Looked-up tokens not found, by model, reason (kvdepot.misses) and tier",
+            ["model", "reason", "tier"],
+            registry=r,
+        )
+        self.model_seconds_saved = Counter(
+            "kvdepot_model_prefill_seconds_saved",
+            "Estimated prefill seconds the model's engines saved by loading instead of "
+            "computing (as they measured it: kvdepot.records)",
+            ["model"],
+            registry=r,
+        )
         self._model_labels: set[str] = set()
+        self.ledger = GoneLedger()
+        """Why chunks left a tier (kvdepot.misses): fed by the tiers' eviction and corruption
+        counts, read by the store to explain a miss."""
+        self.failed_at: dict[str, float] = {}
+        """Tier name -> `time.monotonic()` of its last failed operation."""
         self.blend_requests = Counter(
             "kvdepot_blend_requests",
             "Segmented (CacheBlend) requests by outcome: blended or fallback",
@@ -201,14 +232,34 @@ class Metrics:
             self._model_labels.add(label)
         return label
 
-    def count_tokens(self, model: str, looked_up: int, hit: int, partial: int, stored: int) -> str:
-        """Add an engine's token counts under `model`'s label; returns the label."""
+    def count_tokens(
+        self,
+        model: str,
+        looked_up: int,
+        hit: int,
+        partial: int,
+        stored: int,
+        missed: Mapping[str, int] | None = None,
+        saved_s: float = 0.0,
+    ) -> str:
+        """Add an engine's token counts under `model`'s label: looked up, hit, partial,
+        stored, missed by `miss` string (kvdepot.misses), and the prefill seconds it
+        estimates those hits saved; returns the label."""
         label = self.model_label(model)
         for kind, n in (("looked_up", looked_up), ("hit", hit), ("partial", partial),
                         ("stored", stored)):  # fmt: skip
             if n > 0:
                 self.model_tokens.labels(label, kind).inc(n)
+        for text, n in (missed or {}).items():
+            if n > 0:
+                self.model_miss_tokens.labels(label, *parse_miss(text)).inc(n)
+        if saved_s > 0:
+            self.model_seconds_saved.labels(label).inc(saved_s)
         return label
+
+    def tiers_failed_since(self, since: float) -> list[str]:
+        """Tiers with a failed operation at or after `since` (`time.monotonic()`)."""
+        return [name for name, at in list(self.failed_at.items()) if at >= since]
 
     def counter_value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample (e.g. "kvdepot_store_hit_chunks_total"), 0 if unset."""
@@ -240,6 +291,8 @@ class TierMetrics:
     def op(self, op: str, outcome: str, count: int = 1) -> None:
         if count:
             self.metrics.tier_ops.labels(self.name, op, outcome).inc(count)
+            if outcome in FAILED_OUTCOMES:
+                self.metrics.failed_at[self.name] = time.monotonic()
 
     def bytes(self, op: str, nbytes: int) -> None:
         if nbytes:
@@ -253,8 +306,17 @@ class TierMetrics:
         self.metrics.tier_capacity_bytes.labels(self.name).set(capacity_bytes)
         self.metrics.tier_objects.labels(self.name).set(num_objects)
 
-    def evicted(self, count: int = 1) -> None:
+    def evicted(self, keys: Sequence[ChunkKey] | int = 1) -> None:
+        """Chunks dropped for room: their keys (remembered to explain a later miss), or
+        just how many (a plug-in tier's count)."""
+        count = keys if isinstance(keys, int) else len(keys)
         self.metrics.tier_evictions.labels(self.name).inc(count)
+        if not isinstance(keys, int):
+            self.metrics.ledger.note(keys, EVICTED, self.name)
 
-    def corrupt(self, count: int = 1) -> None:
+    def corrupt(self, keys: Sequence[ChunkKey] | int = 1) -> None:
+        """Chunks that failed validation and were deleted (keys, or how many)."""
+        count = keys if isinstance(keys, int) else len(keys)
         self.metrics.corrupt_chunks.labels(self.name).inc(count)
+        if not isinstance(keys, int):
+            self.metrics.ledger.note(keys, CORRUPT, self.name)

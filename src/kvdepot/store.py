@@ -20,10 +20,12 @@ dropped write; nothing from a lower tier's failure reaches the caller.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ from kvdepot.errors import CorruptChunk, TierUnavailable
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
+from kvdepot.misses import CORRUPT, NEVER_STORED, TIER_UNAVAILABLE, miss
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.base import DecodesInto, ReadsInto, Tier, TierUsage
 from kvdepot.tiers.disk import DiskTier
@@ -60,11 +63,17 @@ CONTINUATIONS_FILE = "continuations.msgpack"
 @dataclass(frozen=True, slots=True)
 class PrefixHit:
     """A chain's leading run of whole chunks, then maybe the first `num_partial_tokens` of
-    a stored chunk (`partial_key`) that follows it (partial matching)."""
+    a stored chunk (`partial_key`) that follows it (partial matching).
+
+    When the run ends before the chain does, `miss` says why its next chunk is not there
+    ("reason" or "reason:tier", `kvdepot.misses`), and `held_elsewhere` how many leading
+    tokens of the prompt another namespace holds (asked only when nothing hit)."""
 
     num_chunks: int
     partial_key: ChunkKey | None = None
     num_partial_tokens: int = 0
+    miss: str = ""
+    held_elsewhere: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +100,7 @@ class ChunkStore(Protocol):
 
     def put(self, items: Sequence[tuple[ChunkKey, EncodedChunk]]) -> int: ...
 
-    def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit: ...
+    def match(self, keys: Sequence[ChunkKey], tail: TailQuery | None) -> PrefixHit: ...
 
     def read_prefix(
         self, keys: Sequence[ChunkKey], tail: TailQuery
@@ -100,7 +109,15 @@ class ChunkStore(Protocol):
     def remember(self, entries: Sequence[Continuation]) -> None: ...
 
     def report_tokens(
-        self, model: str, looked_up: int, hit: int, partial: int, stored: int, setup: str = ""
+        self,
+        model: str,
+        looked_up: int,
+        hit: int,
+        partial: int,
+        stored: int,
+        setup: str = "",
+        missed: Mapping[str, int] | None = None,
+        saved_s: float = 0.0,
     ) -> None: ...
 
     def delete(self, keys: Sequence[ChunkKey]) -> None: ...
@@ -391,7 +408,7 @@ class TieredStore:
 
     def _count_corrupt(self, tier: Tier, key: ChunkKey, exc: CorruptChunk) -> None:
         """A bad chunk from `tier`: counted, logged (rate-limited) and deleted there."""
-        self.metrics.corrupt_chunks.labels(tier.name).inc()
+        self.metrics.tier(tier.name).corrupt([key])
         self._log.warning(f"corrupt-{tier.name}", "tier %s: bad chunk, deleted: %s", tier.name, exc)
         with contextlib.suppress(Exception):
             tier.delete([key])
@@ -439,21 +456,61 @@ class TieredStore:
         self.continuations.add(entries)
 
     def report_tokens(
-        self, model: str, looked_up: int, hit: int, partial: int, stored: int, setup: str = ""
+        self,
+        model: str,
+        looked_up: int,
+        hit: int,
+        partial: int,
+        stored: int,
+        setup: str = "",
+        missed: Mapping[str, int] | None = None,
+        saved_s: float = 0.0,
     ) -> None:
-        """An engine's token counts for `model` (`kvdepot_model_tokens_total`)."""
-        self.metrics.count_tokens(model, looked_up, hit, partial, stored)
+        """An engine's token counts for `model` (`kvdepot_model_tokens_total`), its misses
+        by reason (`kvdepot_model_miss_tokens_total`) and the prefill seconds it saved."""
+        self.metrics.count_tokens(model, looked_up, hit, partial, stored, missed, saved_s)
 
     def continuation(self, parent: ChunkKey, tokens: bytes) -> tuple[ChunkKey, int] | None:
         """(child, m): a stored chunk after `parent` whose first m tokens equal the first m
         of `tokens` (int32 bytes), for the largest m >= 1; None when there is none."""
         return self.continuations.best(parent, tokens, self.contains)
 
-    def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit:
-        """`lookup`, then the partial match after the leading run (see `PrefixHit`)."""
+    def match(self, keys: Sequence[ChunkKey], tail: TailQuery | None) -> PrefixHit:
+        """`lookup`, then (with a tail) the partial match after the leading run, and why the
+        run ended (see `PrefixHit`)."""
+        since = time.monotonic()
         num_chunks = self.lookup(keys)
-        found = self._tail(keys, num_chunks, tail)
-        return PrefixHit(num_chunks) if found is None else PrefixHit(num_chunks, *found)
+        found = None
+        if tail is not None:
+            self.continuations.note_root(tail.root)
+            found = self._tail(keys, num_chunks, tail)
+        hit = PrefixHit(num_chunks) if found is None else PrefixHit(num_chunks, *found)
+        if num_chunks >= len(keys):
+            return hit
+        elsewhere = 0
+        if tail is not None and num_chunks == 0 and found is None:
+            elsewhere = self.continuations.held_elsewhere(tail.root, tail.tokens, self._nearby)
+        why = self._why_missed(keys[num_chunks], since)
+        return dataclasses.replace(hit, miss=why, held_elsewhere=elsewhere)
+
+    def _why_missed(self, key: ChunkKey, since: float) -> str:
+        """Why `key`, the first chunk a lookup missed, is not there (`kvdepot.misses`)."""
+        failed = [
+            name for name in self.metrics.tiers_failed_since(since) if name != self.memory.name
+        ]
+        if failed:
+            return miss(TIER_UNAVAILABLE, failed[0])
+        return self.metrics.ledger.why(key) or NEVER_STORED
+
+    def _nearby(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is in RAM or on the local disk (remote tiers are not asked: the
+        answer only explains a miss, and must not cost a round trip)."""
+        found = self.memory.contains(keys)
+        for tier in self.lower:
+            if tier.name == "disk":
+                on_disk = self._safe_contains(tier, list(keys))
+                found = [a or b for a, b in zip(found, on_disk, strict=True)]
+        return found
 
     @contextlib.contextmanager
     def read_prefix(
@@ -462,6 +519,7 @@ class TieredStore:
         """`read`, then the partial chunk after the leading run, pinned alike."""
         with contextlib.ExitStack() as stack:
             blobs = stack.enter_context(self.read(keys, max_bytes=max_bytes))
+            self.continuations.note_root(tail.root)
             found = self._tail(keys, len(blobs), tail)
             if found is not None:
                 left = None if max_bytes is None else max_bytes - sum(len(b) for b in blobs)
@@ -490,7 +548,7 @@ class TieredStore:
                 good.append(slot)
             except CorruptChunk as exc:
                 self.memory.abort(slot)
-                self.metrics.corrupt_chunks.labels(self.memory.name).inc()
+                self.metrics.tier(self.memory.name).corrupt([slot.key])
                 self._log.warning("commit", "refused a chunk written wrong: %s", exc)
         if not self.lower:
             num_committed, _ = self.memory.commit(good)
@@ -574,7 +632,9 @@ class TieredStore:
             return [False] * len(keys)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
-        """Remove `keys` from every tier (e.g. a chunk found unusable)."""
+        """Remove `keys` from every tier: chunks a reader found unusable (a later miss on
+        them counts as corrupt)."""
+        self.metrics.ledger.note(keys, CORRUPT, self.memory.name)
         self.memory.delete(keys)
         for tier in self.lower:
             try:
@@ -588,6 +648,7 @@ class TieredStore:
         """Drop every chunk from every tier (after pending write-backs)."""
         self.flush()
         self.continuations.clear()
+        self.metrics.ledger.clear()
         self.memory.clear()
         for tier in self.lower:
             tier.clear()

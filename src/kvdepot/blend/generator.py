@@ -202,6 +202,7 @@ class BlendGenerator:
             plain.prefill_cost.saved_s(kept),
         )  # fmt: skip
         plain.request_log.report(record)
+        self.engine.count_saved(record.saved_s)
 
     def index(self, segments: Sequence[Segment], tenant_salt: bytes = b"") -> int:
         """Compute and store every reusable segment not cached yet (e.g. a RAG corpus, ahead

@@ -285,6 +285,7 @@ class KVDepotGenerator:
             self.prefill_cost.saved_s(num_cached),
         )  # fmt: skip
         self.request_log.report(record)
+        self.engine.count_saved(record.saved_s)
 
     def load_prefix(self, ids: torch.Tensor, tenant_salt: bytes) -> tuple[int, DynamicCache | None]:
         """(tokens loaded, cache holding them); the last prompt token is always recomputed.
@@ -305,6 +306,7 @@ class KVDepotGenerator:
         timing[0] += time.perf_counter() - start
         num_usable = min(num_hit, ids.shape[0] - 1)
         if num_usable <= 0 or num_usable < self.min_reuse_fraction * ids.shape[0]:
+            self.engine.count_unused(num_hit)  # found, but a plain prefill is faster
             return 0, None
         start = time.perf_counter()
         try:

@@ -25,13 +25,14 @@ local user's fake daemon is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kvdepot.codec.format import EncodedChunk
@@ -42,6 +43,7 @@ from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
+from kvdepot.misses import TIER_UNAVAILABLE, miss
 from kvdepot.store import Prefix, PrefixHit
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.base import TierUsage
@@ -229,14 +231,18 @@ class DaemonClient:
                 self._parked.discard(sock)
                 sock.close()
 
-    def match(self, keys: Sequence[ChunkKey], tail: TailQuery) -> PrefixHit:
-        request = p.Lookup([k.to_bytes() for k in keys], _wire_tail(tail, len(keys)))
+    def match(self, keys: Sequence[ChunkKey], tail: TailQuery | None) -> PrefixHit:
+        wire_tail = None if tail is None else _wire_tail(tail, len(keys))
+        request = p.Lookup([k.to_bytes() for k in keys], wire_tail, explain=True)
         response = self._call(request, "lookup")
-        if isinstance(response, p.Count):  # asked without a tail
+        if isinstance(response, p.Count):  # a daemon from before `explain`
             return PrefixHit(response.count)
-        if not isinstance(response, p.Matched):
-            return PrefixHit(0)
-        return _hit(response.num_chunks, response.partial_key, response.num_partial_tokens)
+        if not isinstance(response, p.Matched):  # unreachable (or it failed): a miss here
+            return PrefixHit(0, miss=miss(TIER_UNAVAILABLE, "daemon"))
+        hit = _hit(response.num_chunks, response.partial_key, response.num_partial_tokens)
+        return dataclasses.replace(
+            hit, miss=response.miss[:64], held_elsewhere=max(0, response.held_elsewhere)
+        )
 
     @contextlib.contextmanager
     def read(self, keys: Sequence[ChunkKey]) -> Iterator[list[memoryview | bytes]]:
@@ -337,10 +343,20 @@ class DaemonClient:
             self._call(request, "remember", wait=False)
 
     def report_tokens(
-        self, model: str, looked_up: int, hit: int, partial: int, stored: int, setup: str = ""
+        self,
+        model: str,
+        looked_up: int,
+        hit: int,
+        partial: int,
+        stored: int,
+        setup: str = "",
+        missed: Mapping[str, int] | None = None,
+        saved_s: float = 0.0,
     ) -> None:
         """Posted (not waited for): the daemon counts tokens per model and per client."""
-        request = p.Tokens(model, looked_up, hit, partial, stored, setup)
+        request = p.Tokens(
+            model, looked_up, hit, partial, stored, setup, dict(missed or {}), saved_s
+        )
         self._call(request, "tokens", wait=False)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:

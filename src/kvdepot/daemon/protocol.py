@@ -19,7 +19,9 @@ import msgspec
 
 PROTOCOL_VERSION = 3
 """3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; Lookup and Read take a `Tail` (partial
-matching in the same call, `Continue` is gone). 2: Remember / Continue."""
+matching in the same call, `Continue` is gone); fields added since, with defaults (an older
+peer ignores them): Lookup.explain, Matched.miss/.held_elsewhere, Tokens.missed/.saved_s.
+2: Remember / Continue."""
 MAX_FRAME_BYTES = 1 << 20
 MAX_HELLO_BYTES = 4096
 """A `Hello` is small: a client that has not said who it is gets no more buffer than this."""
@@ -59,10 +61,12 @@ class Tail(msgspec.Struct):
 
 
 class Lookup(msgspec.Struct, tag="lookup"):
-    """The leading run of `keys` present; with `tail`, then the partial match (`Matched`)."""
+    """The leading run of `keys` present (`Count`); with `tail`, then the partial match, or
+    with `explain`, why the run ended (`Matched`)."""
 
     keys: list[bytes]
     tail: Tail | None = None
+    explain: bool = False
 
 
 class Reserve(msgspec.Struct, tag="reserve"):
@@ -118,6 +122,8 @@ class Tokens(msgspec.Struct, tag="tokens"):
     partial: int
     stored: int
     setup: str = ""  # what else keys its chunks: layout, chunk size, hash (not the tenant)
+    missed: dict[str, int] = {}  # looked-up tokens not found, by `kvdepot.misses` reason
+    saved_s: float = 0.0  # estimated prefill seconds its hits saved
 
 
 class Stats(msgspec.Struct, tag="stats"):
@@ -180,11 +186,14 @@ class Done(msgspec.Struct, tag="done"):
 
 
 class Matched(msgspec.Struct, tag="matched"):
-    """Answer to a `Lookup` with a tail: `num_partial_tokens` 0 means no partial match."""
+    """Answer to a `Lookup` with a tail: `num_partial_tokens` 0 means no partial match;
+    `miss` and `held_elsewhere` as in `kvdepot.store.PrefixHit`."""
 
     num_chunks: int
     partial_key: bytes = b""
     num_partial_tokens: int = 0
+    miss: str = ""
+    held_elsewhere: int = 0
 
 
 class StatsReply(msgspec.Struct, tag="stats_reply"):

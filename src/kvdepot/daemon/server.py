@@ -45,6 +45,7 @@ from kvdepot.daemon.auth import ensure_private_dir, tokens_match
 from kvdepot.daemon.session import Session
 from kvdepot.keys import MAX_CHUNK_TOKENS, ChunkKey
 from kvdepot.metrics import Metrics
+from kvdepot.misses import clamp_missed, miss
 from kvdepot.store import PrefixHit, TieredStore
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.memory import Refusal, WriteSlot
@@ -268,11 +269,12 @@ class DaemonServer:
         match request:
             case p.Contains(keys=keys):
                 return p.Found(store.contains(_keys(keys)))
-            case p.Lookup(keys=keys, tail=tail):
-                if tail is None:
+            case p.Lookup(keys=keys, tail=tail, explain=explain):
+                if tail is None and not explain:
                     return p.Count(store.lookup(_keys(keys)))
-                hit = store.match(_keys(keys), _tail(tail, len(keys)))
-                return p.Matched(hit.num_chunks, *_partial(hit))
+                query = None if tail is None else _tail(tail, len(keys))
+                hit = store.match(_keys(keys), query)
+                return p.Matched(hit.num_chunks, *_partial(hit), hit.miss, hit.held_elsewhere)
             case p.Reserve(keys=keys, sizes=sizes):
                 return p.Slots(self._reserve(session, keys, sizes))
             case p.Commit(keys=keys, aborted=aborted):
@@ -288,12 +290,8 @@ class DaemonServer:
                 _check_tokens(*tokens)
                 store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
                 return p.Done()
-            case p.Tokens(model=model, looked_up=looked, hit=hit, partial=partial, stored=stored,
-                          setup=setup):  # fmt: skip
-                counts = [max(0, int(n)) for n in (looked, hit, partial, stored)]
-                label = self.metrics.count_tokens(model[:256], *counts)
-                session.count_tokens(label, *counts)
-                self._note_setup(label, setup[:200])
+            case p.Tokens() as report:
+                self._count_tokens(session, report)
                 return p.Done()
             case p.Flush(timeout_s=timeout_s):
                 return p.Done(store.flush(min(max(timeout_s, 0.0), 300.0)))
@@ -399,6 +397,18 @@ class DaemonServer:
                     found[sample.labels["reason"]] = int(sample.value)
         return found
 
+    def _count_tokens(self, session: Session, report: p.Tokens) -> None:
+        """A client's token counts, clamped (a client is not trusted with label values)."""
+        looked, hit, partial, stored = (
+            max(0, int(n)) for n in (report.looked_up, report.hit, report.partial, report.stored)
+        )
+        saved_s = report.saved_s if 0.0 < report.saved_s < 1e6 else 0.0
+        label = self.metrics.count_tokens(
+            report.model[:256], looked, hit, partial, stored, clamp_missed(report.missed), saved_s
+        )
+        session.count_tokens(label, looked, hit, partial, stored)
+        self._note_setup(label, report.setup[:200])
+
     def _note_setup(self, label: str, setup: str) -> None:
         """Remember which setups (layout, chunk size, hash) each model label was used with:
         engines of one model in two setups miss each other's chunks (`stats` flags it)."""
@@ -409,13 +419,26 @@ class DaemonServer:
                     setups.add(setup)
 
     def _model_tokens(self) -> dict[str, dict[str, object]]:
-        """Tokens per model label (`kvdepot_model_tokens_total`) and each model's hit rate."""
+        """Per model label: tokens (`kvdepot_model_tokens_total`), hit rate, misses by
+        reason, estimated prefill seconds saved and the setups it was used with."""
         models: dict[str, dict[str, object]] = {}
         for family in self.metrics.model_tokens.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     kinds = models.setdefault(sample.labels["model"], {})
                     kinds[sample.labels["kind"]] = int(sample.value)
+        for family in self.metrics.model_miss_tokens.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    kinds = models.setdefault(sample.labels["model"], {})
+                    missed = kinds.setdefault("missed", {})
+                    assert isinstance(missed, dict)
+                    missed[miss(sample.labels["reason"], sample.labels["tier"])] = int(sample.value)
+        for family in self.metrics.model_seconds_saved.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    kinds = models.setdefault(sample.labels["model"], {})
+                    kinds["prefill_seconds_saved"] = round(sample.value, 3)
         with self._sessions_lock:
             setups = {label: sorted(found) for label, found in self._setups.items()}
         for label, kinds in models.items():

@@ -304,7 +304,7 @@ class DiskTier:
             self._forget(key, entry)
             return None
         except CorruptChunk as exc:
-            self._metrics.corrupt()
+            self._metrics.corrupt([key])
             self._log.warning("corrupt", "disk tier: deleting corrupt chunk %s: %s", path, exc)
             self._forget(key, entry)
             return None
@@ -363,7 +363,7 @@ class DiskTier:
             if self._drop(victim):
                 victims.append(victim)
         if victims:
-            self._metrics.evicted(len(victims))
+            self._metrics.evicted(victims)
         return victims
 
     def _drop(self, key: ChunkKey) -> bool:

@@ -286,16 +286,16 @@ class MemoryTier:
                 # Evicting everything evictable could not make room: evict nothing.
                 self._metrics.op("put", "no_room")
                 return Refusal.NO_ROOM
-            num_evicted = 0
+            victims = []
             while offset is None:
                 victim = self._policy.pop_victim(self._is_pinned)
                 if victim is None:
                     break
                 self._drop(victim)
-                num_evicted += 1
+                victims.append(victim)
                 offset = self._arena.alloc(nbytes)
-            if num_evicted:
-                self._metrics.evicted(num_evicted)
+            if victims:
+                self._metrics.evicted(victims)
             if offset is None:
                 self._metrics.op("put", "no_room")
                 self._log.warning("full", "RAM tier has no room for a %d-byte chunk", nbytes)

@@ -168,7 +168,7 @@ class S3Tier:
         try:
             open_blob(blob, key=key, verify=True)
         except CorruptChunk as exc:
-            self._metrics.corrupt()
+            self._metrics.corrupt([key])
             self._log.warning("corrupt", "s3 tier: deleting corrupt object %s: %s", name, exc)
             self._delete_names([name])
             self._account(-len(blob), -1)

@@ -281,7 +281,7 @@ class ValkeyTier:
                 raise CorruptChunk(f"parts add up to {len(value)} bytes, not {found[1]}")
             open_blob(value, key=key, verify=True, streamed=stream)
         except CorruptChunk as exc:
-            self._metrics.corrupt()
+            self._metrics.corrupt([key])
             self._log.warning("corrupt", "valkey tier: deleting bad chunk %s: %s", name, exc)
             self._pipeline(node, "delete", [("UNLINK", *_names_of(name, found))], 1)
             return None
