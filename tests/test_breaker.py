@@ -82,3 +82,22 @@ def test_a_success_from_before_opening_does_not_close_it() -> None:
     breaker.record_failure(TimeoutError(), is_timeout=True)
     breaker.record_success()
     assert breaker.state is BreakerState.OPEN
+
+
+def test_the_open_breakers_gauge_follows_the_state() -> None:
+    metrics, clock = Metrics(), FakeClock()
+
+    def open_now() -> float:
+        return metrics.counter_value("kvdepot_tier_breakers_open", {"tier": "t"})
+
+    breaker = make(clock, metrics)
+    breaker.record_failure(TimeoutError(), is_timeout=True)
+    assert open_now() == 1
+    clock.now_s += 6
+    assert breaker.allow()  # half-open: still not closed
+    breaker.record_failure(OSError("still down"))
+    assert open_now() == 1  # reopened, counted once
+    clock.now_s += 6
+    assert breaker.allow()
+    breaker.record_success()
+    assert open_now() == 0

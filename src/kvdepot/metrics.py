@@ -156,6 +156,18 @@ class Metrics:
         self.tier_objects = Gauge(
             "kvdepot_tier_objects", "Chunks held by a tier", ["tier"], registry=r
         )
+        self.tier_breakers_open = Gauge(
+            "kvdepot_tier_breakers_open",
+            "Circuit breakers of a remote tier that are not closed (its servers answer misses)",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_disabled = Gauge(
+            "kvdepot_tier_disabled",
+            "1 for a tier the config asks for that could not be opened (running without it)",
+            ["tier"],
+            registry=r,
+        )
         self.tier_evictions = Counter(
             "kvdepot_tier_evictions", "Chunks evicted to make room", ["tier"], registry=r
         )
@@ -172,6 +184,11 @@ class Metrics:
             registry=r,
         )
 
+        self.write_back_queued = Gauge(
+            "kvdepot_store_write_back_queued_chunks",
+            "Chunks waiting for (or in) write-back to the tiers below RAM",
+            registry=r,
+        )
         self.continuation_evictions = Counter(
             "kvdepot_store_continuation_evictions",
             "Continuation-index entries dropped by its bounds (bytes, entries, children)",
@@ -313,6 +330,15 @@ class TierMetrics:
         self.metrics.tier_evictions.labels(self.name).inc(count)
         if not isinstance(keys, int):
             self.metrics.ledger.note(keys, EVICTED, self.name)
+
+    def breaker(self, is_open: bool | None) -> None:
+        """One of this tier's circuit breakers left (True) or came back to closed (False);
+        None: a closed one was made (the series exists, at 0, before anything fails)."""
+        gauge = self.metrics.tier_breakers_open.labels(self.name)
+        if is_open:
+            gauge.inc()
+        elif is_open is not None:
+            gauge.dec()
 
     def corrupt(self, keys: Sequence[ChunkKey] | int = 1) -> None:
         """Chunks that failed validation and were deleted (keys, or how many)."""

@@ -167,6 +167,7 @@ class TieredStore:
         self._queued_chunks = 0
         self._queued_bytes = 0
         self._writer: threading.Thread | None = None
+        self.metrics.write_back_queued.set_function(lambda: self._queued_chunks)
         self._log = RateLimitedLog(logger)
         self.continuations = ContinuationIndex(
             max_bytes=continuation_index_bytes, on_evict=self.metrics.continuation_evictions.inc
@@ -754,6 +755,13 @@ def open_store(
         continuation_index_bytes=config.continuation_index_bytes,
     )
     store.disabled_tiers.update(disabled)
+    for name in [memory.name, *(tier.name for tier in lower), *disabled]:
+        metrics.tier_disabled.labels(name).set(1 if name in disabled else 0)
+        # Known series start at 0, so that the first event shows as an increase in PromQL.
+        metrics.corrupt_chunks.labels(name)
+        metrics.tier_evictions.labels(name)
+    for reason in ("queue_full", "ram_full"):
+        metrics.dropped_writes.labels(reason)
     return store.start()
 
 

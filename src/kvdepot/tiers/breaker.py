@@ -10,8 +10,8 @@ failure opens it for another cool-down.
 
 Invariants: state changes only under `self._lock`; at most one probe is in flight (a probe
 whose caller never reports is replaced after another cool-down); each transition is counted as
-`kvdepot_tier_ops_total{op="breaker", outcome="opened"|"probing"|"closed"}` (so the breaker is
-open while opened > closed) and logged once, rate-limited.
+`kvdepot_tier_ops_total{op="breaker", outcome="opened"|"probing"|"closed"}`, the breakers not
+closed are the gauge `kvdepot_tier_breakers_open`, and each is logged once, rate-limited.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._num_failures = 0
         self._since_s = 0.0  # when it opened, or when the probe started
+        metrics.breaker(is_open=None)
 
     @property
     def state(self) -> BreakerState:
@@ -91,6 +92,7 @@ class CircuitBreaker:
                 return  # closed already, or a call from before it opened: the probe decides
             self._state = BreakerState.CLOSED
         self._metrics.op("breaker", "closed")
+        self._metrics.breaker(is_open=False)
         self._log.log(logging.INFO, f"{self.name}-closed", "%s: reachable again", self.name)
 
     def record_failure(self, error: BaseException, *, is_timeout: bool = False) -> None:
@@ -106,10 +108,13 @@ class CircuitBreaker:
             )
             if not should_open:
                 return
+            was_closed = self._state is BreakerState.CLOSED
             self._state = BreakerState.OPEN
             self._since_s = self._clock()
             num_failures = self._num_failures
         self._metrics.op("breaker", "opened")
+        if was_closed:
+            self._metrics.breaker(is_open=True)
         self._log.warning(
             f"{self.name}-opened",
             "%s: unavailable after %d failure(s) (last: %s); answering misses for %.1f s",
