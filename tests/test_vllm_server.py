@@ -441,3 +441,19 @@ def test_vllms_metrics_show_kvdepots_series(served: dict[str, Reply]) -> None:
     assert found["vllm:kvdepot_failed_loads_total"] == 0
     assert found["vllm:kvdepot_load_seconds_count"] >= 3  # repeat, other, turn2
     assert found["vllm:kvdepot_save_seconds_count"] >= 1
+
+
+def test_the_dashboards_vllm_panels_read_series_vllm_serve_exports(
+    served: dict[str, Reply],
+) -> None:
+    """The Grafana dashboard's vLLM panels (not evaluated by tests/test_prometheus.py, which
+    runs no vLLM) name series that this real scrape of `vllm serve` has."""
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "deploy/grafana/kvdepot-dashboard.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    names = {n for e in exprs for n in re.findall(r'__name__="(vllm:[a-z_]+)"', e)}
+    assert len(names) >= 4
+    assert names <= set(SCRAPES["kvdepot"]), names - set(SCRAPES["kvdepot"])
