@@ -324,6 +324,8 @@ def test_each_request_leaves_a_record_in_metrics_and_optionally_a_json_line(
     assert warm["loaded_bytes"] == 63 * per_token and cold["stored_bytes"] == 64 * per_token
     assert warm["load_s"] > 0 and cold["save_s"] > 0 and warm["fallback"] is None
     assert cold["request_id"] != warm["request_id"]
+    assert cold["cached_by_tier"] == {} and warm["cached_by_tier"] == {"memory": 63}
+    assert warm["partial_tokens"] == 0
     value = store.metrics.registry.get_sample_value
     labels = {"connector": "transformers"}
     assert value("kvdepot_request_hit_ratio_count", labels) == 2
@@ -347,3 +349,41 @@ def test_request_lines_are_off_by_default(
     assert not [r for r in caplog.records if r.name == "kvdepot.requests"]
     value = store.metrics.registry.get_sample_value
     assert value("kvdepot_request_hit_ratio_count", {"connector": "transformers"}) == 1
+
+
+def test_records_say_which_tier_and_how_much_partial_matching_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prompt served from disk after a restart (RAM empty), then a question on a stored
+    prompt served in part by partial matching: the records name the tier and the share."""
+    import json
+
+    from kvdepot.config import load_config
+    from kvdepot.store import open_store
+
+    model = tiny_llama()
+    config = load_config(
+        env={},
+        overrides={"memory.capacity_bytes": 8 << 20, "memory.prefault": False,
+                   "disk.path": str(tmp_path / "disk"), "disk.fsync": False},
+    )  # fmt: skip
+    ids = list(range(5, 69))  # 2 chunks
+    with open_store(config) as store:
+        first = KVDepotGenerator.for_model(model, store, chunk_size_tokens=32)
+        first.generate(ids, max_new_tokens=1)
+    with open_store(config) as store, caplog.at_level(logging.INFO, logger="kvdepot.requests"):
+        generator = KVDepotGenerator.for_model(
+            model, store, chunk_size_tokens=32, request_log="info", store_generated=False
+        )
+        generator.generate([*ids, 1, 2], max_new_tokens=1)  # from disk: nothing in RAM yet
+        generator.generate([*ids[:56], 7, 8, 9, 10], max_new_tokens=1)  # parts inside chunk 2
+        value = store.metrics.registry.get_sample_value
+        by_tier = {t: value("kvdepot_engine_loaded_tokens_total", {"tier": t}) for t in
+                   ("memory", "disk")}  # fmt: skip
+    from_disk, partial = (
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "kvdepot.requests"
+    )
+    assert from_disk["cached_by_tier"] == {"disk": 64} and from_disk["partial_tokens"] == 0
+    assert partial["cached_tokens"] == 56 and partial["cached_by_tier"] == {"memory": 56}
+    assert partial["partial_tokens"] == 24  # 32 from the first chunk, 24 from the second
+    assert by_tier == {"memory": 56.0, "disk": 64.0}

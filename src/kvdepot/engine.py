@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,7 +41,7 @@ from kvdepot.keys import (
 from kvdepot.layout import KVLayout
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
-from kvdepot.misses import BELOW_MIN_REUSE, parse_miss, split_missed
+from kvdepot.misses import BELOW_MIN_REUSE, parse_miss, split_missed, tier_label
 from kvdepot.store import ChunkStore
 from kvdepot.tensors import as_numpy_bits, dtype_from_torch, torch_dtype, torch_from_bits
 
@@ -57,6 +58,33 @@ def floor_to_chunk(num_tokens: int, chunk_size: int) -> int:
 def ceil_to_chunk(num_tokens: int, chunk_size: int) -> int:
     """The first chunk boundary at or after `num_tokens`."""
     return -(-num_tokens // chunk_size) * chunk_size
+
+
+@dataclass(slots=True)
+class LoadInfo:
+    """What one `retrieve` loaded, in order, for the caller's per-request record: runs of
+    (tier it came from: "memory" or the lower tier that had it, tokens, by partial match)."""
+
+    pieces: list[tuple[str, int, bool]] = field(default_factory=list)
+
+    def by_tier(self, limit: int | None = None) -> dict[str, int]:
+        """Tokens per tier, of the first `limit` tokens (all by default)."""
+        out: dict[str, int] = {}
+        for tier, n, _ in self._first(limit):
+            out[tier] = out.get(tier, 0) + n
+        return out
+
+    def partial_tokens(self, limit: int | None = None) -> int:
+        """Of the first `limit` tokens, those found by partial matching."""
+        return sum(n for _, n, partial in self._first(limit) if partial)
+
+    def _first(self, limit: int | None) -> Iterator[tuple[str, int, bool]]:
+        left = limit if limit is not None else sum(n for _, n, _ in self.pieces)
+        for tier, n, partial in self.pieces:
+            if left <= 0:
+                return
+            yield tier, min(n, left), partial
+            left -= n
 
 
 def _token_ids(tokens: Tokens) -> TokenIds:
@@ -285,6 +313,7 @@ class CacheEngine:
         tenant_salt: bytes = b"",
         out: torch.Tensor | None = None,
         segment: bool = False,
+        info: LoadInfo | None = None,
     ) -> torch.Tensor:
         """KV of the leading cached tokens of `tokens` (as `lookup` counts them).
 
@@ -295,8 +324,12 @@ class CacheEngine:
                 faster to fill than fresh memory); the result is a view of it. Rows past
                 the result may be overwritten.
             segment: retrieve `tokens` as a segment (see `chunk_keys`).
+            info: filled with where the loaded tokens came from.
         """
-        with self.retrieve_views(tokens, tenant_salt=tenant_salt, out=out, segment=segment) as kv:
+        views = self.retrieve_views(
+            tokens, tenant_salt=tenant_salt, out=out, segment=segment, info=info
+        )
+        with views as kv:
             num_hit = sum(int(piece.shape[2]) for piece in kv)
             if out is None:
                 out = torch.empty(
@@ -318,6 +351,7 @@ class CacheEngine:
         tenant_salt: bytes = b"",
         out: torch.Tensor | None = None,
         segment: bool = False,
+        info: LoadInfo | None = None,
     ) -> Iterator[list[torch.Tensor]]:
         """KV of the leading cached tokens of `tokens` (as `lookup` counts them), chunk by
         chunk, without copying what the store holds raw in memory.
@@ -326,20 +360,18 @@ class CacheEngine:
         held raw in the store's (shared) memory is a view of that memory: valid only inside
         the block, read-only by contract. Other chunks are decoded into `out` at their
         token offset (it then needs room for every hit token) or else into new memory.
-        A corrupt chunk ends the hit there and is deleted after the block.
+        A corrupt chunk ends the hit there and is deleted after the block. `info`, if
+        given, is filled with where the yielded tokens came from (`LoadInfo`).
         """
         keys, tail = self._prompt_keys(tokens, tenant_salt, segment)
         c = self.chunk_size_tokens
         bad_keys: list[ChunkKey] = []
         try:
             with contextlib.ExitStack() as stack:
-                if tail is None:
-                    blobs, hit = stack.enter_context(self.backend.read(keys)), None
-                else:
-                    prefix = stack.enter_context(self.backend.read_prefix(keys, tail))
-                    blobs, hit = prefix.blobs[: prefix.hit.num_chunks], prefix.hit
+                prefix = stack.enter_context(self.backend.read_prefix(keys, tail))
+                blobs, hit = prefix.blobs[: prefix.hit.num_chunks], prefix.hit
                 num_hit = min(len(blobs) * c, len(tokens))
-                num_partial = hit.num_partial_tokens if hit is not None else 0
+                num_partial = hit.num_partial_tokens
                 if out is not None:
                     self._check_kv(out, min_tokens=num_hit + num_partial)
                     if out.device.type != "cpu":
@@ -354,10 +386,10 @@ class CacheEngine:
                         bad_keys.append(keys[i])
                         num_partial = 0
                         break
-                partial_key = hit.partial_key if hit is not None else None
+                partial_key = hit.partial_key
                 if partial_key is not None and partial_key.namespace != keys[0].namespace:
                     num_partial = 0  # a stranger's chunk: never this prompt's KV
-                if num_partial and hit is not None and hit.partial_key is not None:
+                if num_partial and hit.partial_key is not None:
                     key = hit.partial_key
                     try:
                         blob = prefix.blobs[-1]
@@ -366,11 +398,29 @@ class CacheEngine:
                         self._log.warning("decode", "partial chunk unusable, deleted: %s", exc)
                         bad_keys.append(key)
                 self.metrics.retrieved_tokens.inc(sum(int(piece.shape[2]) for piece in kv))
+                self._count_sources(kv, prefix.sources, num_hit, info)
                 yield kv
         finally:
             if bad_keys:  # found in the store's RAM (here or the daemon's): counted there
                 self.metrics.corrupt_chunks.labels("memory").inc(len(bad_keys))
                 self.backend.delete(bad_keys)  # a miss from now on, so it can be stored again
+
+    def _count_sources(
+        self,
+        kv: list[torch.Tensor],
+        sources: tuple[str, ...],
+        num_whole: int,
+        info: LoadInfo | None,
+    ) -> None:
+        """Loaded tokens by the tier they came from (`kvdepot_engine_loaded_tokens_total`)."""
+        start = 0
+        for i, piece in enumerate(kv):
+            n = int(piece.shape[2])
+            tier = tier_label(sources[i]) if i < len(sources) else "unknown"
+            self.metrics.loaded_tokens.labels(tier).inc(n)
+            if info is not None:
+                info.pieces.append((tier, n, start >= num_whole))
+            start += n
 
     def _chunk_kv(
         self,

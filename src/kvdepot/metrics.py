@@ -56,6 +56,13 @@ class Metrics:
         self.retrieved_tokens = Counter(
             "kvdepot_engine_retrieved_tokens", "Tokens whose KV was loaded", registry=r
         )
+        self.loaded_tokens = Counter(
+            "kvdepot_engine_loaded_tokens",
+            "Tokens whose KV was loaded, by the tier it came from (memory, or the tier below "
+            "it was promoted from)",
+            ["tier"],
+            registry=r,
+        )
         seconds = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
         self.request_hit_ratio = Histogram(
             "kvdepot_request_hit_ratio",

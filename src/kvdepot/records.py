@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
@@ -36,7 +36,8 @@ class RequestRecord:
         connector: which connector served it ("transformers", ...).
         request_id: the connector's id of the request.
         prompt_tokens: tokens in the prompt.
-        cached_tokens: prompt tokens loaded from kvdepot instead of computed.
+        cached_tokens: prompt tokens loaded from kvdepot instead of computed (by tier and
+            partial matching: `cached_by_tier`, `partial_tokens`).
         computed_tokens: prompt tokens the engine computed.
         stored_tokens: tokens newly stored (prompt and, if enabled, generated ones).
         lookup_s / load_s / save_s: seconds spent looking up, loading and storing.
@@ -60,6 +61,10 @@ class RequestRecord:
     fallback: str | None = None
     saved_s: float = 0.0
     """Estimated prefill seconds the cached tokens saved (`PrefillCost`); 0 until measured."""
+    cached_by_tier: dict[str, int] = field(default_factory=dict)
+    """The cached tokens by the tier they were loaded from (memory, disk, valkey, s3)."""
+    partial_tokens: int = 0
+    """Of the cached tokens, those found by partial matching (part of a stored chunk)."""
 
     @property
     def hit_ratio(self) -> float:

@@ -79,10 +79,13 @@ class PrefixHit:
 @dataclass(frozen=True, slots=True)
 class Prefix:
     """`PrefixHit` with the blobs: the leading run's, then the partial chunk's (when
-    `hit.num_partial_tokens` > 0); valid inside the `read_prefix` block."""
+    `hit.num_partial_tokens` > 0); valid inside the `read_prefix` block. `sources` names the
+    tier each blob came from ("memory", or the lower tier it was promoted from), when known
+    (else empty)."""
 
     blobs: list[memoryview | bytes]
     hit: PrefixHit
+    sources: tuple[str, ...] = ()
 
 
 class ChunkStore(Protocol):
@@ -103,7 +106,7 @@ class ChunkStore(Protocol):
     def match(self, keys: Sequence[ChunkKey], tail: TailQuery | None) -> PrefixHit: ...
 
     def read_prefix(
-        self, keys: Sequence[ChunkKey], tail: TailQuery
+        self, keys: Sequence[ChunkKey], tail: TailQuery | None
     ) -> AbstractContextManager[Prefix]: ...
 
     def remember(self, entries: Sequence[Continuation]) -> None: ...
@@ -212,49 +215,57 @@ class TieredStore:
         before the chunk that would exceed it.
         """
         with contextlib.ExitStack() as stack:
-            views = stack.enter_context(self.memory.read(keys, max_bytes=max_bytes))
-            left = (
-                None
-                if max_bytes is None
-                else max_bytes - sum(len(v) for v in views if v is not None)
-            )
-            blobs: list[memoryview | bytes] = []
-            i = 0
-            while i < len(views):
-                view = views[i]
-                if view is not None:
-                    blobs.append(view)
-                    i += 1
-                    continue
-                end = i
-                while end < len(views) and views[end] is None:
-                    end += 1
-                found = self._read_lower(keys[i:end], stack, left)
-                blobs += found
-                if left is not None:
-                    left -= sum(len(blob) for blob in found)
-                if len(found) < end - i:
-                    break
-                i = end
-            yield blobs
+            yield self._read(keys, stack, max_bytes)[0]
+
+    def _read(
+        self, keys: Sequence[ChunkKey], stack: contextlib.ExitStack, max_bytes: int | None
+    ) -> tuple[list[memoryview | bytes], list[str]]:
+        """`read`'s blobs, pinned on `stack`, and the tier each came from."""
+        views = stack.enter_context(self.memory.read(keys, max_bytes=max_bytes))
+        left = None if max_bytes is None else max_bytes - sum(len(v) for v in views if v)
+        blobs: list[memoryview | bytes] = []
+        sources: list[str] = []
+        i = 0
+        while i < len(views):
+            view = views[i]
+            if view is not None:
+                blobs.append(view)
+                sources.append(self.memory.name)
+                i += 1
+                continue
+            end = i
+            while end < len(views) and views[end] is None:
+                end += 1
+            found, found_in = self._read_lower(keys[i:end], stack, left)
+            blobs += found
+            sources += found_in
+            if left is not None:
+                left -= sum(len(blob) for blob in found)
+            if len(found) < end - i:
+                break
+            i = end
+        return blobs, sources
 
     def _read_lower(
         self, keys: Sequence[ChunkKey], stack: contextlib.ExitStack, max_bytes: int | None
-    ) -> list[memoryview | bytes]:
-        """The leading run of `keys` found below RAM, promoted and pinned where RAM has room."""
+    ) -> tuple[list[memoryview | bytes], list[str]]:
+        """The leading run of `keys` found below RAM, promoted and pinned where RAM has room,
+        and the tier each came from."""
         if not self.lower:
-            return []
+            return [], []
         fetched = self._fetch_lower(keys[: _leading(self._contains_lower(keys))])
-        promoted = [key for key, blob in zip(keys, fetched, strict=False) if blob is None]
+        promoted = [key for key, (blob, _) in zip(keys, fetched, strict=False) if blob is None]
         read = self.memory.read(promoted, record=False, max_bytes=max_bytes)
         pinned = iter(stack.enter_context(read))
         out: list[memoryview | bytes] = []
-        for blob in fetched:
+        sources: list[str] = []
+        for blob, source in fetched:
             view = next(pinned, None) if blob is None else blob
             if view is None:
                 break  # evicted between promotion and pinning (or over budget): the run ends
             out.append(view)
-        return out
+            sources.append(source)
+        return out, sources
 
     def _contains_lower(self, keys: Sequence[ChunkKey]) -> list[bool]:
         found = [False] * len(keys)
@@ -267,16 +278,16 @@ class TieredStore:
                 found[i] = hit
         return found
 
-    def _fetch_lower(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+    def _fetch_lower(self, keys: Sequence[ChunkKey]) -> list[tuple[bytes | None, str]]:
         """Fetch `keys` (believed present below RAM) and promote them into RAM.
 
-        Returns, for the leading run fetched: None for a chunk now in RAM, the blob itself
-        for one RAM had no room for. Stops at the first chunk no tier could deliver. A run of
-        chunks the first lower tier can read into memory is read as one batch (the disk keeps
-        several reads in flight); whatever the batch does not deliver is fetched one by one
-        from every tier in order.
+        Returns, for the leading run fetched: (None for a chunk now in RAM or the blob itself
+        for one RAM had no room for, the tier it came from). Stops at the first chunk no tier
+        could deliver. A run of chunks the first lower tier can read into memory is read as
+        one batch (the disk keeps several reads in flight); whatever the batch does not
+        deliver is fetched one by one from every tier in order.
         """
-        out: list[bytes | None] = []
+        out: list[tuple[bytes | None, str]] = []
         slots: list[WriteSlot] = []
         first = self.lower[0]
         sizes = self._safe_sizes(first, keys)
@@ -288,21 +299,25 @@ class TieredStore:
                 if may_batch and run > 1:
                     batch = self._promote_run(first, keys[i : i + run], sizes[i : i + run])
                     slots += batch
-                    out += [None] * len(batch)
+                    out += [(None, first.name)] * len(batch)
                     may_batch = len(batch) == run  # a failure in the batch: go one by one
                     if batch:
                         continue
                 got = next(
-                    (g for t in self.lower if (g := self._promote_one(t, keys[i])) is not None),
+                    (
+                        (g, t.name)
+                        for t in self.lower
+                        if (g := self._promote_one(t, keys[i])) is not None
+                    ),
                     None,
                 )
                 if got is None:
                     break
-                if isinstance(got, WriteSlot):
-                    slots.append(got)
-                    out.append(None)
+                if isinstance(got[0], WriteSlot):
+                    slots.append(got[0])
+                    out.append((None, got[1]))
                 else:
-                    out.append(got)
+                    out.append((got[0], got[1]))
         finally:
             self.memory.commit(slots)
         return out
@@ -515,20 +530,24 @@ class TieredStore:
 
     @contextlib.contextmanager
     def read_prefix(
-        self, keys: Sequence[ChunkKey], tail: TailQuery, *, max_bytes: int | None = None
+        self, keys: Sequence[ChunkKey], tail: TailQuery | None, *, max_bytes: int | None = None
     ) -> Iterator[Prefix]:
-        """`read`, then the partial chunk after the leading run, pinned alike."""
+        """`read`, then (with a tail) the partial chunk after the leading run, pinned alike;
+        with the tier each blob came from."""
         with contextlib.ExitStack() as stack:
-            blobs = stack.enter_context(self.read(keys, max_bytes=max_bytes))
-            self.continuations.note_root(tail.root)
-            found = self._tail(keys, len(blobs), tail)
+            blobs, sources = self._read(keys, stack, max_bytes)
+            found = None
+            if tail is not None:
+                self.continuations.note_root(tail.root)
+                found = self._tail(keys, len(blobs), tail)
             if found is not None:
                 left = None if max_bytes is None else max_bytes - sum(len(b) for b in blobs)
-                child = stack.enter_context(self.read([found[0]], max_bytes=left))
+                child, child_in = self._read([found[0]], stack, left)
                 if child:  # else it went between the index and the read: no partial hit
-                    yield Prefix([*blobs, child[0]], PrefixHit(len(blobs), *found))
+                    hit = PrefixHit(len(blobs), *found)
+                    yield Prefix([*blobs, child[0]], hit, (*sources, *child_in))
                     return
-            yield Prefix(blobs, PrefixHit(len(blobs)))
+            yield Prefix(blobs, PrefixHit(len(blobs)), tuple(sources))
 
     def _tail(
         self, keys: Sequence[ChunkKey], num_chunks: int, tail: TailQuery

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import xxhash
 
-from kvdepot.engine import CacheEngine
+from kvdepot.engine import CacheEngine, LoadInfo
 from kvdepot.errors import ConfigError, KVDepotError
 from kvdepot.keys import HashAlgorithm
 from kvdepot.layout import KVLayout
@@ -232,9 +232,10 @@ class KVDepotGenerator:
         reason: str | None = None if use_cache else "lookup disabled"
         num_cached, cache = 0, None
         timing = [0.0, 0.0]  # lookup, load
+        loaded = LoadInfo()
         if use_cache:
             try:
-                num_cached, cache = self._load_prefix(ids[0], tenant_salt, timing)
+                num_cached, cache = self._load_prefix(ids[0], tenant_salt, timing, loaded)
             except Exception as exc:
                 reason = f"cache load failed: {exc}"
                 self._log.warning("load", "kvdepot: %s; running a full prefill", reason)
@@ -253,7 +254,7 @@ class KVDepotGenerator:
         save_start = time.perf_counter()
         num_stored = self._store(output, cache, num_prompt, num_cached, tenant_salt)
         self._report(num_prompt, num_cached, num_stored, timing, time.perf_counter() - save_start,
-                     ttft_s, reason)  # fmt: skip
+                     ttft_s, reason, loaded)  # fmt: skip
         return GenerationResult(
             token_ids=output[num_prompt:].tolist(),
             num_prompt_tokens=num_prompt,
@@ -273,6 +274,7 @@ class KVDepotGenerator:
         save_s: float,
         ttft_s: float,
         reason: str | None,
+        loaded: LoadInfo,
     ) -> None:
         """This request's record (`kvdepot.records`); never raises."""
         self._num_requests += 1
@@ -282,7 +284,8 @@ class KVDepotGenerator:
             "transformers", str(self._num_requests), num_prompt, num_cached,
             num_prompt - num_cached, num_stored, timing[0], timing[1], save_s,
             num_cached * per_token, num_stored * per_token, ttft_s, reason,
-            self.prefill_cost.saved_s(num_cached),
+            self.prefill_cost.saved_s(num_cached), loaded.by_tier(num_cached),
+            loaded.partial_tokens(num_cached),
         )  # fmt: skip
         self.request_log.report(record)
         self.engine.count_saved(record.saved_s)
@@ -298,9 +301,14 @@ class KVDepotGenerator:
         return self._load_prefix(ids, tenant_salt, [0.0, 0.0])
 
     def _load_prefix(
-        self, ids: torch.Tensor, tenant_salt: bytes, timing: list[float]
+        self,
+        ids: torch.Tensor,
+        tenant_salt: bytes,
+        timing: list[float],
+        loaded: LoadInfo | None = None,
     ) -> tuple[int, DynamicCache | None]:
-        """`load_prefix`, adding its lookup and load seconds to `timing`."""
+        """`load_prefix`, adding its lookup and load seconds to `timing` and what it loaded
+        to `loaded`."""
         start = time.perf_counter()
         num_hit = self.engine.lookup(ids, tenant_salt=tenant_salt)  # counts the whole prompt
         timing[0] += time.perf_counter() - start
@@ -310,7 +318,9 @@ class KVDepotGenerator:
             return 0, None
         start = time.perf_counter()
         try:
-            kv = self.engine.retrieve(ids, tenant_salt=tenant_salt, out=self._buffer(ids.shape[0]))
+            kv = self.engine.retrieve(
+                ids, tenant_salt=tenant_salt, out=self._buffer(ids.shape[0]), info=loaded
+            )
             num_cached = min(kv.shape[2], ids.shape[0] - 1)
             if num_cached <= 0:
                 return 0, None

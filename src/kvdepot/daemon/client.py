@@ -43,7 +43,7 @@ from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
-from kvdepot.misses import TIER_UNAVAILABLE, miss
+from kvdepot.misses import TIER_UNAVAILABLE, miss, tier_label
 from kvdepot.store import Prefix, PrefixHit
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.base import TierUsage
@@ -251,9 +251,11 @@ class DaemonClient:
             yield prefix.blobs
 
     @contextlib.contextmanager
-    def read_prefix(self, keys: Sequence[ChunkKey], tail: TailQuery) -> Iterator[Prefix]:
-        """`read` and the partial chunk after the leading run, in one round trip."""
-        request = p.Read([k.to_bytes() for k in keys], _wire_tail(tail, len(keys)))
+    def read_prefix(self, keys: Sequence[ChunkKey], tail: TailQuery | None) -> Iterator[Prefix]:
+        """`read` and (with a tail) the partial chunk after the leading run, in one round
+        trip."""
+        wire_tail = None if tail is None else _wire_tail(tail, len(keys))
+        request = p.Read([k.to_bytes() for k in keys], wire_tail)
         with self._read(request) as prefix:
             yield prefix
 
@@ -274,7 +276,9 @@ class DaemonClient:
             ]
             num_partial = response.num_partial_tokens
             num_chunks = len(blobs) - (num_partial > 0)
-            yield Prefix(blobs, _hit(num_chunks, response.partial_key, num_partial))
+            sources = response.sources if len(response.sources) == len(blobs) else []
+            hit = _hit(num_chunks, response.partial_key, num_partial)
+            yield Prefix(blobs, hit, tuple(tier_label(name[:16]) for name in sources))
         finally:
             with self._lock:
                 if self._sock is sock:  # else the lease ends with its (parked) connection

@@ -20,7 +20,8 @@ import msgspec
 PROTOCOL_VERSION = 3
 """3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; Lookup and Read take a `Tail` (partial
 matching in the same call, `Continue` is gone); fields added since, with defaults (an older
-peer ignores them): Lookup.explain, Matched.miss/.held_elsewhere, Tokens.missed/.saved_s.
+peer ignores them): Lookup.explain, Matched.miss/.held_elsewhere, Tokens.missed/.saved_s,
+Extents.sources.
 2: Remember / Continue."""
 MAX_FRAME_BYTES = 1 << 20
 MAX_HELLO_BYTES = 4096
@@ -179,6 +180,7 @@ class Extents(msgspec.Struct, tag="extents"):
     sizes: list[int]
     partial_key: bytes = b""
     num_partial_tokens: int = 0
+    sources: list[str] = []  # the tier each extent came from (RAM, or promoted from ...)
 
 
 class Done(msgspec.Struct, tag="done"):

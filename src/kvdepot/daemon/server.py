@@ -352,14 +352,11 @@ class DaemonServer:
         chunk_keys = _keys(keys)
         stack = contextlib.ExitStack()
         try:
-            if tail is None:
-                blobs = stack.enter_context(self.store.read(chunk_keys, max_bytes=budget))
-                hit = PrefixHit(len(blobs))
-            else:
-                query = _tail(tail, len(keys))
-                read = self.store.read_prefix(chunk_keys, query, max_bytes=budget)
-                prefix = stack.enter_context(read)
-                blobs, hit = prefix.blobs, prefix.hit
+            query = None if tail is None else _tail(tail, len(keys))
+            prefix = stack.enter_context(
+                self.store.read_prefix(chunk_keys, query, max_bytes=budget)
+            )
+            blobs, hit = prefix.blobs, prefix.hit
             offsets, sizes = [], []
             for blob in blobs:
                 if not isinstance(blob, memoryview):
@@ -372,10 +369,13 @@ class DaemonServer:
         lease_id = next(self._lease_ids)
         pinned = sum(len(blob) for blob in blobs if isinstance(blob, memoryview))
         session.add_lease(lease_id, stack, pinned, self.limits.lease_ttl_s)
+        sources = list(prefix.sources)
         if hit.num_partial_tokens and len(offsets) == len(blobs):
-            return p.Extents(lease_id, offsets, sizes, *_partial(hit))
+            return p.Extents(lease_id, offsets, sizes, *_partial(hit), sources)
         num_whole = min(len(offsets), len(blobs) - (hit.num_partial_tokens > 0))
-        return p.Extents(lease_id, offsets[:num_whole], sizes[:num_whole])
+        return p.Extents(
+            lease_id, offsets[:num_whole], sizes[:num_whole], sources=sources[:num_whole]
+        )
 
     def _tier_traffic(self, tier: str) -> dict[str, int]:
         """A tier's get hits and misses, bytes read and written, and evictions, so far."""
