@@ -237,6 +237,7 @@ def test_generator_stores_missing_segments_then_reuses_them_in_any_order(
     shuffled = [segments[0], segments[3], segments[1], segments[2], segments[4]]
     second = generator.generate(shuffled, max_new_tokens=6)
     assert (second.num_reused_tokens, second.num_computed_tokens) == (115, 0)
+    assert second.reused_by_tier == {"memory": 115} and first.reused_by_tier == {}
     assert second.num_recomputed_tokens == 95  # every moved token, at ratio 1
     assert second.token_ids == plain_generate(model, prompt_ids(shuffled), 6)
 

@@ -418,6 +418,7 @@ def test_stats_for_vllms_metrics_count_tokens_and_times_once(
     assert value("vllm:kvdepot_hit_tokens_total", labels) == 200
     assert value("vllm:kvdepot_load_seconds_count", labels) == 1
     assert value("vllm:kvdepot_save_seconds_count", labels) == 1
+    assert value("vllm:kvdepot_tier_loaded_tokens_total", {**labels, "tier": "memory"}) == 128
 
 
 def test_preempted_request_is_planned_again_from_scratch(engine: Engine) -> None:
@@ -1402,3 +1403,72 @@ def test_hybrid_model_keeps_vllms_hybrid_allocator_and_matches_vllm_alone(
         "lost_chunk": (512, 4),
     }
     assert_same_logprobs(populated["cold"] + list(steps.values()), populated["reference"])
+
+
+def test_each_request_leaves_a_record_with_the_workers_part(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Per-request records: the scheduler side knows the prompt, vLLM's own hit and the
+    lookup time; the worker's loads and saves come back in the stats vLLM hands to
+    `update_connector_output`; a record is written once the request finished and every
+    transfer planned for it was reported, whichever of the two vLLM does first."""
+    import logging
+
+    config = vllm_config(tmp_path, request_log="info")
+    worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_cache_config())
+    caches = dict(zip(NAMES, torch.zeros(len(NAMES), B, H, N, 2 * D), strict=True))
+    worker.register_kv_caches(caches)
+    scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config())
+    engine = Engine(scheduler, worker, caches)
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(r.getMessage()) for r in caplog.records if r.name == "kvdepot.requests"]
+
+    def report() -> None:  # what vLLM does after each step
+        output = SimpleNamespace(
+            finished_sending=set(), kv_connector_stats=worker.get_kv_connector_stats()
+        )
+        scheduler.update_connector_output(output)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="kvdepot.requests"):
+            first = request("a", PROMPT)
+            engine.lookup(first)
+            engine.step([(first, list(range(7)), 0, 200)])
+            report()
+            assert not lines()  # not finished yet
+            scheduler.request_finished(first, list(range(7)))  # finished after its report
+            again = request("b", PROMPT)
+            assert engine.lookup(again, num_local=64) == 199 - 64  # vLLM holds 64 itself
+            engine.step([(again, list(range(10, 17)), 199, 1)])
+            scheduler.request_finished(again, list(range(10, 17)))  # before it (vLLM 0.32)
+            assert len(lines()) == 1  # b waits for the worker's report
+            report()
+        a, b = lines()
+        per_token = 2 * L * H * D * 4
+        assert (a["request_id"], a["connector"], a["prompt_tokens"]) == ("a", "vllm", 200)
+        assert (a["cached_tokens"], a["computed_tokens"], a["stored_tokens"]) == (0, 200, 200)
+        assert a["save_s"] > 0 and a["stored_bytes"] == 200 * per_token and a["load_s"] == 0
+        assert b["engine_cached_tokens"] == 64 and b["cached_tokens"] == 135
+        assert b["computed_tokens"] == 1 and b["cached_by_tier"] == {"memory": 135}
+        assert b["loaded_bytes"] == 135 * per_token and b["load_s"] > 0
+        assert b["partial_tokens"] == 0 and b["lookup_s"] > 0
+        ratios = scheduler.get_kv_connector_stats().data["hit_ratio"]
+        assert ratios == [0.0, pytest.approx(135 / 200)]
+    finally:
+        scheduler.shutdown()
+        worker.shutdown()
+
+
+def test_stats_carry_tokens_by_tier_and_merge_request_entries_across_ranks() -> None:
+    from kvdepot.connectors.vllm.stats import empty, merge
+
+    rank0 = {**empty(), "tiers": {"memory": 64},
+             "requests": {"r": {"ops": 1, "load_s": 0.02, "loaded_tokens": 64,
+                                "loaded_bytes": 100, "tiers": {"memory": 64}}}}  # fmt: skip
+    rank1 = {**empty(), "requests": {"r": {"ops": 1, "load_s": 0.05, "loaded_bytes": 100}}}
+    total = merge(merge(empty(), rank0), rank1)
+    entry = total["requests"]["r"]
+    assert entry["ops"] == 1 and entry["load_s"] == 0.05  # the ranks work in parallel
+    assert entry["loaded_bytes"] == 200 and entry["loaded_tokens"] == 64
+    assert entry["tiers"] == {"memory": 64} and total["tiers"] == {"memory": 64}

@@ -67,6 +67,7 @@ CHAT = [{"role": "user", "content": f"{DOC}\n\nWhich product runs longest on one
 NEXT_QUESTION = "And which of them is the lightest?"
 NO_LOAD = {"kvdepot.load": False}  # a per-request opt-out (the connector's docstring)
 SCRAPES: dict[str, dict[str, float]] = {}  # a server's /metrics, kvdepot's series summed
+LOGS: dict[str, Path] = {}  # a server's log (its per-request records among the lines)
 
 
 @dataclass(slots=True)
@@ -318,7 +319,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def kvdepot_server(model_dir: Path, daemon: Any, log_path: Path) -> Server:
-    extra = {"mode": "daemon", "daemon.socket_path": str(daemon.socket_path)}
+    extra = {"mode": "daemon", "daemon.socket_path": str(daemon.socket_path),
+             "request_log": "warning"}  # fmt: skip
     transfer = {"kv_connector": "KVDepotConnector",
                 "kv_connector_module_path": "kvdepot.connectors.vllm",
                 "kv_role": "kv_both", "kv_connector_extra_config": extra}  # fmt: skip
@@ -335,6 +337,7 @@ def served(
     """Every case against a server with kvdepot, then the first again on a fresh server."""
     workdir = tmp_path_factory.mktemp("kvdepot")
     sock = daemon.socket_path
+    LOGS["kvdepot"] = workdir / "server.log"
     server = kvdepot_server(model_dir, daemon, workdir / "server.log").start()
     try:
         replies = {
@@ -457,3 +460,26 @@ def test_the_dashboards_vllm_panels_read_series_vllm_serve_exports(
     names = {n for e in exprs for n in re.findall(r'__name__="(vllm:[a-z_]+)"', e)}
     assert len(names) >= 4
     assert names <= set(SCRAPES["kvdepot"]), names - set(SCRAPES["kvdepot"])
+
+
+def test_each_request_leaves_a_json_record_in_the_servers_log(served: dict[str, Reply]) -> None:
+    """`request_log`: one JSON line per request from the scheduler side, with the worker's
+    loads and saves; what each says it loaded is what vLLM reported as cached."""
+    records = []
+    for line in LOGS["kvdepot"].read_text(errors="replace").splitlines():
+        if (at := line.find('{"connector":"vllm"')) >= 0:
+            records.append(json.loads(line[at:]))
+    first_server = [served[k] for k in ("cold", "repeat", "other", "no_load", "turn1", "turn2")]
+    assert sorted((r["prompt_tokens"], r["cached_tokens"]) for r in records) == sorted(
+        (len(r.prompt_token_ids), r.num_cached_tokens) for r in first_server
+    )
+    for record in records:
+        assert sum(record["cached_by_tier"].values()) == record["cached_tokens"]
+        assert record["engine_cached_tokens"] == 0  # vLLM's prefix cache is off here
+        assert record["computed_tokens"] == record["prompt_tokens"] - record["cached_tokens"]
+        assert (record["load_s"] > 0) == (record["cached_tokens"] > 0)
+    assert (
+        sum(r["stored_tokens"] for r in records)
+        == SCRAPES["kvdepot"]["vllm:kvdepot_stored_tokens_total"]
+    )
+    assert SCRAPES["kvdepot"]["vllm:kvdepot_request_hit_ratio_count"] == len(records)

@@ -67,24 +67,25 @@ class LoadInfo:
 
     pieces: list[tuple[str, int, bool]] = field(default_factory=list)
 
-    def by_tier(self, limit: int | None = None) -> dict[str, int]:
-        """Tokens per tier, of the first `limit` tokens (all by default)."""
+    def by_tier(self, start: int = 0, end: int | None = None) -> dict[str, int]:
+        """Tokens per tier, of the loaded tokens `start`..`end` (all by default)."""
         out: dict[str, int] = {}
-        for tier, n, _ in self._first(limit):
+        for tier, n, _ in self._span(start, end):
             out[tier] = out.get(tier, 0) + n
         return out
 
-    def partial_tokens(self, limit: int | None = None) -> int:
-        """Of the first `limit` tokens, those found by partial matching."""
-        return sum(n for _, n, partial in self._first(limit) if partial)
+    def partial_tokens(self, start: int = 0, end: int | None = None) -> int:
+        """Of the loaded tokens `start`..`end`, those found by partial matching."""
+        return sum(n for _, n, partial in self._span(start, end) if partial)
 
-    def _first(self, limit: int | None) -> Iterator[tuple[str, int, bool]]:
-        left = limit if limit is not None else sum(n for _, n, _ in self.pieces)
+    def _span(self, start: int, end: int | None) -> Iterator[tuple[str, int, bool]]:
+        """The pieces cut to tokens `start`..`end`."""
+        at = 0
         for tier, n, partial in self.pieces:
-            if left <= 0:
-                return
-            yield tier, min(n, left), partial
-            left -= n
+            lo, hi = max(at, start), n + at if end is None else min(n + at, end)
+            if hi > lo:
+                yield tier, hi - lo, partial
+            at += n
 
 
 def _token_ids(tokens: Tokens) -> TokenIds:

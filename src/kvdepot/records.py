@@ -1,10 +1,10 @@
 """Per-request records: what one request cost and what the cache gave it back.
 
-Runs in the engine process, wherever a connector serves requests (today the transformers
-generator; the vLLM connector reports through vLLM's stats instead). Each record goes to
-Prometheus (per-request hit ratio, load and save seconds, labelled by connector only: a
-bounded label) and, when asked (`request_log` level; off by default), to the
-`kvdepot.requests` logger as one JSON line. Nothing here raises into the request.
+Runs in the engine process, wherever a connector serves requests: the transformers
+generator, CacheBlend, and the vLLM connector's scheduler side (which also feeds vLLM's own
+metrics). Each record goes to Prometheus (per-request hit ratio, load and save seconds,
+labelled by connector only: a bounded label) and, when asked (`request_log` level; off by
+default), to the `kvdepot.requests` logger as one JSON line. Nothing here raises into the request.
 
 Return on investment (`PrefillCost`): the prefill compute a hit saved is estimated as the
 tokens not recomputed x this engine's measured prefill seconds per token, where the latter is
@@ -42,7 +42,8 @@ class RequestRecord:
         stored_tokens: tokens newly stored (prompt and, if enabled, generated ones).
         lookup_s / load_s / save_s: seconds spent looking up, loading and storing.
         loaded_bytes / stored_bytes: KV bytes moved (uncompressed).
-        ttft_s: request start to first token, lookup and load included.
+        ttft_s: request start to first token, lookup and load included; 0.0 where the
+            connector does not see it (vLLM: its own time-to-first-token histogram has it).
         fallback: why the cache was not used although it could have been, if it was not.
     """
 
@@ -65,6 +66,9 @@ class RequestRecord:
     """The cached tokens by the tier they were loaded from (memory, disk, valkey, s3)."""
     partial_tokens: int = 0
     """Of the cached tokens, those found by partial matching (part of a stored chunk)."""
+    engine_cached_tokens: int = 0
+    """Prompt tokens the engine's own prefix cache served (vLLM's), neither loaded nor
+    computed."""
 
     @property
     def hit_ratio(self) -> float:

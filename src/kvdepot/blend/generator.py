@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +40,7 @@ from kvdepot.connectors.transformers import (
     generate_from_cache,
     layer_kv,
 )
-from kvdepot.engine import CacheEngine
+from kvdepot.engine import CacheEngine, LoadInfo
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.records import RequestRecord
@@ -64,6 +64,7 @@ class BlendResult:
         ttft_s: from the call to the first token's logits (fetch, blend and prefill included).
         total_s: the whole call.
         fallback_reason: why the request ran as a plain prefill; None if it was blended.
+        reused_by_tier: the reused tokens by the tier they were loaded from.
     """
 
     token_ids: list[int]
@@ -74,6 +75,7 @@ class BlendResult:
     ttft_s: float
     total_s: float
     fallback_reason: str | None = None
+    reused_by_tier: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class BlendedCache:
         num_reused: context tokens whose KV came from the cache.
         num_computed: context tokens of segments computed on their own just now.
         num_recomputed: tokens the blend recomputed past the check layer.
+        reused_by_tier: the reused tokens by the tier they were loaded from.
     """
 
     cache: DynamicCache
@@ -92,6 +95,7 @@ class BlendedCache:
     num_reused: int
     num_computed: int
     num_recomputed: int
+    reused_by_tier: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -103,6 +107,7 @@ class _Context:
     forced: torch.Tensor
     num_reused: int = 0
     num_computed: int = 0
+    loaded: LoadInfo = field(default_factory=LoadInfo)
 
 
 class BlendGenerator:
@@ -180,6 +185,7 @@ class BlendGenerator:
             num_reused_tokens=blended.num_reused,
             num_computed_tokens=blended.num_computed,
             num_recomputed_tokens=blended.num_recomputed,
+            reused_by_tier=blended.reused_by_tier,
             ttft_s=(clock.first_s or time.perf_counter()) - start,
             total_s=time.perf_counter() - start,
         )
@@ -189,8 +195,9 @@ class BlendGenerator:
     def _report(self, result: BlendResult, blend_s: float) -> None:
         """The request's record (`kvdepot.records`): its cached tokens are the reused ones
         the blend kept; `load_s` covers fetching, moving and the selective recompute (the
-        segments computed on the way are stored inside it, so `save_s` is 0). A fallback is
-        recorded by the plain generator that serves it."""
+        segments computed on the way are stored inside it, so `save_s` is 0); its tokens by
+        tier are the reused ones, before the recompute. A fallback is recorded by the plain
+        generator that serves it."""
         self._num_requests += 1
         kept = result.num_reused_tokens - result.num_recomputed_tokens
         per_token = self.engine.layout.bytes_per_token
@@ -199,7 +206,7 @@ class BlendGenerator:
             "blend", f"blend-{self._num_requests}", result.num_prompt_tokens, kept,
             result.num_prompt_tokens - kept, 0, 0.0, blend_s, 0.0,
             result.num_reused_tokens * per_token, 0, result.ttft_s, None,
-            plain.prefill_cost.saved_s(kept),
+            plain.prefill_cost.saved_s(kept), result.reused_by_tier,
         )  # fmt: skip
         plain.request_log.report(record)
         self.engine.count_saved(record.saved_s)
@@ -256,6 +263,7 @@ class BlendGenerator:
             context.num_reused,
             context.num_computed,
             stats.num_selected - num_query if stats is not None else 0,  # the question: computed
+            context.loaded.by_tier(),
         )
 
     def _adapter_or_raise(self) -> BlendAdapter:
@@ -306,11 +314,13 @@ class BlendGenerator:
         """`[L, 2, n, H, D]`: the segment's own KV, from the cache or computed (and stored)."""
         tokens = list(segment.token_ids)
         # retrieve answers the leading cached tokens: one read, no separate lookup.
+        loaded = LoadInfo()
         kv = self.engine.retrieve(
-            tokens, tenant_salt=salt, out=self._scratch(len(tokens)), segment=True
+            tokens, tenant_salt=salt, out=self._scratch(len(tokens)), segment=True, info=loaded
         )
         if kv.shape[2] == len(tokens):
             context.num_reused += len(tokens)
+            context.loaded.pieces += loaded.pieces
             return kv
         context.num_computed += len(tokens)
         return self._compute_and_store(tokens, salt)

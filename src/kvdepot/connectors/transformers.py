@@ -284,8 +284,8 @@ class KVDepotGenerator:
             "transformers", str(self._num_requests), num_prompt, num_cached,
             num_prompt - num_cached, num_stored, timing[0], timing[1], save_s,
             num_cached * per_token, num_stored * per_token, ttft_s, reason,
-            self.prefill_cost.saved_s(num_cached), loaded.by_tier(num_cached),
-            loaded.partial_tokens(num_cached),
+            self.prefill_cost.saved_s(num_cached), loaded.by_tier(end=num_cached),
+            loaded.partial_tokens(end=num_cached),
         )  # fmt: skip
         self.request_log.report(record)
         self.engine.count_saved(record.saved_s)

@@ -113,7 +113,11 @@ class KVDepotConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]  
         return self.scheduler_side.request_finished(request, tuple(block_ids))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        self.scheduler_side.update_connector_output(set(connector_output.finished_sending or ()))
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        data = getattr(stats, "data", None) if isinstance(stats, KVDepotStats) else None
+        self.scheduler_side.update_connector_output(
+            set(connector_output.finished_sending or ()), data
+        )
 
     def reset_cache(self) -> bool | None:
         return self.scheduler_side.reset_cache()
@@ -217,7 +221,8 @@ class KVDepotStats(KVConnectorStats):  # type: ignore[misc]  # no vLLM stubs
 class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vLLM stubs
     """kvdepot's series on `vllm serve`'s /metrics, per engine like vLLM's own:
     `vllm:kvdepot_<count>_total` for each of `COUNTS`, `..._uncached_requests_total`
-    by reason, and `vllm:kvdepot_load_seconds` / `..._save_seconds` histograms."""
+    by reason, `..._tier_loaded_tokens_total` by tier, the `vllm:kvdepot_load_seconds` /
+    `..._save_seconds` histograms and `vllm:kvdepot_request_hit_ratio` (per request)."""
 
     def __init__(
         self,
@@ -241,6 +246,20 @@ class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vL
             name="vllm:kvdepot_uncached_requests",
             documentation="kvdepot: requests vLLM alone served (their KV cannot be keyed exactly)",
             labelnames=[*labelnames, "reason"],
+        )
+        self._tiers = self._counter_cls(
+            name="vllm:kvdepot_tier_loaded_tokens",
+            documentation="kvdepot: tokens loaded, by the tier they came from",
+            labelnames=[*labelnames, "tier"],
+        )
+        self._hit_ratio = self._per_engine(
+            self._histogram_cls(
+                name="vllm:kvdepot_request_hit_ratio",
+                documentation="kvdepot: per request, prompt tokens loaded from kvdepot / "
+                "prompt tokens",
+                buckets=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+                labelnames=labelnames,
+            )
         )
         buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
         self._times = {
@@ -267,6 +286,10 @@ class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vL
         labels = self.per_engine_labelvalues.get(engine_idx, [])
         for reason, n in (data.get("uncached") or {}).items():
             self._uncached.labels(*labels, reason).inc(n)
+        for tier, n in (data.get("tiers") or {}).items():
+            self._tiers.labels(*labels, tier).inc(n)
+        for ratio in data.get("hit_ratio") or []:
+            self._hit_ratio[engine_idx].observe(ratio)
         for field, histograms in self._times.items():
             for seconds in data.get(field) or []:
                 histograms[engine_idx].observe(seconds)

@@ -22,6 +22,13 @@ generated tokens included; the worker reports the save done and vLLM frees the b
 chat's next turn contains the answer, so it reuses that KV. A lookup for a prompt that
 continues a finished request whose save is still pending waits for it (vLLM asks again next
 step), at most `SAVE_WAIT_S`: the answer's KV is worth one engine step.
+
+Per-request records (`kvdepot.records`): this side knows a request's prompt, vLLM's own hit
+and the lookup time; the worker reports its loads and saves (seconds, tokens by tier, bytes)
+in the stats vLLM hands back each step (`update_connector_output`). A request's record is
+written once it finished and the worker has reported every transfer planned for it (its
+final save included): one JSON line if `request_log` asks, the per-request metrics, and its
+hit ratio for vLLM's own metrics.
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ from kvdepot.connectors.vllm.metadata import (
     uncacheable_reason,
 )
 from kvdepot.connectors.vllm.settings import ConnectorSettings
-from kvdepot.connectors.vllm.stats import StepStats
+from kvdepot.connectors.vllm.stats import REQUEST_FIELDS, StepStats
 from kvdepot.deployment import open_cache
 from kvdepot.engine import CacheEngine, floor_to_chunk
 from kvdepot.logutil import RateLimitedLog
+from kvdepot.metrics import Metrics
+from kvdepot.records import RequestLog, RequestRecord
 from kvdepot.store import ChunkStore
 
 if TYPE_CHECKING:
@@ -68,6 +77,46 @@ class PendingSave:
     def __init__(self, prefix: list[int]) -> None:
         self.prefix = prefix  # the prompt and the first generated token
         self.deadline = time.monotonic() + SAVE_WAIT_S
+
+
+MAX_OPEN_RECORDS = 4096
+"""Requests whose records are in the making; past it the oldest is written as it stands."""
+
+
+class OpenRecord:
+    """A request's record in the making (see the module docstring)."""
+
+    __slots__ = ("done", "engine_cached", "is_finished", "lookup_s", "planned", "prompt_tokens")
+
+    def __init__(self, prompt_tokens: int, engine_cached: int, lookup_s: float) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.engine_cached = engine_cached  # vLLM's own prefix-cache hit
+        self.lookup_s = lookup_s
+        self.planned = 0  # transfers (loads, saves) planned for the worker
+        self.done: dict[str, Any] = {"tiers": {}}  # the worker's entries, summed
+        self.is_finished = False
+
+    def add(self, entry: dict[str, Any]) -> None:
+        for name in REQUEST_FIELDS:
+            self.done[name] = self.done.get(name, 0) + entry.get(name, 0)
+        for tier, n in (entry.get("tiers") or {}).items():
+            self.done["tiers"][tier] = self.done["tiers"].get(tier, 0) + n
+
+    @property
+    def is_complete(self) -> bool:
+        return self.is_finished and self.done.get("ops", 0) >= self.planned
+
+    def record(self, req_id: str) -> RequestRecord:
+        d = self.done
+        loaded = int(d.get("loaded_tokens", 0))
+        return RequestRecord(
+            "vllm", req_id, self.prompt_tokens, loaded,
+            max(self.prompt_tokens - self.engine_cached - loaded, 0),
+            int(d.get("stored_tokens", 0)), self.lookup_s, float(d.get("load_s", 0.0)),
+            float(d.get("save_s", 0.0)), int(d.get("loaded_bytes", 0)),
+            int(d.get("stored_bytes", 0)), 0.0, None, 0.0, dict(d["tiers"]),
+            int(d.get("partial_tokens", 0)), self.engine_cached,
+        )  # fmt: skip
 
 
 class SchedulerSide:
@@ -92,6 +141,9 @@ class SchedulerSide:
         self.uncached_requests: Counter[str] = Counter()  # requests vLLM alone served, by why
         self.stats = StepStats()  # for vLLM's metrics (`get_kv_connector_stats`)
         self._uncached_ids: dict[str, None] = {}
+        self._records: dict[str, OpenRecord] = {}
+        self._lookup_s: dict[str, float] = {}
+        self._request_log: RequestLog | None = None
 
     def _engines(self) -> list[CacheEngine]:
         """One `CacheEngine` per TP rank (its shard's keys); daemon mode: over one client."""
@@ -164,11 +216,14 @@ class SchedulerSide:
             return 0, False
         if self._waits_for_save(tokens):
             return None, False
+        t0 = time.perf_counter()
         try:
             num_hit = self._lookup(tokens, salt)
         except Exception as exc:  # fail open: a miss
             self._log.warning("lookup", "kvdepot: lookup failed, a miss: %s", exc)
             num_hit = 0
+        lookup_s = time.perf_counter() - t0
+        self._lookup_s[request.request_id] = self._lookup_s.get(request.request_id, 0) + lookup_s
         self._num_hit_tokens[request.request_id] = num_hit
         self._num_local_tokens[request.request_id] = num_computed_tokens
         num_loadable = min(num_hit, request.num_tokens - 1)
@@ -196,6 +251,7 @@ class SchedulerSide:
                 num_hit = floor_to_chunk(num_hit, self.settings.config.chunk_size_tokens)
             state = RequestState(tokens, salt, num_hit, is_storing)
             self._requests[request.request_id] = state
+            self._open_record(request.request_id, len(tokens), num_local)
         if self.is_async and num_external_tokens:
             # The request waits outside the batch; the worker loads it in the next step and
             # reports it received (or failed: vLLM then recomputes it all).
@@ -205,6 +261,7 @@ class SchedulerSide:
                                        load_end=num_local + num_external_tokens,
                                        is_async=True)  # fmt: skip
             self._loading.append(transfer)
+            self._planned(request.request_id, 1)
             return
         state.num_load_tokens = num_external_tokens
 
@@ -274,10 +331,50 @@ class SchedulerSide:
                 return True
         return False
 
-    def update_connector_output(self, finished_sending: set[str]) -> None:
-        """The worker finished these requests' final saves: vLLM frees their blocks."""
+    def update_connector_output(
+        self, finished_sending: set[str], stats: dict[str, Any] | None = None
+    ) -> None:
+        """The worker finished these requests' final saves: vLLM frees their blocks. `stats`:
+        the workers' payload of this step, whose per-request entries are taken out of it
+        (`kvdepot.connectors.vllm.stats`)."""
         for req_id in finished_sending:
             self._pending.pop(req_id, None)
+        entries = stats.pop("requests", None) if stats is not None else None
+        for req_id, entry in (entries or {}).items():
+            if (open_record := self._records.get(req_id)) is not None:
+                open_record.add(entry)
+                self._write_if_complete(req_id)
+
+    # ---- per-request records --------------------------------------------------------------
+
+    def _open_record(self, req_id: str, num_prompt: int, num_local: int) -> None:
+        lookup_s = self._lookup_s.pop(req_id, 0.0)
+        self._records[req_id] = OpenRecord(num_prompt, num_local, lookup_s)
+        if len(self._records) > MAX_OPEN_RECORDS:  # a report went missing: write it as is
+            self._write(next(iter(self._records)))
+        if len(self._lookup_s) > MAX_OPEN_RECORDS:
+            del self._lookup_s[next(iter(self._lookup_s))]
+
+    def _planned(self, req_id: str, num_transfers: int) -> None:
+        if (open_record := self._records.get(req_id)) is not None:
+            open_record.planned += num_transfers
+
+    def _write_if_complete(self, req_id: str) -> None:
+        open_record = self._records.get(req_id)
+        if open_record is not None and open_record.is_complete:
+            self._write(req_id)
+
+    def _write(self, req_id: str) -> None:
+        """Write a request's record (and forget it); never raises."""
+        open_record = self._records.pop(req_id, None)
+        if open_record is None or not open_record.is_finished:
+            return
+        record = open_record.record(req_id)
+        if self._request_log is None:
+            metrics = self._caches[0].metrics if self._caches else Metrics()
+            self._request_log = RequestLog(metrics, self.settings.config.request_log)
+        self._request_log.report(record)
+        self.stats.observe("hit_ratio", record.hit_ratio)
 
     def _plan(
         self,
@@ -300,21 +397,30 @@ class SchedulerSide:
         if self.is_saving and state.is_storing and end > state.num_saved_tokens:
             transfer.save_start, transfer.save_end = state.num_saved_tokens, end
             state.num_saved_tokens = end
-        if transfer.load_end > transfer.load_start or transfer.save_end > transfer.save_start:
+        num_loads = int(transfer.load_end > transfer.load_start)
+        num_saves = int(transfer.save_end > transfer.save_start)
+        if num_loads or num_saves:
             transfer.block_ids = [list(table) for table in state.block_ids]
             meta.requests.append(transfer)
+            self._planned(req_id, num_loads + num_saves)
 
     def request_finished(
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request; hold its blocks (True) when its generated KV is to be saved.
         `block_ids`: its block table per KV cache group."""
-        state = self._requests.pop(request.request_id, None)
-        self._num_hit_tokens.pop(request.request_id, None)
-        self._num_local_tokens.pop(request.request_id, None)
+        req_id = request.request_id
+        state = self._requests.pop(req_id, None)
+        self._num_hit_tokens.pop(req_id, None)
+        self._num_local_tokens.pop(req_id, None)
+        self._lookup_s.pop(req_id, None)
+        if (open_record := self._records.get(req_id)) is not None:
+            open_record.is_finished = True
         if state is None or (transfer := self._final_save(request, state, block_ids)) is None:
+            self._write_if_complete(req_id)
             return False, None
         self._finishing.append(transfer)
+        self._planned(req_id, 1)
         prefix = transfer.token_ids[: len(state.token_ids) + 1]  # prompt + first answer token
         self._pending[request.request_id] = PendingSave(prefix)
         return True, None
@@ -364,6 +470,8 @@ class SchedulerSide:
         return stores
 
     def shutdown(self) -> None:
+        for req_id in list(self._records):
+            self._write(req_id)  # the finished ones, with what the worker reported
         if self._caches:
             for store in self._stores():
                 store.close()

@@ -7,9 +7,17 @@ TP ranks) and the scheduler's with `merge`, and hands the sum to the connector's
 metrics (`KVDepotPromMetrics` in `connector.py`) in its logging process.
 
 The payload is a plain dict (vLLM ships it between processes): `counts` (name -> int, the
-names in `COUNTS`), `uncached` (reason -> requests), `load_s` and `save_s` (one observation
-per request and step, seconds). With tensor parallelism every rank times its own loads and
-saves, but tokens are counted by rank 0 only, so a token is counted once.
+names in `COUNTS`), `uncached` (reason -> requests), `tiers` (tier -> tokens loaded from it),
+`load_s`, `save_s` (one observation per request and step, seconds) and `hit_ratio` (one per
+finished request: its prompt tokens loaded from kvdepot / its prompt tokens). With tensor
+parallelism every rank times its own loads and saves, but tokens are counted by rank 0 only,
+so a token is counted once.
+
+`requests` (request id -> `REQUEST_FIELDS`) carries the worker's part of each request's
+record (`kvdepot.records`) to the scheduler side, which takes it out of the payload in
+`update_connector_output` and writes the record when the request is done. Across ranks an
+entry's operations and seconds are the slowest rank's (`MAX_FIELDS`, the ranks work in
+parallel), its bytes the sum, its tokens rank 0's.
 """
 
 from __future__ import annotations
@@ -30,23 +38,51 @@ COUNTS = {
 }
 
 
+REQUEST_FIELDS = (
+    "ops", "load_s", "save_s", "loaded_tokens", "partial_tokens", "stored_tokens",
+    "loaded_bytes", "stored_bytes",
+)  # fmt: skip
+"""A request's worker entry: transfers done (loads and saves, skipped ones included), their
+seconds, tokens and bytes; and `tiers` (tier -> tokens loaded from it)."""
+MAX_FIELDS = frozenset({"ops", "load_s", "save_s"})
+_TALLIES = ("counts", "uncached", "tiers")
+_LISTS = ("load_s", "save_s", "hit_ratio")
+
+
 def empty() -> dict[str, Any]:
-    return {"counts": {}, "uncached": {}, "load_s": [], "save_s": []}
+    return {"counts": {}, "uncached": {}, "tiers": {}, "load_s": [], "save_s": [],
+            "hit_ratio": [], "requests": {}}  # fmt: skip
 
 
 def merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Add `other`'s counts and observations to `into` (returned)."""
-    for field in ("counts", "uncached"):
+    """Add `other`'s counts and observations to `into` (returned); the entries of a
+    request both have are combined as across TP ranks (see the module docstring)."""
+    for field in _TALLIES:
         totals = Counter(into.get(field) or {})
         totals.update(other.get(field) or {})
         into[field] = dict(totals)
-    for field in ("load_s", "save_s"):
+    for field in _LISTS:
         into[field] = [*(into.get(field) or []), *(other.get(field) or [])]
+    requests = dict(into.get("requests") or {})
+    for req_id, entry in (other.get("requests") or {}).items():
+        requests[req_id] = _combine(requests[req_id], entry) if req_id in requests else entry
+    into["requests"] = requests
     return into
 
 
+def _combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in REQUEST_FIELDS:
+        x, y = a.get(name, 0), b.get(name, 0)
+        out[name] = max(x, y) if name in MAX_FIELDS else x + y
+    tiers = Counter(a.get("tiers") or {})
+    tiers.update(b.get("tiers") or {})
+    out["tiers"] = dict(tiers)
+    return out
+
+
 def is_empty(data: dict[str, Any]) -> bool:
-    return not any(data.get(field) for field in ("counts", "uncached", "load_s", "save_s"))
+    return not any(data.get(field) for field in (*_TALLIES, *_LISTS, "requests"))
 
 
 def summary(data: dict[str, Any]) -> dict[str, int | float]:
@@ -82,10 +118,27 @@ class StepStats:
         with self._lock:
             self._data["uncached"][reason] = self._data["uncached"].get(reason, 0) + 1
 
-    def observe(self, field: str, seconds: float) -> None:
-        assert field in ("load_s", "save_s"), field
+    def observe(self, field: str, value: float) -> None:
+        assert field in _LISTS, field
         with self._lock:
-            self._data[field].append(seconds)
+            self._data[field].append(value)
+
+    def tiers(self, by_tier: dict[str, int]) -> None:
+        """Tokens loaded, by the tier they came from."""
+        with self._lock:
+            tally = self._data["tiers"]
+            for tier, n in by_tier.items():
+                tally[tier] = tally.get(tier, 0) + n
+
+    def request(self, req_id: str, tiers: dict[str, int] | None = None, **fields: float) -> None:
+        """Add to this side's entry for one request (`REQUEST_FIELDS`, summed)."""
+        with self._lock:
+            entry = self._data["requests"].setdefault(req_id, {"tiers": {}})
+            for name, value in fields.items():
+                assert name in REQUEST_FIELDS, name
+                entry[name] = entry.get(name, 0) + value
+            for tier, n in (tiers or {}).items():
+                entry["tiers"][tier] = entry["tiers"].get(tier, 0) + n
 
     def take(self) -> dict[str, Any] | None:
         """What was counted since the last call (None if nothing), and start afresh."""

@@ -54,7 +54,7 @@ from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.connectors.vllm.stats import StepStats
 from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.deployment import embedded_metrics, open_cache
-from kvdepot.engine import CacheEngine, ceil_to_chunk, floor_to_chunk
+from kvdepot.engine import CacheEngine, LoadInfo, ceil_to_chunk, floor_to_chunk
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.store import ChunkStore
@@ -174,22 +174,34 @@ class WorkerSide:
         if end <= floor_to_chunk(len(tokens), c):
             tokens = tokens[: ceil_to_chunk(end, c)]  # no need to read chunks past the load
         valid_end = start
+        loaded = LoadInfo()
         t0 = time.perf_counter()
         try:
             load = self._load_views if self._device.type == "cpu" else self._load_staged
-            valid_end = load(transfer, tokens, start, end)
+            valid_end = load(transfer, tokens, start, end, loaded)
             logger.debug(
                 "kvdepot: loaded %d tokens in %.3f s", valid_end - start, time.perf_counter() - t0
             )
         except Exception as exc:  # fail open: vLLM recomputes the blocks reported below
             self._log.warning("load", "kvdepot: load failed, recomputing: %s", exc)
             valid_end = start
-        self.stats.observe("load_s", time.perf_counter() - t0)
+        load_s = time.perf_counter() - t0
+        self.stats.observe("load_s", load_s)
+        nbytes = (valid_end - start) * self._bytes_per_token()
         if self._rank == 0:  # tokens once, whatever the TP size
             self.stats.count("loaded_tokens", valid_end - start)
+            tiers = loaded.by_tier(start, valid_end)
+            self.stats.tiers(tiers)
+            self.stats.request(
+                transfer.req_id, tiers, ops=1, load_s=load_s, loaded_bytes=nbytes,
+                loaded_tokens=valid_end - start,
+                partial_tokens=loaded.partial_tokens(start, valid_end),
+            )  # fmt: skip
             if valid_end < end:
                 self.stats.count("failed_loads")
                 self.stats.count("failed_load_tokens", end - valid_end)
+        else:
+            self.stats.request(transfer.req_id, ops=1, load_s=load_s, loaded_bytes=nbytes)
         if transfer.is_async:
             self._received.add(transfer.req_id)
             if valid_end < end:  # vLLM takes back whole requests here, not blocks
@@ -202,13 +214,21 @@ class WorkerSide:
             self._invalid_block_ids.update(bad)
 
     def _load_views(
-        self, transfer: RequestTransfer, tokens: list[int], start: int, end: int
+        self,
+        transfer: RequestTransfer,
+        tokens: list[int],
+        start: int,
+        end: int,
+        loaded: LoadInfo,
     ) -> int:
         """CPU pages: scatter straight from the store's memory (no staging pass); returns
         where the loaded tokens end."""
         assert self._cache is not None
         buffer = self._staging(len(tokens))  # for chunks that need decoding
-        with self._cache.retrieve_views(tokens, tenant_salt=transfer.tenant_salt, out=buffer) as kv:
+        views = self._cache.retrieve_views(
+            tokens, tenant_salt=transfer.tenant_salt, out=buffer, info=loaded
+        )
+        with views as kv:
             valid_end = self._valid_end(sum(int(piece.shape[2]) for piece in kv), start, end)
             for group in self._groups:
                 table = transfer.block_ids[group.index]
@@ -224,12 +244,18 @@ class WorkerSide:
         return valid_end
 
     def _load_staged(
-        self, transfer: RequestTransfer, tokens: list[int], start: int, end: int
+        self,
+        transfer: RequestTransfer,
+        tokens: list[int],
+        start: int,
+        end: int,
+        loaded: LoadInfo,
     ) -> int:
         """Device pages: retrieve into the (pinned) staging tensor, copy it over, scatter."""
         assert self._cache is not None
         buffer = self._staging(max(len(tokens), cdiv(end, self._page_size) * self._page_size))
-        hit = self._cache.retrieve(tokens, tenant_salt=transfer.tenant_salt, out=buffer)
+        hit = self._cache.retrieve(tokens, tenant_salt=transfer.tenant_salt, out=buffer,
+                                   info=loaded)  # fmt: skip
         valid_end = self._valid_end(hit.shape[2], start, end)
         for group in self._groups:
             table = transfer.block_ids[group.index]
@@ -252,6 +278,8 @@ class WorkerSide:
         if saves and self._any_load_failed(meta):  # a collective: every rank, same steps
             # Some KV this step computed may rest on blocks that did not load.
             self._log.warning("skip-save", "kvdepot: a load failed, this step stores nothing")
+            for transfer in saves:
+                self.stats.request(transfer.req_id, ops=1)  # done, with nothing stored
             saves = []
         if self._is_replica():
             saves = []  # MLA with TP, one daemon: rank 0 stores the latents every rank holds
@@ -299,6 +327,26 @@ class WorkerSide:
         return done, received, failed
 
     def _save(self, transfer: RequestTransfer) -> None:
+        """Store the transfer's save range; its request's entry counts the save, done or
+        skipped (the scheduler waits for every transfer it planned before it writes the
+        request's record)."""
+        t0 = time.perf_counter()
+        num_stored = self._store(transfer)
+        save_s = time.perf_counter() - t0
+        self.stats.observe("save_s", save_s)
+        nbytes = num_stored * self._bytes_per_token()
+        if self._rank == 0:
+            self.stats.request(transfer.req_id, ops=1, save_s=save_s, stored_bytes=nbytes,
+                               stored_tokens=num_stored)  # fmt: skip
+        else:
+            self.stats.request(transfer.req_id, ops=1, save_s=save_s, stored_bytes=nbytes)
+
+    def _bytes_per_token(self) -> int:
+        """KV bytes of one token in this rank's shard."""
+        return self._cache.layout.bytes_per_token if self._cache is not None else 0
+
+    def _store(self, transfer: RequestTransfer) -> int:
+        """The save itself; returns the tokens of the range it covered (0 if none or failed)."""
         assert self._cache is not None, "register_kv_caches was not called"
         start, end, n = transfer.save_start, transfer.save_end, self._page_size
         # A chunk is stored only when every group still holds its KV (a sliding-window
@@ -310,10 +358,9 @@ class WorkerSide:
         if live > start:
             start = ceil_to_chunk(live, self.settings.config.chunk_size_tokens)
             if start >= end:
-                return
+                return 0
         first = start - start % n
         num_tokens = cdiv(end, n) * n - first
-        t0 = time.perf_counter()
         try:
             buffer = self._staging(num_tokens)
             out = buffer[:, :, :num_tokens]
@@ -334,10 +381,11 @@ class WorkerSide:
             )
             if self._rank == 0:
                 self.stats.count("stored_tokens", end - start)
+            return end - start
         except Exception as exc:  # a cache problem must never cost the user the answer
             self._log.warning("save", "kvdepot: storing KV failed, request unaffected: %s", exc)
             self.stats.count("failed_saves")
-        self.stats.observe("save_s", time.perf_counter() - t0)
+            return 0
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         invalid, self._invalid_block_ids = self._invalid_block_ids, set()
