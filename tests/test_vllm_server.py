@@ -349,9 +349,14 @@ def served(
         }
         turn2 = next_turn(replies["turn1"])  # right away: the answer's save may be pending
         replies["turn2"] = counted(sock, lambda: server.chat(turn2))
-        SCRAPES["kvdepot"] = server.scrape_until(
+        server.scrape_until(
             "vllm:kvdepot_loaded_tokens_total",
             sum(r.num_cached_tokens for r in replies.values()),
+        )
+        # A request's record is written once the worker reported its last save (the final
+        # save of a chat answer runs a step or two after the answer).
+        SCRAPES["kvdepot"] = server.scrape_until(
+            "vllm:kvdepot_request_hit_ratio_count", len(replies)
         )
     finally:
         server.stop()
