@@ -1453,6 +1453,11 @@ def test_each_request_leaves_a_record_with_the_workers_part(
         assert b["computed_tokens"] == 1 and b["cached_by_tier"] == {"memory": 135}
         assert b["loaded_bytes"] == 135 * per_token and b["load_s"] > 0
         assert b["partial_tokens"] == 0 and b["lookup_s"] > 0
+        # Return on investment: the first step (200 tokens) measured the forward pass's
+        # seconds per token; b's 135 loaded tokens saved that many.
+        cost = worker.worker_side.prefill_cost
+        assert cost.tokens == 200 and a["saved_s"] == 0
+        assert b["saved_s"] == pytest.approx(135 * cost.seconds / 200)
         ratios = scheduler.get_kv_connector_stats().data["hit_ratio"]
         assert ratios == [0.0, pytest.approx(135 / 200)]
     finally:

@@ -127,6 +127,11 @@ class KVDepotConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]  
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker_side.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            self._worker.step_started()  # the forward pass follows: timed for the ROI
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: object) -> None:
         self.worker_side.start_load_kv(self._get_connector_metadata())
 

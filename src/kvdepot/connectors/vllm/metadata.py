@@ -55,6 +55,7 @@ class KVDepotMetadata(KVConnectorMetadata):  # type: ignore[misc]  # Any without
     """What the worker side does in one step."""
 
     requests: list[RequestTransfer] = field(default_factory=list)
+    num_step_tokens: int = 0  # tokens vLLM computes in this step (all requests)
 
 
 @dataclass(slots=True)

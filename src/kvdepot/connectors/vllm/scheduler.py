@@ -114,7 +114,8 @@ class OpenRecord:
             max(self.prompt_tokens - self.engine_cached - loaded, 0),
             int(d.get("stored_tokens", 0)), self.lookup_s, float(d.get("load_s", 0.0)),
             float(d.get("save_s", 0.0)), int(d.get("loaded_bytes", 0)),
-            int(d.get("stored_bytes", 0)), 0.0, None, 0.0, dict(d["tiers"]),
+            int(d.get("stored_bytes", 0)), 0.0, None, float(d.get("saved_s", 0.0)),
+            dict(d["tiers"]),
             int(d.get("partial_tokens", 0)), self.engine_cached,
         )  # fmt: skip
 
@@ -270,6 +271,9 @@ class SchedulerSide:
         meta = KVDepotMetadata(requests=self._loading)
         self._loading = []
         num_scheduled = scheduler_output.num_scheduled_tokens
+        meta.num_step_tokens = getattr(scheduler_output, "total_num_scheduled_tokens", None) or sum(
+            num_scheduled.values()
+        )
         # vLLM's current block tables (0.32): a sliding-window group's table drops blocks
         # that leave the window, which the tables appended step by step below cannot show.
         current = getattr(scheduler_output, "kv_connector_block_state", None)
@@ -370,6 +374,8 @@ class SchedulerSide:
         if open_record is None or not open_record.is_finished:
             return
         record = open_record.record(req_id)
+        if record.saved_s and self._caches:
+            self._caches[0].count_saved(record.saved_s)  # the store's per-model view
         if self._request_log is None:
             metrics = self._caches[0].metrics if self._caches else Metrics()
             self._request_log = RequestLog(metrics, self.settings.config.request_log)

@@ -35,12 +35,14 @@ COUNTS = {
     "failed_loads": "loads that failed, in part or whole",
     "stored_tokens": "tokens stored",
     "failed_saves": "saves that failed (a future miss, nothing else)",
+    "prefill_seconds_saved": "estimated prefill seconds the loaded tokens saved (loaded "
+    "tokens x this engine's measured seconds per computed token)",
 }
 
 
 REQUEST_FIELDS = (
     "ops", "load_s", "save_s", "loaded_tokens", "partial_tokens", "stored_tokens",
-    "loaded_bytes", "stored_bytes",
+    "loaded_bytes", "stored_bytes", "saved_s",
 )  # fmt: skip
 """A request's worker entry: transfers done (loads and saves, skipped ones included), their
 seconds, tokens and bytes; and `tiers` (tier -> tokens loaded from it)."""
@@ -108,7 +110,7 @@ class StepStats:
         self._lock = threading.Lock()
         self._data = empty()
 
-    def count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: float = 1) -> None:
         assert name in COUNTS, name
         with self._lock:
             counts = self._data["counts"]

@@ -57,6 +57,7 @@ from kvdepot.deployment import embedded_metrics, open_cache
 from kvdepot.engine import CacheEngine, LoadInfo, ceil_to_chunk, floor_to_chunk
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
+from kvdepot.records import PrefillCost
 from kvdepot.store import ChunkStore
 from kvdepot.tensors import torch_dtype
 
@@ -85,6 +86,14 @@ class WorkerSide:
         self._received: set[str] = set()  # asynchronous loads done (or failed)
         self._failed: set[str] = set()  # asynchronous loads failed: vLLM recomputes all
         self.stats = StepStats()  # for vLLM's metrics (`get_kv_connector_stats`)
+        self.prefill_cost = PrefillCost()  # seconds per computed token, for the ROI estimate
+        self._step_t0 = 0.0
+        self._step_load_s = 0.0
+
+    def step_started(self) -> None:
+        """vLLM bound this step's metadata: its forward pass runs before `wait_for_save`."""
+        self._step_t0 = time.perf_counter()
+        self._step_load_s = 0.0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the paged layout, open the store (embedded: and serve it to the scheduler)."""
@@ -186,15 +195,18 @@ class WorkerSide:
             self._log.warning("load", "kvdepot: load failed, recomputing: %s", exc)
             valid_end = start
         load_s = time.perf_counter() - t0
+        self._step_load_s += load_s
         self.stats.observe("load_s", load_s)
         nbytes = (valid_end - start) * self._bytes_per_token()
         if self._rank == 0:  # tokens once, whatever the TP size
             self.stats.count("loaded_tokens", valid_end - start)
             tiers = loaded.by_tier(start, valid_end)
             self.stats.tiers(tiers)
+            saved_s = self.prefill_cost.saved_s(valid_end - start)
+            self.stats.count("prefill_seconds_saved", saved_s)
             self.stats.request(
                 transfer.req_id, tiers, ops=1, load_s=load_s, loaded_bytes=nbytes,
-                loaded_tokens=valid_end - start,
+                loaded_tokens=valid_end - start, saved_s=saved_s,
                 partial_tokens=loaded.partial_tokens(start, valid_end),
             )  # fmt: skip
             if valid_end < end:
@@ -274,6 +286,10 @@ class WorkerSide:
     def wait_for_save(self, meta: KVDepotMetadata) -> None:
         """Store the chunks this step completed (none after a failed load), then the finished
         requests' final saves."""
+        if self._step_t0 and self._rank == 0:  # the forward pass: this engine's prefill cost
+            forward_s = time.perf_counter() - self._step_t0 - self._step_load_s
+            self.prefill_cost.observe(forward_s, meta.num_step_tokens)
+            self._step_t0 = 0.0
         saves = [t for t in meta.requests if t.save_end > t.save_start and not t.is_finished]
         if saves and self._any_load_failed(meta):  # a collective: every rank, same steps
             # Some KV this step computed may rest on blocks that did not load.
