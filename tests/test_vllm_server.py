@@ -41,6 +41,7 @@ with warnings.catch_warnings():  # vLLM's imports warn about torch deprecations
 
 from kvdepot.daemon.client import DaemonClient
 from kvdepot.workloads import make_document
+from tests import promserver
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -68,6 +69,7 @@ NEXT_QUESTION = "And which of them is the lightest?"
 NO_LOAD = {"kvdepot.load": False}  # a per-request opt-out (the connector's docstring)
 SCRAPES: dict[str, dict[str, float]] = {}  # a server's /metrics, kvdepot's series summed
 LOGS: dict[str, Path] = {}  # a server's log (its per-request records among the lines)
+PANELS: dict[str, list[tuple[dict[str, str], float]]] = {}  # the dashboard's vLLM panels
 
 
 @dataclass(slots=True)
@@ -339,6 +341,13 @@ def served(
     sock = daemon.socket_path
     LOGS["kvdepot"] = workdir / "server.log"
     server = kvdepot_server(model_dir, daemon, workdir / "server.log").start()
+    prometheus = None
+    if promserver.is_installed():  # scraping before the first request: every increase shows
+        (workdir / "prom").mkdir()
+        prometheus = promserver.Prometheus(workdir / "prom", {"vllm-kvdepot": server.port})
+        prometheus.wait_for('up{job="vllm-kvdepot"} == 1')
+    elif os.environ.get("REQUIRE_PROMETHEUS") == "1":
+        raise RuntimeError("REQUIRE_PROMETHEUS=1 but prometheus is not installed")
     try:
         replies = {
             "cold": counted(sock, lambda: server.complete(DOC + QUESTION)),
@@ -358,7 +367,14 @@ def served(
         SCRAPES["kvdepot"] = server.scrape_until(
             "vllm:kvdepot_request_hit_ratio_count", len(replies)
         )
+        if prometheus is not None:
+            prometheus.wait_scrapes()
+            for title, expr in promserver.panel_queries():
+                if "vllm:" in expr:
+                    PANELS.setdefault(title, []).extend(prometheus.query(expr))
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         server.stop()
     server = kvdepot_server(model_dir, daemon, workdir / "fresh.log").start()
     try:
@@ -449,6 +465,19 @@ def test_vllms_metrics_show_kvdepots_series(served: dict[str, Reply]) -> None:
     assert found["vllm:kvdepot_failed_loads_total"] == 0
     assert found["vllm:kvdepot_load_seconds_count"] >= 3  # repeat, other, turn2
     assert found["vllm:kvdepot_save_seconds_count"] >= 1
+
+
+def test_the_dashboards_vllm_panels_show_what_the_server_did(served: dict[str, Reply]) -> None:
+    """The Grafana dashboard's vLLM panels, evaluated by a real Prometheus that scraped this
+    server through the cases above (tests/test_prometheus.py does the others)."""
+    if not PANELS:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    found = SCRAPES["kvdepot"]
+    (share,) = [v for _, v in PANELS["vLLM: tokens loaded from kvdepot / looked up"]]
+    expected = found["vllm:kvdepot_loaded_tokens_total"] / found["vllm:kvdepot_lookup_tokens_total"]
+    assert share == pytest.approx(expected, abs=0.03)  # a rate: PromQL extrapolates alike
+    latencies = [v for _, v in PANELS["vLLM: kvdepot load and save seconds (p99)"]]
+    assert len(latencies) == 2 and all(0 < v < 10 for v in latencies), latencies
 
 
 def test_the_dashboards_vllm_panels_read_series_vllm_serve_exports(

@@ -19,13 +19,14 @@ _TORCH_DTYPES = {
     torch.bfloat16: DType.BFLOAT16,
     torch.float8_e4m3fn: DType.FLOAT8_E4M3,
     torch.float8_e5m2: DType.FLOAT8_E5M2,
+    torch.uint8: DType.UINT8,  # a quantized KV cache's bytes (vLLM's fp8 pages), moved as is
 }
 _TORCH_STORAGE = {1: torch.uint8, 2: torch.int16, 4: torch.float32}
 _NUMPY_STORAGE = {1: np.uint8, 2: np.int16, 4: np.float32}
 
 
 def dtype_from_torch(dtype: torch.dtype) -> DType:
-    """The kvdepot DType of a torch float dtype."""
+    """The kvdepot DType of a torch float dtype (or uint8: bytes of a quantized KV cache)."""
     try:
         return _TORCH_DTYPES[dtype]
     except KeyError:

@@ -23,7 +23,9 @@ asserts. Scenarios:
 - concurrent (embedded): 16 requests at once with preemption, partial hits and misses;
 - hybrid_populate, hybrid_fresh (daemon mode): a Gemma-3-style model with sliding-window and
   full-attention layers (vLLM's hybrid allocator on): reference and cold runs, then a new
-  engine's hits, and a hit that ends mid-prompt (the window before it loaded).
+  engine's hits, and a hit that ends mid-prompt (the window before it loaded);
+- fp8_populate, fp8_fresh (daemon mode): the same with SmolLM2 and an fp8 KV cache;
+  fp8_other_format: an engine with another KV cache format finds none of those chunks.
 """
 
 from __future__ import annotations
@@ -231,7 +233,9 @@ def drop_chunk(
     engine: Engine, spec: dict[str, Any], name: str, chunk: int, socket: Path, suffix: str = ""
 ) -> None:
     """Delete chunk `chunk` of prompt `name` from the store on `socket`; `spec["shard_layout"]`
-    is (layers, KV heads, head size) of what one process stores."""
+    is (layers, KV heads, head size) of what one process stores, `spec["shard_dtype"]` its
+    dtype (float32 by default) and `spec["key_suffix"]` what the connector adds to the model
+    fingerprint besides `suffix`."""
     from kvdepot.connectors.vllm import model_fingerprint
     from kvdepot.daemon.client import DaemonClient
     from kvdepot.engine import CacheEngine
@@ -242,8 +246,8 @@ def drop_chunk(
     try:
         cache = CacheEngine(
             client,
-            KVLayout(layers, heads, head_size, DType.FLOAT32),
-            model_fingerprint(spec["model"]) + suffix,
+            KVLayout(layers, heads, head_size, DType.from_name(spec.get("shard_dtype", "float32"))),
+            model_fingerprint(spec["model"]) + spec.get("key_suffix", "") + suffix,
             chunk_size_tokens=CHUNK_TOKENS,
         )
         keys = cache.chunk_keys(engine.prompts[name], include_partial=True)
@@ -379,6 +383,9 @@ SCENARIOS = {
     "concurrent": concurrent,
     "hybrid_populate": tp_populate,
     "hybrid_fresh": hybrid_fresh,
+    "fp8_populate": tp_populate,
+    "fp8_fresh": hybrid_fresh,
+    "fp8_other_format": lambda engine, spec: {"steps": {"full": engine.one("full")}},
 }
 
 

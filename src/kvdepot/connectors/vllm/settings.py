@@ -76,6 +76,9 @@ class ConnectorSettings:
         is_mla: multi-head latent attention: one latent row per token and layer (its two
             halves in the chunk's K and V places), the same on every TP rank, so stored once
             under keys without a rank.
+        kv_cache_dtype: vLLM's `kv_cache_dtype` when the KV cache is quantized (fp8,
+            fp8_e4m3, fp8_e5m2; per-tensor scales), else "": it enters the keys, since the
+            pages hold bytes in that format (`layout.dtype` is uint8 then).
     """
 
     config: KVDepotConfig
@@ -91,6 +94,7 @@ class ConnectorSettings:
     group_layers: list[list[int]] = field(default_factory=list)
     windowed_groups: list[bool] = field(default_factory=list)  # sliding-window groups
     is_mla: bool = False  # one latent per token, the same on every TP rank
+    kv_cache_dtype: str = ""  # a quantized KV cache's format (it enters the keys)
 
     @property
     def num_groups(self) -> int:
@@ -125,9 +129,10 @@ class ConnectorSettings:
         is_token_exact = cpu_isa is None or (cpu_isa == "vec" and spec.dtype == torch.float32)
         model = (vllm_config.model_config.model, vllm_config.model_config.revision)
         socket_path = embedded_socket_path(config, str(transfer.engine_id))
+        kv_cache_dtype = quantized_kv_format(vllm_config, spec)
         return cls(config, layout, layer_names, block_size, cpu_isa, is_token_exact,
                    socket_path, model, fingerprint, int(parallel.tensor_parallel_size),
-                   group_layers, windowed, is_mla)  # fmt: skip
+                   group_layers, windowed, is_mla, kv_cache_dtype)  # fmt: skip
 
     @property
     def shard_names(self) -> list[str]:
@@ -150,6 +155,8 @@ class ConnectorSettings:
             fingerprint += f":pages-cpu-{self.cpu_isa}"
         if self.is_mla:
             fingerprint += ":mla"
+        if self.kv_cache_dtype:
+            fingerprint += f":kv-{self.kv_cache_dtype}"
         if shard := self.shard_names[rank]:
             fingerprint += f":{shard}"
         return CacheEngine(
@@ -250,10 +257,11 @@ def kv_layout(
                 f"kvdepot's vLLM connector does not support {kind}; it supports full and "
                 "sliding-window attention"
             )
-        if spec.kv_quant_mode.name != "NONE":
+        if spec.kv_quant_mode.name not in SUPPORTED_KV_QUANT:
             raise ConfigError(
-                "kvdepot's vLLM connector does not support a quantized KV cache "
-                f"({spec.kv_quant_mode.name}, stored as {spec.dtype}): use kv_cache_dtype='auto'"
+                "kvdepot's vLLM connector supports fp8 KV caches with per-tensor scales, not "
+                f"{spec.kv_quant_mode.name} (stored as {spec.dtype}): use kv_cache_dtype "
+                "'auto' or 'fp8'"
             )
     shapes = {(s.num_kv_heads, s.head_size, s.dtype, s.block_size) for s in specs}
     if len(shapes) != 1:
@@ -272,6 +280,28 @@ def kv_layout(
 
 
 WINDOWED_KINDS = ("full attention", "sliding-window attention")
+SUPPORTED_KV_QUANT = ("NONE", "FP8_PER_TENSOR")
+"""vLLM KV quantization modes the connector stores: none, and fp8 with one scale per layer
+tensor (the scales are the checkpoint's, a function of the weights the fingerprint covers)."""
+
+
+def quantized_kv_format(vllm_config: VllmConfig, spec: Any) -> str:
+    """The quantized KV cache's format for the keys ("" when not quantized); ConfigError for
+    scales that are not a function of the weights: computed from each engine's first batch
+    (`calculate_kv_scales`), they differ between engines, so equal tokens would not mean
+    equal KV bytes."""
+    if spec.kv_quant_mode.name == "NONE":
+        return ""
+    cache = getattr(vllm_config, "cache_config", None)
+    if getattr(cache, "calculate_kv_scales", False):
+        raise ConfigError(
+            "kvdepot's vLLM connector cannot key an fp8 KV cache whose scales each engine "
+            "computes from its first batch (calculate_kv_scales=True): turn it off (the "
+            "checkpoint's scales, or 1.0, are the same in every engine)"
+        )
+    return str(getattr(cache, "cache_dtype", "fp8"))
+
+
 MLA = "multi-head latent attention (MLA)"
 
 
