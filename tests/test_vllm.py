@@ -1499,7 +1499,7 @@ def test_fp8_kv_cache_is_keyed_by_its_format_and_matches_vllm_alone(
         spec = {"model": str(model_dir), "engine_id": "fp8", "extra": extra,
                 "stats_socket": str(d.socket_path), "llm": {"kv_cache_dtype": "fp8"},
                 "shard_layout": [30, 3, 64], "shard_dtype": "uint8",
-                "key_suffix": ":pages-cpu-vec:kv-fp8"}  # fmt: skip
+                "key_suffix": ":pages-cpu-vec:kv-fp8", "tail_stored": False}  # fmt: skip
         workdir = tmp_path_factory.mktemp("fp8-1")
         populated = run_engine("fp8_populate", spec, workdir)
         fresh = run_engine("fp8_fresh", spec, tmp_path_factory.mktemp("fp8-2"))

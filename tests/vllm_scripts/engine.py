@@ -250,7 +250,8 @@ def drop_chunk(
             model_fingerprint(spec["model"]) + spec.get("key_suffix", "") + suffix,
             chunk_size_tokens=CHUNK_TOKENS,
         )
-        keys = cache.chunk_keys(engine.prompts[name], include_partial=True)
+        tail = spec.get("tail_stored", True)  # not for pages kvdepot cannot cut (fp8)
+        keys = cache.chunk_keys(engine.prompts[name], include_partial=tail)
         assert client.contains(keys) == [True] * len(keys), "the chunks are not stored"
         client.delete(keys[chunk : chunk + 1])
     finally:
