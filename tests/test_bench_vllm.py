@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvdepot.bench.vllm_report import ChildResult, Sample, merge_runs, report
-from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests
+from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests, user_scripts
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,33 @@ def test_merged_runs_keep_their_chunk_size_unless_it_differs() -> None:
         ("lmcache", 128, 2),
     ]
     assert merge_runs([run(128), run(256)])[1].chunk_size_tokens == 0  # reported as "?"
+
+
+def test_users_share_the_system_prompt_and_each_round_extends_their_own(tokenizer: object) -> None:
+    """The users workload: one long shared prefix (the system prompt), then each user's own
+    notes; a user's next round holds the previous round's prompt and answer."""
+    scripts = user_scripts(num_users=3, num_rounds=3, shared_tokens=1000, user_tokens=300)
+    assert [len(s.questions) for s in scripts] == [2, 2, 2]
+    firsts = [s.prompt(tokenizer, []) for s in scripts]
+    shared = common_prefix(firsts[0], firsts[1])
+    assert 1000 < shared == common_prefix(firsts[1], firsts[2]) < len(firsts[0]) - 250
+    rounds = [scripts[0].prompt(tokenizer, scripts[0].scripted_answers[:t]) for t in range(3)]
+    for before, after in itertools.pairwise(rounds):
+        assert after[: len(before)] == before
+
+
+def test_report_has_a_users_table_with_throughput() -> None:
+    def result(setup: str, share_s: float) -> ChildResult:
+        samples = [Sample("users", u, kind, 2000, 0 if kind == "cold" else 1800, 1.0, share_s,
+                          [1, 2, 3]) for u in range(4) for kind in ("cold", "warm")]  # fmt: skip
+        return ChildResult(setup, 20.0, samples)
+
+    text = report([result("vllm", 2.0), result("kvdepot", 0.5)])
+    lines = text.splitlines()
+    assert lines[2].startswith("users: 8 requests (4 cold, 4 warm)")
+    header = lines[3].split("  ")
+    rows = {line.split()[0]: line.split() for line in lines[5:7]}
+    assert [c.strip() for c in header if c.strip()][7] == "req/s"
+    assert rows["kvdepot"][7] == "2" and rows["vllm"][7] == "0.5"  # 8 requests in 4 and 16 s
+    assert rows["vllm"][-1] == "4"  # kvdepot's req/s over vLLM's
+    assert "goal" not in text  # no QA or chat: no cold-request goals

@@ -16,14 +16,19 @@ SmolLM2-135M-Instruct in fp32 (CPUs without bf16 instructions prefill ~6x faster
 - `example`: vLLM's `ExampleConnector` (safetensors files in a temp folder; it hits only
   when a whole prompt but its last token was seen before).
 
-Workloads (`kvdepot.bench.vllm_workloads`): long-document QA (documents of 2K-4K tokens,
-several questions each) and a multi-turn chat. A group's first request is cold; the later
-ones are warm. Every connector setup empties vLLM's prefix cache before every request, so its
-warm hits come from the connector. Each QA request generates `--max-tokens` tokens (EOS
-ignored); a chat answer runs to EOS (at most `--chat-answer-tokens`) and the next turn holds
-it, as in a real chat (`--chat-answers scripted` puts a fixed sentence there instead). TTFT
-is vLLM's arrival-to-first-token time; throughput is requests (and generated tokens) per
-second of the workload's `generate` calls; hit rate is cached / prompt tokens.
+Workloads (`kvdepot.bench.vllm_workloads`, chosen with `--workloads`): long-document QA
+(documents of 2K-4K tokens, several questions each), a multi-turn chat, and `users`: many
+users at once in rounds (LMCache's multi-round QA benchmark in spirit: a shared system prompt,
+each user's own notes, every user's next question in one batch), in an engine whose own KV
+space holds only part of the users' contexts (`--users-kv-blocks`), as on a busy server; its
+table reports throughput (requests/s, generated tokens/s) and TTFT with queueing. A group's
+first request is cold; the later ones are warm. In QA and chat, every connector setup empties
+vLLM's prefix cache before every request, so its warm hits come from the connector. Each QA
+request generates `--max-tokens` tokens (EOS ignored); a chat answer runs to EOS (at most
+`--chat-answer-tokens`) and the next turn holds it, as in a real chat (`--chat-answers
+scripted` puts a fixed sentence there instead). TTFT is vLLM's arrival-to-first-token time;
+throughput is requests (and generated tokens) per second of the workload's `generate` calls;
+hit rate is cached / prompt tokens.
 The kvdepot setups also run `--paired` cold pairs: one never-seen prompt with and without
 kvdepot (per-request `kv_transfer_params`) in the same engine (see `vllm_engine`).
 
@@ -75,9 +80,26 @@ def _child(args: argparse.Namespace, model_dir: Path) -> None:
     """One setup, in this process (a child of `run_setup`); writes its samples to `args.out`
     after each workload, so a setup that fails half-way still reports what it measured."""
     from kvdepot.bench.vllm_engine import BenchEngine
-    from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests
+    from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests, user_scripts
 
     work_dir = Path(tempfile.mkdtemp(prefix="kvdepot-bench-vllm-"))
+    if args.workload == "users":
+        engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket,
+                             args.chunk_tokens, num_blocks=args.users_kv_blocks)  # fmt: skip
+        chunk_tokens = args.chunk_tokens if args.child in CHUNK_SETUPS else 0
+        result = ChildResult(args.child, engine.startup_s, [], chunk_size_tokens=chunk_tokens)
+        try:
+            engine.warm_up()
+            scripts = user_scripts(args.users, args.rounds, args.users_shared_tokens,
+                                   args.users_notes_tokens)  # fmt: skip
+            result.samples.extend(engine.users(scripts, args.users_answer_tokens))
+        except Exception as exc:
+            result = replace(result, error=f"{type(exc).__name__}: {exc}"[:300])
+            raise
+        finally:
+            args.out.write_text(json.dumps(result.to_json()))
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return
     engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket, args.chunk_tokens)
     low, high = args.doc_tokens
     qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
@@ -199,6 +221,23 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         default=128,
         help="chunk size of kvdepot and LMCache, a multiple of vLLM's block (default 128)",
     )
+    add(
+        "--workloads",
+        default="qa,chat",
+        help="comma-separated, from qa,chat,users (default qa,chat; the cold pairs run with "
+        "qa or chat)",
+    )
+    add("--users", type=int, default=8, help="users workload: users at once")
+    add("--rounds", type=int, default=3, help="users workload: questions per user")
+    add("--users-shared-tokens", type=int, default=1500,
+        help="users workload: the shared system prompt's length (default 1500)")  # fmt: skip
+    add("--users-notes-tokens", type=int, default=500,
+        help="users workload: each user's own notes (default 500)")  # fmt: skip
+    add("--users-answer-tokens", type=int, default=32,
+        help="users workload: an answer ends at EOS or after this many tokens")  # fmt: skip
+    add("--users-kv-blocks", type=int, default=32,
+        help="users workload: vLLM's own KV blocks of 128 tokens (default 32: the shared "
+        "prompt and a few users' contexts)")  # fmt: skip
     add("--paired", type=int, default=6, help="cold pairs with and without kvdepot")
     add("--paired-tokens", type=int, default=2048, help="prompt length of the cold pairs")
     add("--json", type=Path, help="also write every sample here")
@@ -210,6 +249,7 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         help="run nothing: report the samples of these --json files, merged setup by setup",
     )
     add("--child", choices=SETUPS, help=argparse.SUPPRESS)
+    add("--workload", choices=("main", "users"), default="main", help=argparse.SUPPRESS)
     add("--out", type=Path, help=argparse.SUPPRESS)
     add("--socket", type=Path, help=argparse.SUPPRESS)
     return parser
@@ -224,9 +264,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.report:
-        runs = [[ChildResult.from_json(r) for r in json.loads(path.read_text())]
-                for path in args.report]  # fmt: skip
-        print(report(merge_runs(runs)))
+        saved = [[ChildResult.from_json(r) for r in json.loads(path.read_text())]
+                 for path in args.report]  # fmt: skip
+        print(report(merge_runs(saved)))
         return 0
     from kvdepot.connectors.model import prepare_model
 
@@ -237,11 +277,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     setups = tuple(args.setups.split(","))
     if "vllm" not in setups or not set(setups) <= set(SETUPS):
         parser.error(f"--setups: a list of {SETUPS} that includes vllm (the baseline)")
-    results = []
-    for setup in setups:
-        results.append(run_setup(setup, _child_args(args, model_dir), args.chunk_tokens))
-        if args.json:  # after each setup: a long run that is cut short keeps what it measured
-            args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
+    workloads = set(args.workloads.split(","))
+    if not workloads or not workloads <= {"qa", "chat", "users"}:
+        parser.error("--workloads: a list of qa, chat, users")
+    runs: list[list[ChildResult]] = []
+    if workloads & {"qa", "chat"}:
+        child_args = _child_args(args, model_dir, workloads)
+        runs.append([])
+        for setup in setups:
+            runs[-1].append(run_setup(setup, child_args, args.chunk_tokens))
+            _save(args, runs)  # after each setup: a run cut short keeps what it measured
+    if "users" in workloads:
+        child_args = [*_child_args(args, model_dir, workloads), "--workload", "users"]
+        runs.append([])
+        for setup in setups:
+            runs[-1].append(run_setup(setup, child_args, args.chunk_tokens))
+            _save(args, runs)
+    results = merge_runs(runs)
     baseline = next(r for r in results if r.setup == "vllm")
     if baseline.error is not None:
         print(f"the baseline failed: {baseline.error}", file=sys.stderr)
@@ -250,17 +302,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def _child_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
+def _save(args: argparse.Namespace, runs: list[list[ChildResult]]) -> None:
+    if args.json:
+        results = merge_runs(runs)
+        args.json.write_text(json.dumps([r.to_json() for r in results], indent=2))
+
+
+def _child_args(args: argparse.Namespace, model_dir: Path, workloads: set[str]) -> list[str]:
     low, high = args.doc_tokens
     return [
         "--model-dir",
         str(model_dir),
         "--qa-docs",
-        str(args.qa_docs),
+        str(args.qa_docs if "qa" in workloads else 0),
         "--qa-questions",
         str(args.qa_questions),
         "--chat-conversations",
-        str(args.chat_conversations),
+        str(args.chat_conversations if "chat" in workloads else 0),
         "--chat-turns",
         str(args.chat_turns),
         "--doc-tokens",
@@ -277,6 +335,18 @@ def _child_args(args: argparse.Namespace, model_dir: Path) -> list[str]:
         str(args.paired),
         "--paired-tokens",
         str(args.paired_tokens),
+        "--users",
+        str(args.users),
+        "--rounds",
+        str(args.rounds),
+        "--users-shared-tokens",
+        str(args.users_shared_tokens),
+        "--users-notes-tokens",
+        str(args.users_notes_tokens),
+        "--users-answer-tokens",
+        str(args.users_answer_tokens),
+        "--users-kv-blocks",
+        str(args.users_kv_blocks),
     ]
 
 

@@ -75,7 +75,10 @@ class BenchEngine:
         work_dir: Path,
         socket_path: Path | None,
         chunk_tokens: int,
+        num_blocks: int | None = None,
     ):
+        """`num_blocks`: vLLM's KV blocks (its own KV space, prefix cache included); by
+        default what `VLLM_CPU_KVCACHE_SPACE` holds."""
         from vllm import LLM
 
         self.setup = setup
@@ -92,6 +95,7 @@ class BenchEngine:
             kv_transfer_config=transfer_config(setup, work_dir, socket_path, chunk_tokens),
             disable_log_stats=False,  # per-request metrics: first_token_latency
             seed=0,
+            num_gpu_blocks_override=num_blocks,
         )
         self.startup_s = time.perf_counter() - start
 
@@ -171,6 +175,36 @@ class BenchEngine:
                     if scripted
                     else tokenizer.decode(output, skip_special_tokens=True)
                 )
+        return samples
+
+    def users(self, scripts: list[ChatScript], max_answer_tokens: int) -> list[Sample]:
+        """Round by round, every user's next turn at once (one batch; vLLM schedules them
+        together as far as its KV space allows). No prefix-cache resets: vLLM keeps what its
+        blocks hold, and evicts the rest when users outnumber them. A round's wall time is
+        split evenly over its requests (`e2e_s`), so that their sum is the workload's time;
+        TTFT is each request's arrival to first token, its wait for the batch included."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tokenizer = self.tokenizer
+        answers: list[list[str]] = [[] for _ in scripts]
+        params = SamplingParams(max_tokens=max_answer_tokens, temperature=0.0)
+        samples = []
+        for turn in range(len(scripts[0].questions) + 1):
+            prompts = [s.prompt(tokenizer, a) for s, a in zip(scripts, answers, strict=True)]
+            start = time.perf_counter()
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
+            )
+            share_s = (time.perf_counter() - start) / len(outs)
+            for script, ids, out, said in zip(scripts, prompts, outs, answers, strict=True):
+                output = list(out.outputs[0].token_ids)
+                ttft_s = out.metrics.first_token_latency if out.metrics is not None else share_s
+                kind = "warm" if turn else "cold"
+                samples.append(Sample("users", script.group, kind, len(ids),
+                                      int(out.num_cached_tokens), float(ttft_s), share_s,
+                                      output))  # fmt: skip
+                said.append(tokenizer.decode(output, skip_special_tokens=True))
         return samples
 
     def paired_cold(self, num_pairs: int, num_tokens: int, max_tokens: int) -> list[Sample]:

@@ -14,6 +14,10 @@ later ones are warm (they share a long prefix with an earlier request of their g
   through the chat template, as a chat server builds it. The answer is the model's own
   (decoded from its greedy output: the same in every setup whose outputs match vLLM's), or,
   with `scripted`, a fixed sentence with the planted fact that no cache has seen.
+- users: many users at once, in rounds, in the spirit of LMCache's multi-round QA benchmark:
+  every conversation opens with the same long system prompt (a shared handbook) and the
+  user's own notes; each round, every user asks the next question at the same time (one
+  batch), with the earlier answers in the prompt.
 """
 
 from __future__ import annotations
@@ -87,10 +91,12 @@ class ChatScript:
     opening: str
     questions: list[str]
     scripted_answers: list[str]
+    system: str = ""  # a system prompt before the opening (the users workload: shared)
 
     def prompt(self, tokenizer: Any, answers: list[str]) -> list[int]:
         """Turn `len(answers)`'s prompt: the opening, then each answer and the next question."""
-        messages = [{"role": "user", "content": self.opening}]
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages += [{"role": "user", "content": self.opening}]
         for answer, question in zip(answers, self.questions, strict=False):
             messages += [{"role": "assistant", "content": answer},
                          {"role": "user", "content": question}]  # fmt: skip
@@ -106,6 +112,25 @@ def chat_scripts(sizes: list[int], num_turns: int, seed: int = 500) -> list[Chat
         opening = f"Here is a handbook.\n\n{doc.text}\n\n{facts[0].question}"
         scripted = [f"According to the handbook, the answer is {f.answer}." for f in facts]
         out.append(ChatScript(group, opening, [f.question for f in facts[1:]], scripted))
+    return out
+
+
+def user_scripts(
+    num_users: int, num_rounds: int, shared_tokens: int, user_tokens: int, seed: int = 700
+) -> list[ChatScript]:
+    """The users workload: one conversation per user, `num_rounds` questions each, all
+    opening with the same `shared_tokens`-token system prompt and `user_tokens` of the user's
+    own notes."""
+    shared = _document(seed, shared_tokens)
+    system = f"You answer questions about this handbook.\n\n{shared.text}"
+    out = []
+    for user in range(num_users):
+        notes = _document(seed + 1 + user, user_tokens)
+        facts = [*notes.facts, *shared.facts]
+        facts = facts[:: max(1, len(facts) // num_rounds)][:num_rounds]
+        opening = f"My notes:\n\n{notes.text}\n\n{facts[0].question}"
+        scripted = [f"The answer is {f.answer}." for f in facts]
+        out.append(ChatScript(user, opening, [f.question for f in facts[1:]], scripted, system))
     return out
 
 
