@@ -86,7 +86,8 @@ class BenchEngine:
         self.llm = LLM(
             model=model_dir,
             dtype="float32",
-            max_model_len=8192,
+            # vLLM keeps one block back (its null block).
+            max_model_len=8192 if num_blocks is None else min(8192, (num_blocks - 1) * 128),
             # One prefill step per prompt: ExampleConnector saves only the first step of a
             # chunked prefill, then fails to load it (a shape mismatch that kills the engine).
             max_num_batched_tokens=8192,
