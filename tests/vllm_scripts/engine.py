@@ -25,7 +25,10 @@ asserts. Scenarios:
   full-attention layers (vLLM's hybrid allocator on): reference and cold runs, then a new
   engine's hits, and a hit that ends mid-prompt (the window before it loaded);
 - fp8_populate, fp8_fresh (daemon mode): the same with SmolLM2 and an fp8 KV cache;
-  fp8_other_format: an engine with another KV cache format finds none of those chunks.
+  fp8_other_format: an engine with another KV cache format finds none of those chunks;
+- mla_populate, mla_fresh (daemon mode): a DeepSeek-V2-style MLA model in bf16: a cold run,
+  then the same prompt served by vLLM's own prefix cache (the reference: the same KV, the same
+  suffix computed); then a new engine served by kvdepot.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def prompts(tokenizer: Any) -> dict[str, list[int]]:
         "resume": doc[:1100] + question,
         "miss": other[:1000],
         "novel": novel[:1200],
+        "aligned": doc[:1281],  # 10 whole blocks and one token: what vLLM's own cache hits
     }
 
 
@@ -372,6 +376,12 @@ def lora_fresh(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
     return {"reference": reference, "steps": steps}
 
 
+def mla_populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
+    cold = engine.one("aligned")
+    own = engine.one("aligned", reset=False, kv_params={"kvdepot.load": False})
+    return {"cold": cold, "own_hit": own}
+
+
 SCENARIOS = {
     "populate": populate,
     "embedded": embedded,
@@ -387,6 +397,8 @@ SCENARIOS = {
     "fp8_populate": tp_populate,
     "fp8_fresh": hybrid_fresh,
     "fp8_other_format": lambda engine, spec: {"steps": {"full": engine.one("full")}},
+    "mla_populate": mla_populate,
+    "mla_fresh": lambda engine, spec: {"warm": engine.one("aligned")},
 }
 
 
