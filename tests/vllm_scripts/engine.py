@@ -171,11 +171,17 @@ class Engine:
 
         if self.socket_path is None:  # another connector: no kvdepot store to ask
             return {}
-        client = DaemonClient(socket_path=Path(self.socket_path), reconnect_interval_s=0.0)
-        try:
-            return client.stats()
-        finally:
-            client.close()
+        # A loaded machine can miss one connect or reply: ask again for ~2 s; a store that is
+        # gone (the daemon killed on purpose) answers {}.
+        for _ in range(8):
+            client = DaemonClient(socket_path=Path(self.socket_path), reconnect_interval_s=0.0)
+            try:
+                if stats := client.stats():
+                    return stats
+            finally:
+                client.close()
+            time.sleep(0.25)
+        return {}
 
 
 def populate(engine: Engine, spec: dict[str, Any]) -> dict[str, Any]:
