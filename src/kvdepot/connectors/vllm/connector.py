@@ -113,10 +113,11 @@ class KVDepotConnector(KVConnectorBase_V1, SupportsHMA):  # type: ignore[misc]  
         return self.scheduler_side.request_finished(request, tuple(block_ids))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        stats = getattr(connector_output, "kv_connector_stats", None)
-        data = getattr(stats, "data", None) if isinstance(stats, KVDepotStats) else None
+        # The workers' stats: ours, or (vLLM 0.30, 0.31: rebuilt after IPC) vLLM's base class
+        # holding our payload in `data`.
+        data = getattr(getattr(connector_output, "kv_connector_stats", None), "data", None)
         self.scheduler_side.update_connector_output(
-            set(connector_output.finished_sending or ()), data
+            set(connector_output.finished_sending or ()), data if isinstance(data, dict) else None
         )
 
     def reset_cache(self) -> bool | None:
