@@ -414,14 +414,17 @@ class CacheEngine:
         info: LoadInfo | None,
     ) -> None:
         """Loaded tokens by the tier they came from (`kvdepot_engine_loaded_tokens_total`)."""
+        by_tier: dict[str, int] = {}
         start = 0
         for i, piece in enumerate(kv):
             n = int(piece.shape[2])
             tier = tier_label(sources[i]) if i < len(sources) else "unknown"
-            self.metrics.loaded_tokens.labels(tier).inc(n)
+            by_tier[tier] = by_tier.get(tier, 0) + n
             if info is not None:
                 info.pieces.append((tier, n, start >= num_whole))
             start += n
+        for tier, n in by_tier.items():  # one counter update per tier, not per chunk
+            self.metrics.loaded_tokens.labels(tier).inc(n)
 
     def _chunk_kv(
         self,

@@ -52,7 +52,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from kvdepot.bench.vllm_report import ChildResult, merge_runs, report
+from kvdepot.bench.vllm_report import ChildResult, Sample, merge_runs, report
 
 SETUPS = ("vllm", "kvdepot", "kvdepot-daemon", "lmcache", "example")
 ENGINE_ENV = {
@@ -83,40 +83,31 @@ def _child(args: argparse.Namespace, model_dir: Path) -> None:
     from kvdepot.bench.vllm_workloads import chat_scripts, doc_sizes, qa_requests, user_scripts
 
     work_dir = Path(tempfile.mkdtemp(prefix="kvdepot-bench-vllm-"))
-    if args.workload == "users":
-        engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket,
-                             args.chunk_tokens, num_blocks=args.users_kv_blocks)  # fmt: skip
-        chunk_tokens = args.chunk_tokens if args.child in CHUNK_SETUPS else 0
-        result = ChildResult(args.child, engine.startup_s, [], chunk_size_tokens=chunk_tokens)
-        try:
-            engine.warm_up()
-            scripts = user_scripts(args.users, args.rounds, args.users_shared_tokens,
-                                   args.users_notes_tokens)  # fmt: skip
-            result.samples.extend(engine.users(scripts, args.users_answer_tokens))
-        except Exception as exc:
-            result = replace(result, error=f"{type(exc).__name__}: {exc}"[:300])
-            raise
-        finally:
-            args.out.write_text(json.dumps(result.to_json()))
-            shutil.rmtree(work_dir, ignore_errors=True)
-        return
-    engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket, args.chunk_tokens)
-    low, high = args.doc_tokens
-    qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
-    chat_sizes = doc_sizes(args.chat_conversations, low, high)
-    chat = chat_scripts(chat_sizes, args.chat_turns)
+    num_blocks = args.users_kv_blocks if args.workload == "users" else None
+    engine = BenchEngine(args.child, str(model_dir), work_dir, args.socket, args.chunk_tokens,
+                         num_blocks=num_blocks)  # fmt: skip
     chunk_tokens = args.chunk_tokens if args.child in CHUNK_SETUPS else 0
     result = ChildResult(args.child, engine.startup_s, [], chunk_size_tokens=chunk_tokens)
-    engine.warm_up()
+
+    def keep(samples: list[Sample]) -> None:
+        result.samples.extend(samples)
+        args.out.write_text(json.dumps(result.to_json()))
+
     try:
-        result.samples.extend(engine.run(qa, args.max_tokens))
-        args.out.write_text(json.dumps(result.to_json()))
+        engine.warm_up()
+        if args.workload == "users":
+            scripts = user_scripts(args.users, args.rounds, args.users_shared_tokens,
+                                   args.users_notes_tokens)  # fmt: skip
+            keep(engine.users(scripts, args.users_answer_tokens))
+            return
+        low, high = args.doc_tokens
+        qa = qa_requests(engine.tokenizer, doc_sizes(args.qa_docs, low, high), args.qa_questions)
+        chat = chat_scripts(doc_sizes(args.chat_conversations, low, high), args.chat_turns)
+        keep(engine.run(qa, args.max_tokens))
         scripted = args.chat_answers == "scripted"
-        result.samples.extend(engine.chat(chat, args.chat_answer_tokens, scripted=scripted))
-        args.out.write_text(json.dumps(result.to_json()))
+        keep(engine.chat(chat, args.chat_answer_tokens, scripted=scripted))
         if args.child.startswith("kvdepot") and args.paired:
-            paired = engine.paired_cold(args.paired, args.paired_tokens, args.max_tokens)
-            result.samples.extend(paired)
+            keep(engine.paired_cold(args.paired, args.paired_tokens, args.max_tokens))
     except Exception as exc:
         result = replace(result, error=f"{type(exc).__name__}: {exc}"[:300])
         raise
