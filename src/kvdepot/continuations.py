@@ -65,6 +65,10 @@ class _Saved(msgspec.Struct):
 Continuation = tuple[ChunkKey, ChunkKey, bytes]
 """(parent key, child key, the child's token ids as little-endian int32 bytes)."""
 
+Root = tuple[ChunkKey, str, int]
+"""(a namespace's root key, the model name its chunks are announced under in KV events, ""
+for never, and its chunk size in tokens): sent with continuations (`kvdepot.events`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TailQuery:

@@ -25,16 +25,20 @@ def open_cache(
     *,
     embedded_socket: Path | None = None,
     client_name: str = "",
+    lookups_only: bool = False,
 ) -> ChunkStore:
     """The store this process uses: a `DaemonClient` in daemon mode, or (embedded) of the
-    engine process serving the store on `embedded_socket`; else the embedded `TieredStore`."""
+    engine process serving the store on `embedded_socket`; else the embedded `TieredStore`.
+    `lookups_only`: the caller looks up and moves no KV itself (vLLM's scheduler), so a client
+    maps the daemon's shared memory only if it ever needs it."""
     if config.mode == "daemon" or embedded_socket is not None:
         from kvdepot.daemon.client import DaemonClient
 
         socket = None if config.mode == "daemon" else embedded_socket
         return DaemonClient.from_config(
-            config, metrics, socket_path=socket, client_name=client_name
-        )
+            config, metrics, socket_path=socket, client_name=client_name,
+            eager_map=not lookups_only,
+        )  # fmt: skip
     store = open_store(config, metrics)
     embedded_metrics(store, config)
     return store

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,7 @@ from kvdepot.layout import KVLayout
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.misses import BELOW_MIN_REUSE, parse_miss, split_missed, tier_label
+from kvdepot.namespaces import Recipe, Shard
 from kvdepot.store import ChunkStore
 from kvdepot.tensors import as_numpy_bits, dtype_from_torch, torch_dtype, torch_from_bits
 
@@ -95,6 +96,15 @@ def _token_ids(tokens: Tokens) -> TokenIds:
     return tokens
 
 
+def recipe_of(engines: Sequence[CacheEngine], models: Sequence[str] = ()) -> Recipe:
+    """The recipe of a model whose hits need every one of `engines`' shards (tensor-parallel
+    ranks, in rank order), looked up by `models` and by the first engine's fingerprint."""
+    first = engines[0]
+    names = tuple(dict.fromkeys(name for name in [*models, first.model_fingerprint] if name))
+    shards = tuple(Shard(e.model_fingerprint, e.layout.layout_id, e.shard_rank) for e in engines)
+    return Recipe(names, first.chunk_size_tokens, first.hash_algorithm.value, shards)
+
+
 class CacheEngine:
     """Token-level KV cache for one model shard (fingerprint + layout)."""
 
@@ -112,6 +122,7 @@ class CacheEngine:
         metrics: Metrics | None = None,
         partial_match: bool = True,
         min_partial_tokens: int = 16,
+        names: Sequence[str] = (),
     ) -> None:
         """A cache engine over `backend` for chunks of `layout` keyed by `model_fingerprint`.
 
@@ -120,6 +131,8 @@ class CacheEngine:
                 same prefix; off for engines whose pages cannot be filled in part.
             min_partial_tokens: a partial match shorter than this is ignored (reading a
                 whole chunk to save a few tokens of prefill is no gain).
+            names: what routers call the model (`announce`, KV events' topics); the
+                fingerprint when empty.
         """
         self.backend = backend
         self.layout = layout
@@ -133,11 +146,22 @@ class CacheEngine:
         self.partial_match = partial_match
         self.min_partial_tokens = max(min_partial_tokens, 1)
         self._namespaces: dict[bytes, CacheNamespace] = {}
+        self._names = tuple(names)  # what routers call the model
         self._roots: dict[bytes, ChunkKey] = {}
         self._lock = threading.Lock()
         self._log = RateLimitedLog(logger)
         # What keys this engine's chunks besides the model (reported with its token counts).
         self._setup = f"{layout.layout_id} chunk={chunk_size_tokens} {hash_algorithm.value}"
+
+    def announce(self, models: Sequence[str] = ()) -> None:
+        """Tell the store how this engine keys its chunks, so that a router can look a
+        prompt up by one of `models` (`kvdepot.namespaces`); never raises."""
+        recipe = recipe_of([self], models)
+        self._names = recipe.models
+        try:
+            self.backend.announce(recipe)
+        except Exception as exc:  # a convenience for routers, never a reason to fail
+            self._log.warning("announce", "kvdepot: announcing the model failed: %s", exc)
 
     def namespace(self, tenant_salt: bytes = b"") -> CacheNamespace:
         """The key namespace of this model shard for one tenant."""
@@ -294,6 +318,9 @@ class CacheEngine:
             if not is_present:
                 chunk = bits[:, :, i * c : min((i + 1) * c, num_tokens - kv_start_token)]
                 items.append((key, encode_chunk(chunk, self.layout.dtype, self.codec)))
+        if not segment:  # lineage first: the store's KV events for the put need it
+            kept = list(range(first, first + len(keys)))
+            self._remember(tokens[:num_tokens], all_keys, kept, tenant_salt)
         num_stored = self.backend.put(items)
         if num_stored < len(items):  # the store refused some: count only what it holds
             held = self.backend.contains([key for key, _ in items])
@@ -301,10 +328,6 @@ class CacheEngine:
         num_written = sum(chunk.header.shape[2] for _, chunk in items)
         self.metrics.stored_tokens.inc(num_written)
         self._report(stored=num_written)
-        if self.partial_match and not segment:
-            stored = {key for key, _ in items}
-            kept = [first + i for i, key in enumerate(keys) if present[i] or key in stored]
-            self._remember(tokens[:num_tokens], all_keys, kept, tenant_salt)
         return num_written
 
     def retrieve(
@@ -485,8 +508,11 @@ class CacheEngine:
             (keys[i - 1] if i else root, keys[i], token_bytes(ids[i * c : (i + 1) * c]))
             for i in held
         ]
+        # Events announce a namespace without a tenant salt only (a salted one's tokens are
+        # that tenant's), under the model's first announced name.
+        model = "" if tenant_salt else (self._names or (self.model_fingerprint,))[0]
         try:
-            self.backend.remember(entries)
+            self.backend.remember(entries, [(root, model, c)])
         except Exception as exc:  # a hint only
             self._log.warning("remember", "continuation index update failed: %s", exc)
 

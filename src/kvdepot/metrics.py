@@ -8,7 +8,7 @@ in one process (or tests) never collide. Label values are bounded (`tier`, `op`,
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -119,6 +119,22 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.events = Counter(
+            "kvdepot_events",
+            "KV events published (kvdepot.events), by type: BlockStored, BlockRemoved, "
+            "AllBlocksCleared",
+            ["type"],
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "kvdepot_events_dropped",
+            "KV events not published, by reason: queue_full, send_failed, no_lineage (a "
+            "chunk whose tokens this process never learned)",
+            ["reason"],
+            registry=r,
+        )
+        self.note_gone_listeners: list[Callable[[Sequence[ChunkKey], str, str], None]] = []
+        """Called with (keys, reason, tier) when chunks leave a tier (`kvdepot.events`)."""
         self._model_labels: set[str] = set()
         self.ledger = GoneLedger()
         """Why chunks left a tier (kvdepot.misses): fed by the tiers' eviction and corruption
@@ -297,6 +313,13 @@ class Metrics:
         """The Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
 
+    def note_gone(self, keys: Sequence[ChunkKey], reason: str, tier: str) -> None:
+        """Chunks left `tier` for `reason`: remembered to explain a later miss, and told to
+        the listeners (KV events)."""
+        self.ledger.note(keys, reason, tier)
+        for listener in self.note_gone_listeners:
+            listener(keys, reason, tier)
+
     def hit_rate(self) -> float:
         """Hit tokens / looked-up tokens since start (0.0 before any lookup)."""
         sample = self.registry.get_sample_value
@@ -336,7 +359,7 @@ class TierMetrics:
         count = keys if isinstance(keys, int) else len(keys)
         self.metrics.tier_evictions.labels(self.name).inc(count)
         if not isinstance(keys, int):
-            self.metrics.ledger.note(keys, EVICTED, self.name)
+            self.metrics.note_gone(keys, EVICTED, self.name)
 
     def breaker(self, is_open: bool | None) -> None:
         """One of this tier's circuit breakers left (True) or came back to closed (False);
@@ -352,4 +375,4 @@ class TierMetrics:
         count = keys if isinstance(keys, int) else len(keys)
         self.metrics.corrupt_chunks.labels(self.name).inc(count)
         if not isinstance(keys, int):
-            self.metrics.ledger.note(keys, CORRUPT, self.name)
+            self.metrics.note_gone(keys, CORRUPT, self.name)

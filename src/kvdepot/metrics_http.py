@@ -22,7 +22,7 @@ class MetricsServer:
     """Serves one `Metrics` registry until `stop`."""
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._http = ThreadingHTTPServer((host, port), _handler_for(metrics))
+        self._http = QuietHTTPServer((host, port), _handler_for(metrics))
         self._http.daemon_threads = True
         self.address: tuple[str, int] = self._http.server_address[:2]  # type: ignore[assignment]
         self._thread = threading.Thread(
@@ -48,8 +48,26 @@ def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsServer | Non
     return server
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server for which a client that hangs up (kept-alive connections are
+    reset by clients all the time) is not an error worth a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        logger.exception("kvdepot: HTTP request from %s failed", client_address)
+
+
 class QuietHandler(BaseHTTPRequestHandler):
     """A handler that answers with `reply` and keeps scrapes out of the log."""
+
+    # Headers and body leave in two writes: with Nagle's algorithm the body would wait for
+    # the client's delayed ACK of the headers (~40 ms) on a kept-alive connection.
+    disable_nagle_algorithm = True
 
     def reply(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -95,6 +95,20 @@ class PrefillCost:
         return cached_tokens * self.seconds / self.tokens if self.tokens else 0.0
 
 
+_levels_set: set[int] = set()  # the levels RequestLogs gave the records logger
+
+
+def _own_level(level: int | None) -> None:
+    """Asked for records at `level`: the records logger takes it as its own (the lowest any
+    RequestLog asked for), so a host that raises the root logger's level (vLLM 0.30's server
+    sets ERROR in each of its processes) does not silence them. A level someone else set on
+    that logger stays."""
+    if level is None or (logger.level and logger.level not in _levels_set):
+        return
+    _levels_set.add(level)
+    logger.setLevel(min(_levels_set))
+
+
 class RequestLog:
     """Where a connector reports its records."""
 
@@ -104,6 +118,7 @@ class RequestLog:
         self.metrics = metrics
         self.level = LEVELS[level]
         self._log = RateLimitedLog(logging.getLogger(__name__))
+        _own_level(self.level)
 
     def report(self, record: RequestRecord) -> None:
         """Count `record` and log it if asked; a failure here is logged, never raised."""

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -41,18 +41,22 @@ from kvdepot.codec import (
 )
 from kvdepot.codec.format import EncodedChunk, open_blob
 from kvdepot.config import KVDepotConfig
-from kvdepot.continuations import Continuation, ContinuationIndex, TailQuery
+from kvdepot.continuations import Continuation, ContinuationIndex, Root, TailQuery
 from kvdepot.errors import CorruptChunk, TierUnavailable
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.misses import CORRUPT, NEVER_STORED, TIER_UNAVAILABLE, miss
+from kvdepot.namespaces import Answer, Recipe, Recipes, answer
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.base import DecodesInto, ReadsInto, Tier, TierUsage
 from kvdepot.tiers.disk import DiskTier
 from kvdepot.tiers.memory import Lease, MemoryTier, WriteSlot
 from kvdepot.tiers.policy import make_policy
 from kvdepot.tiers.transcode import CodecTier, decode_to_raw, raw_header
+
+if TYPE_CHECKING:
+    from kvdepot.events import KVEvents
 
 logger = logging.getLogger(__name__)
 _STOP = None
@@ -109,7 +113,9 @@ class ChunkStore(Protocol):
         self, keys: Sequence[ChunkKey], tail: TailQuery | None
     ) -> AbstractContextManager[Prefix]: ...
 
-    def remember(self, entries: Sequence[Continuation]) -> None: ...
+    def remember(self, entries: Sequence[Continuation], roots: Sequence[Root] = ()) -> None: ...
+
+    def announce(self, recipe: Recipe) -> None: ...
 
     def report_tokens(
         self,
@@ -178,6 +184,10 @@ class TieredStore:
         self._continuations_path = continuations_path
         if continuations_path is not None:
             self.continuations.load(continuations_path)
+        self.recipes = Recipes()
+        """How the engines of this store key their chunks (`kvdepot.namespaces`)."""
+        self.events: KVEvents | None = None
+        """The KV-event publisher (`kvdepot.events`), when on."""
 
     def start(self) -> TieredStore:
         """Start the write-back thread (only needed with lower tiers); returns self."""
@@ -320,6 +330,8 @@ class TieredStore:
                     out.append((got[0], got[1]))
         finally:
             self.memory.commit(slots)
+            if self.events is not None and slots:
+                self.events.stored([slot.key for slot in slots], self.memory.name)
         return out
 
     def _safe_sizes(self, tier: Tier, keys: Sequence[ChunkKey]) -> list[int | None]:
@@ -465,11 +477,60 @@ class TieredStore:
             self._queue_write_back(lease, {key: chunk.nbytes for key, chunk in items})
         if num_stored < len(items):
             self.metrics.dropped_writes.labels("ram_full").inc(len(items) - num_stored)
+        if self.events is not None:
+            self._announce([key for key, _ in items], self.memory, num_stored)
         return num_stored
 
-    def remember(self, entries: Sequence[Continuation]) -> None:
-        """Note which chunks follow which parents (see `kvdepot.continuations`)."""
+    def _announce(self, keys: list[ChunkKey], tier: Tier, num_stored: int) -> None:
+        """KV events (callers check they are on): `tier` now holds `keys` (those it still
+        holds when it stored fewer)."""
+        if self.events is None or not keys:
+            return
+        if num_stored < len(keys):
+            held = self._safe_contains(tier, keys)
+            keys = [key for key, is_held in zip(keys, held, strict=True) if is_held]
+        self.events.stored(keys, tier.name)
+
+    def remember(self, entries: Sequence[Continuation], roots: Sequence[Root] = ()) -> None:
+        """Note which chunks follow which parents (see `kvdepot.continuations`); `roots`:
+        the namespace roots among the parents (`kvdepot.continuations.Root`)."""
         self.continuations.add(entries)
+        if self.events is not None:
+            self.events.learn(entries, roots)
+
+    def announce(self, recipe: Recipe) -> None:
+        """An engine's recipe, for lookups by model name (`lookup_prompt`)."""
+        self.recipes.add(recipe.check())
+
+    def lookup_prompt(self, model: str, tokens: Sequence[int], tenant_salt: bytes) -> Answer:
+        """How many leading tokens of `tokens` this store holds for `model` and the tenant,
+        by tier (`kvdepot.namespaces.answer`): a router's question, answered without
+        reading, promoting or counting anything.
+
+        Raises:
+            KeyError: no engine announced `model`.
+        """
+        recipes = self.recipes.of(model)
+        names = [self.memory.name, *(tier.name for tier in self.lower)]
+        found = answer(recipes, tokens, tenant_salt, self.where, names)
+        if found is None:
+            raise KeyError(model)
+        return found
+
+    def where(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Per key, the index of the fastest tier that holds it (0: RAM, then the lower
+        tiers in order), None where none does. Lower tiers are asked only for what the
+        faster ones lack; one that fails answers "not here"."""
+        found: list[int | None] = [0 if hit else None for hit in self.memory.contains(keys)]
+        for index, tier in enumerate(self.lower, start=1):
+            missing = [i for i, f in enumerate(found) if f is None]
+            if not missing:
+                break
+            held = self._safe_contains(tier, [keys[i] for i in missing])
+            for i, is_held in zip(missing, held, strict=True):
+                if is_held:
+                    found[i] = index
+        return found
 
     def report_tokens(
         self,
@@ -575,6 +636,8 @@ class TieredStore:
         else:
             num_committed, lease = self.memory.commit(good, pin=[slot.key for slot in good])
             self._queue_write_back(lease, {slot.key: len(slot.buffer) for slot in good})
+        if self.events is not None:
+            self._announce([slot.key for slot in good], self.memory, num_committed)
         return num_committed
 
     def _queue_write_back(self, lease: Lease, sizes: dict[ChunkKey, int]) -> None:
@@ -624,9 +687,12 @@ class TieredStore:
                 items.append((key, chunk))
             for tier in self.lower:
                 try:
-                    tier.put(items)
+                    num_stored = tier.put(items)
                 except Exception as exc:
                     self._log.warning(f"put-{tier.name}", "tier %s put failed: %s", tier.name, exc)
+                    continue
+                if self.events is not None:
+                    self._announce([key for key, _ in items], tier, num_stored)
         if bad:
             self.memory.delete(bad)
 
@@ -656,6 +722,9 @@ class TieredStore:
         them counts as corrupt)."""
         self.metrics.ledger.note(keys, CORRUPT, self.memory.name)
         self.memory.delete(keys)
+        if self.events is not None:
+            for tier in [self.memory, *self.lower]:
+                self.events.removed(keys, tier.name)
         for tier in self.lower:
             try:
                 tier.delete(keys)
@@ -672,6 +741,8 @@ class TieredStore:
         self.memory.clear()
         for tier in self.lower:
             tier.clear()
+        if self.events is not None:
+            self.events.cleared()
 
     def usage(self) -> dict[str, TierUsage]:
         return {t.name: t.usage() for t in [self.memory, *self.lower]}
@@ -696,6 +767,9 @@ class TieredStore:
             self._writer = None
         for tier in [self.memory, *self.lower]:
             tier.close()
+        if self.events is not None:
+            self.events.close()
+            self.events = None
         if self._continuations_path is not None:
             try:
                 self.continuations.save(self._continuations_path)
@@ -774,6 +848,10 @@ def open_store(
         continuation_index_bytes=config.continuation_index_bytes,
     )
     store.disabled_tiers.update(disabled)
+    if config.events.enabled:
+        from kvdepot.events import EventsSettings, KVEvents
+
+        store.events = KVEvents(EventsSettings.from_config(config.events), metrics)
     for name in [memory.name, *(tier.name for tier in lower), *disabled]:
         metrics.tier_disabled.labels(name).set(1 if name in disabled else 0)
         # Known series start at 0, so that the first event shows as an increase in PromQL.

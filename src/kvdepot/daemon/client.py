@@ -37,13 +37,14 @@ from pathlib import Path
 
 from kvdepot.codec.format import EncodedChunk
 from kvdepot.config import KVDepotConfig
-from kvdepot.continuations import Continuation, TailQuery
+from kvdepot.continuations import Continuation, Root, TailQuery
 from kvdepot.daemon import protocol as p
 from kvdepot.errors import CorruptChunk
 from kvdepot.keys import ChunkKey
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.misses import TIER_UNAVAILABLE, miss, tier_label
+from kvdepot.namespaces import Recipe
 from kvdepot.store import Prefix, PrefixHit
 from kvdepot.tiers.arena import HostBuffer
 from kvdepot.tiers.base import TierUsage
@@ -65,7 +66,11 @@ class DaemonClient:
         reconnect_interval_s: float = 1.0,
         client_name: str = "",
         metrics: Metrics | None = None,
+        eager_map: bool = True,
     ) -> None:
+        """`eager_map=False`: map the daemon's shared memory only when a read or a store
+        first needs it (a client that only looks up, such as vLLM's scheduler, never maps it:
+        populating a GiB of page tables takes about a second)."""
         self.socket_path = socket_path
         self.tcp_address = tcp_address
         self.token = token
@@ -77,10 +82,13 @@ class DaemonClient:
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self._buffer: HostBuffer | None = None
+        self._shm_path = ""  # the daemon's shared memory, mapped by `_arena`
+        self.eager_map = eager_map
         self._next_attempt_s = 0.0
         self._num_unread = 0  # replies to posted requests, still in the socket
         self._in_flight: dict[socket.socket, int] = {}  # reads/writes touching the arena
         self._parked: set[socket.socket] = set()  # failed, closed when no longer in flight
+        self._recipes: list[Recipe] = []  # announced: sent again on every new connection
         self._log = RateLimitedLog(logger, interval_s=5.0)
 
     @classmethod
@@ -91,6 +99,7 @@ class DaemonClient:
         *,
         socket_path: Path | None = None,
         client_name: str = "",
+        eager_map: bool = True,
     ) -> DaemonClient:
         """A client of the daemon `config` names, or of the server on `socket_path` (an
         embedded store served to its engine's other processes), with `config`'s timeouts."""
@@ -105,6 +114,7 @@ class DaemonClient:
             reconnect_interval_s=d.reconnect_interval_s,
             metrics=metrics,
             client_name=client_name,
+            eager_map=eager_map,
         )
 
     # ---- connection ----------------------------------------------------------------------
@@ -133,14 +143,30 @@ class DaemonClient:
                 raise ConnectionError(f"daemon refused the connection: {welcome}")
             if self._buffer is None or str(self._buffer.path) != welcome.shm_path:
                 _check_owner(Path(welcome.shm_path))
-                self._buffer = HostBuffer.map_shared(Path(welcome.shm_path))
+                self._buffer = None  # another daemon's memory: mapped again when needed
+                self._shm_path = welcome.shm_path
+                if self.eager_map:
+                    self._buffer = HostBuffer.map_shared(Path(welcome.shm_path))
         except BaseException:
             sock.close()
             raise
         sock.settimeout(self.request_timeout_s)
         self._sock = sock
+        for recipe in self._recipes:  # replies read by the next call, like any posted one
+            p.send(sock, p.Announce(recipe))
+            self._num_unread += 1
         self.metrics.client_reconnects.inc()
         logger.info("connected to the kvdepot daemon (%s)", self.socket_path or self.tcp_address)
+
+    def _arena(self) -> HostBuffer | None:
+        """The daemon's shared memory, mapped on first use (call with the lock held)."""
+        if self._buffer is None and self._shm_path and self._sock is not None:
+            try:
+                _check_owner(Path(self._shm_path))  # again: it is opened only now
+                self._buffer = HostBuffer.map_shared(Path(self._shm_path))
+            except (OSError, p.ProtocolError) as exc:
+                self._log.warning("map", "kvdepot: cannot map the daemon's memory: %s", exc)
+        return self._buffer
 
     def _disconnect(self, reason: object) -> None:
         self._num_unread = 0
@@ -263,7 +289,7 @@ class DaemonClient:
     def _read(self, request: p.Read) -> Iterator[Prefix]:
         with self._lock:
             response = self._call(request, "read")
-            buffer = self._buffer
+            buffer = self._arena() if isinstance(response, p.Extents) else None
             sock = self._hold() if isinstance(response, p.Extents) else None
         if not isinstance(response, p.Extents) or buffer is None:
             self._unhold(sock)
@@ -291,7 +317,7 @@ class DaemonClient:
         raw_keys = [key.to_bytes() for key, _ in items]
         with self._lock:
             reply = self._call(p.Reserve(raw_keys, [c.nbytes for _, c in items]), "put")
-            buffer = self._buffer
+            buffer = self._arena() if isinstance(reply, p.Slots) else None
             sock = self._hold() if isinstance(reply, p.Slots) else None
         try:
             if not isinstance(reply, p.Slots) or buffer is None:
@@ -338,13 +364,22 @@ class DaemonClient:
         done = set(written)
         return written, [raw for raw in reserved if raw not in done]
 
-    def remember(self, entries: Sequence[Continuation]) -> None:
+    def remember(self, entries: Sequence[Continuation], roots: Sequence[Root] = ()) -> None:
         if entries:
             parents, children, tokens = zip(*entries, strict=True)
             request = p.Remember(
-                [k.to_bytes() for k in parents], [k.to_bytes() for k in children], list(tokens)
-            )
+                [k.to_bytes() for k in parents], [k.to_bytes() for k in children], list(tokens),
+                [r[0].to_bytes() for r in roots], [r[1] for r in roots], [r[2] for r in roots],
+            )  # fmt: skip
             self._call(request, "remember", wait=False)
+
+    def announce(self, recipe: Recipe) -> None:
+        """Posted; kept, and sent again whenever the client reconnects."""
+        with self._lock:
+            if recipe in self._recipes:
+                return
+            self._recipes.append(recipe)
+        self._call(p.Announce(recipe), "announce", wait=False)
 
     def report_tokens(
         self,

@@ -17,8 +17,12 @@ import time
 
 import msgspec
 
-PROTOCOL_VERSION = 3
-"""3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; Lookup and Read take a `Tail` (partial
+from kvdepot.namespaces import Recipe
+
+PROTOCOL_VERSION = 4
+"""4: Announce (an engine's recipe, for lookups by model name: `kvdepot.namespaces`);
+Remember.roots/.root_models/.root_chunk_tokens (KV events: `kvdepot.events`).
+3: Reserve answers SLOT_PENDING / SLOT_OVER_LIMIT; Lookup and Read take a `Tail` (partial
 matching in the same call, `Continue` is gone); fields added since, with defaults (an older
 peer ignores them): Lookup.explain, Matched.miss/.held_elsewhere, Tokens.missed/.saved_s,
 Extents.sources.
@@ -105,11 +109,23 @@ class Flush(msgspec.Struct, tag="flush"):
 
 
 class Remember(msgspec.Struct, tag="remember"):
-    """Continuations: `children[i]` (holding `tokens[i]`, int32 bytes) follows `parents[i]`."""
+    """Continuations: `children[i]` (holding `tokens[i]`, int32 bytes) follows `parents[i]`;
+    `roots[j]` is a namespace root among the parents, announced in KV events under model
+    `root_models[j]` ("": not announced), its chunks `root_chunk_tokens[j]` tokens long."""
 
     parents: list[bytes]
     children: list[bytes]
     tokens: list[bytes]
+    roots: list[bytes] = []
+    root_models: list[str] = []
+    root_chunk_tokens: list[int] = []
+
+
+class Announce(msgspec.Struct, tag="announce"):
+    """An engine's `kvdepot.namespaces.Recipe` (posted, not waited for; sent again after a
+    reconnection, so a restarted daemon learns it)."""
+
+    recipe: Recipe
 
 
 class Tokens(msgspec.Struct, tag="tokens"):
@@ -145,6 +161,7 @@ Request = (
     | Release
     | Delete
     | Remember
+    | Announce
     | Tokens
     | Flush
     | Stats

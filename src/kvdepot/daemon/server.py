@@ -286,9 +286,16 @@ class DaemonServer:
             case p.Delete(keys=keys):
                 store.delete(_keys(keys))
                 return p.Done()
-            case p.Remember(parents=parents, children=children, tokens=tokens):
+            case p.Remember(parents=parents, children=children, tokens=tokens) as remember:
                 _check_tokens(*tokens)
-                store.remember(list(zip(_keys(parents), _keys(children), tokens, strict=True)))
+                roots = list(zip(_keys(remember.roots), remember.root_models,
+                                 remember.root_chunk_tokens, strict=True))  # fmt: skip
+                store.remember(
+                    list(zip(_keys(parents), _keys(children), tokens, strict=True)), roots
+                )
+                return p.Done()
+            case p.Announce(recipe=recipe):
+                store.announce(recipe)
                 return p.Done()
             case p.Tokens() as report:
                 self._count_tokens(session, report)

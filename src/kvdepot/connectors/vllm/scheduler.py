@@ -52,7 +52,7 @@ from kvdepot.connectors.vllm.metadata import (
 from kvdepot.connectors.vllm.settings import ConnectorSettings
 from kvdepot.connectors.vllm.stats import REQUEST_FIELDS, StepStats
 from kvdepot.deployment import open_cache
-from kvdepot.engine import CacheEngine, floor_to_chunk
+from kvdepot.engine import CacheEngine, floor_to_chunk, recipe_of
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.metrics import Metrics
 from kvdepot.records import RequestLog, RequestRecord
@@ -152,7 +152,7 @@ class SchedulerSide:
             config = self.settings.config
             name, ranks = f"vllm-scheduler:{os.getpid()}", range(self.settings.tp_size)
             if config.mode == "daemon":  # one client: every rank's shards are in the daemon
-                store = open_cache(config, client_name=name)
+                store = open_cache(config, client_name=name, lookups_only=True)
                 if self.settings.is_mla:
                     ranks = range(1)  # one copy of the latents, for every rank
                 self._caches = [self.settings.make_engine(store, rank) for rank in ranks]
@@ -163,12 +163,28 @@ class SchedulerSide:
                             config,
                             embedded_socket=self.settings.rank_socket_path(rank),
                             client_name=name,
+                            lookups_only=True,
                         ),
                         rank,
                     )
                     for rank in ranks
                 ]
+            self._announce()
         return self._caches
+
+    def _announce(self) -> None:
+        """Tell each store how this model's chunks are keyed (`kvdepot.namespaces`): the
+        daemon gets every rank's shards (a hit needs them all); an embedded rank's store,
+        its own."""
+        names = self.settings.served_names
+        try:
+            if self.settings.config.mode == "daemon":
+                self._caches[0].backend.announce(recipe_of(self._caches, names))
+            else:
+                for cache in self._caches:
+                    cache.announce(names)
+        except Exception as exc:  # for routers only: never a reason to fail
+            self._log.warning("announce", "kvdepot: announcing the model failed: %s", exc)
 
     def _salt(self, request: Request) -> bytes | None:
         """The request's salt (`tenant_salt`); None when its KV cannot be keyed exactly

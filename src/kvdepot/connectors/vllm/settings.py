@@ -79,6 +79,7 @@ class ConnectorSettings:
         kv_cache_dtype: vLLM's `kv_cache_dtype` when the KV cache is quantized (fp8,
             fp8_e4m3, fp8_e5m2; per-tensor scales), else "": it enters the keys, since the
             pages hold bytes in that format (`layout.dtype` is uint8 then).
+        served_names: the model's served names and its path: what routers look it up by.
     """
 
     config: KVDepotConfig
@@ -95,6 +96,7 @@ class ConnectorSettings:
     windowed_groups: list[bool] = field(default_factory=list)  # sliding-window groups
     is_mla: bool = False  # one latent per token, the same on every TP rank
     kv_cache_dtype: str = ""  # a quantized KV cache's format (it enters the keys)
+    served_names: tuple[str, ...] = ()  # what routers call the model (`kvdepot.namespaces`)
 
     @property
     def num_groups(self) -> int:
@@ -132,7 +134,8 @@ class ConnectorSettings:
         kv_cache_dtype = quantized_kv_format(vllm_config, spec)
         return cls(config, layout, layer_names, block_size, cpu_isa, is_token_exact,
                    socket_path, model, fingerprint, int(parallel.tensor_parallel_size),
-                   group_layers, windowed, is_mla, kv_cache_dtype)  # fmt: skip
+                   group_layers, windowed, is_mla, kv_cache_dtype,
+                   served_names(vllm_config.model_config))  # fmt: skip
 
     @property
     def shard_names(self) -> list[str]:
@@ -167,7 +170,15 @@ class ConnectorSettings:
             hash_algorithm=HashAlgorithm(self.config.hash_algorithm),
             partial_match=self.config.partial_match and self.is_token_exact,
             min_partial_tokens=self.config.partial_match_min_tokens,
+            names=self.served_names,
         )
+
+
+def served_names(model_config: Any) -> tuple[str, ...]:
+    """vLLM's served model names (`--served-model-name`, one or a list), then the model."""
+    served = getattr(model_config, "served_model_name", None) or []
+    names = [served] if isinstance(served, str) else list(served)
+    return tuple(dict.fromkeys(str(n) for n in [*names, model_config.model] if n))
 
 
 def connector_config(

@@ -30,6 +30,7 @@ asynchronous (the request is outside the batch): done and failed ones are report
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -56,6 +57,7 @@ from kvdepot.daemon.host import SharedStoreHost
 from kvdepot.deployment import embedded_metrics, open_cache
 from kvdepot.engine import CacheEngine, LoadInfo, ceil_to_chunk, floor_to_chunk
 from kvdepot.errors import ConfigError
+from kvdepot.events import offset_endpoint
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.records import PrefillCost
 from kvdepot.store import ChunkStore
@@ -133,8 +135,16 @@ class WorkerSide:
     def _open_worker_store(self) -> ChunkStore:
         if self.settings.config.mode == "daemon":
             return open_cache(self.settings.config)
+        config = self.settings.config
+        if config.events.enabled and self._rank:  # each rank's store publishes on its own port
+            events = dataclasses.replace(
+                config.events,
+                endpoint=offset_endpoint(config.events.endpoint, self._rank),
+                replay_endpoint=offset_endpoint(config.events.replay_endpoint, self._rank),
+            )
+            config = dataclasses.replace(config, events=events)
         self._host = SharedStoreHost.open(
-            self.settings.config, socket_path=self.settings.rank_socket_path(self._rank), tcp=False
+            config, socket_path=self.settings.rank_socket_path(self._rank), tcp=False
         )
         embedded_metrics(self._host.store, self.settings.config, port_offset=self._rank)
         return self._host.store
