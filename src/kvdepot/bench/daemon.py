@@ -9,17 +9,23 @@ daemon's disk write-back does not compete for the two cores). Figures, each with
 - lookup: round trip of a 16-chunk `lookup` (keys precomputed), p50 and p99;
 - partial: `CacheEngine.lookup` / `retrieve` of a prompt whose last chunk matches a stored
   chunk in part (partial matching), p50, vs the same calls for the whole chunks alone: the
-  partial tail rides in the same round trip, so it should cost little more.
-Goals: store and retrieve >= 0.6 of the limit; lookup p50 <= 200 us; partial <= 1.5x.
+  partial tail rides in the same round trip, so it should cost little more;
+- router lookup: `POST /lookup` of a 4,096-token prompt by model name over one kept-alive
+  HTTP connection (what a router's hot path pays), p50 and p99, beside a `GET /healthz` on
+  the same connection (the HTTP floor).
+Goals: store and retrieve >= 0.6 of the limit; lookup p50 <= 200 us; partial <= 1.5x;
+router lookup p50 <= 1 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,11 +46,13 @@ from kvdepot.tensors import as_numpy_bits
 from kvdepot.tiers.arena import HostBuffer
 
 
-def _start_daemon(root: Path, capacity_bytes: int) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_daemon(
+    root: Path, capacity_bytes: int, http_port: int = 0
+) -> tuple[subprocess.Popen[bytes], Path]:
     socket_path = root / "daemon.sock"
     args = [
         sys.executable, "-m", "kvdepot.cli", "serve", "--daemon-socket-path", str(socket_path),
-        "--memory-capacity-bytes", str(capacity_bytes), "--daemon-http-port", "0",
+        "--memory-capacity-bytes", str(capacity_bytes), "--daemon-http-port", str(http_port),
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = DaemonClient(socket_path=socket_path, reconnect_interval_s=0.05)
@@ -114,7 +122,53 @@ def _bench_lookup(socket_path: Path, num_calls: int) -> list[Result]:
     ]
 
 
-def _p50_s(fn: Callable[[], object], num_calls: int) -> float:
+def _bench_router_lookup(socket_path: Path, http_port: int, num_calls: int) -> list[Result]:
+    """A 4,096-token prompt stored (RAM), then looked up by model name over HTTP."""
+    layout = LAYOUTS["small"]
+    client = DaemonClient(socket_path=socket_path)
+    engine = CacheEngine(client, layout, "bench-router", chunk_size_tokens=CHUNK_TOKENS)
+    engine.announce(["bench-model"])
+    tokens = list(range(100, 100 + 4096))
+    engine.store(tokens, torch.randn(layout.chunk_shape(len(tokens))).to(torch.bfloat16))
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+    body = json.dumps({"model": "bench-model", "tokens": tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+
+    def lookup() -> None:
+        conn.request("POST", "/lookup", body=body, headers=headers)
+        answer = json.loads(conn.getresponse().read())
+        if answer["cached_tokens"] != len(tokens):
+            raise RuntimeError(f"the router lookup found {answer}")
+
+    def healthz() -> None:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+
+    try:
+        floor = _samples_s(healthz, num_calls)
+        samples = _samples_s(lookup, num_calls)
+    finally:
+        conn.close()
+        client.close()
+    p50_us, p99_us = statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+    floor_us = statistics.median(floor) * 1e6
+    return [
+        Result("any", "router lookup 4K tokens p50", p50_us, 1000.0, "us", p50_us / 1000, "<= 1.0"),
+        Result("any", "router lookup 4K tokens p99", p99_us, 1000.0, "us", p99_us / 1000, "info"),
+        Result(
+            "any",
+            "HTTP floor (GET /healthz) p50",
+            floor_us,
+            p50_us,
+            "us",
+            floor_us / p50_us,
+            "info",
+        ),
+    ]
+
+
+def _samples_s(fn: Callable[[], object], num_calls: int) -> list[float]:
+    """Sorted seconds of `num_calls` calls of `fn`, after a tenth as many to warm up."""
     for _ in range(max(num_calls // 10, 3)):
         fn()
     samples = []
@@ -122,7 +176,11 @@ def _p50_s(fn: Callable[[], object], num_calls: int) -> float:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return sorted(samples)
+
+
+def _p50_s(fn: Callable[[], object], num_calls: int) -> float:
+    return statistics.median(_samples_s(fn, num_calls))
 
 
 def _bench_partial(socket_path: Path, num_calls: int) -> list[Result]:
@@ -161,18 +219,26 @@ def _bench_partial(socket_path: Path, num_calls: int) -> list[Result]:
 def run(layouts: list[str], total_mib: int, repeats: int) -> list[Result]:
     """Start a daemon, measure, stop it; returns the results (printed by `report`)."""
     root = Path(tempfile.mkdtemp(prefix="kvdepot-bench-daemon-"))
-    proc, socket_path = _start_daemon(root, (total_mib << 20) * 2 + (64 << 20))
+    http_port = _free_port()
+    proc, socket_path = _start_daemon(root, (total_mib << 20) * 2 + (64 << 20), http_port)
     try:
         results = []
         for name in layouts:
             results += _bench_layout(name, socket_path, total_mib << 20, repeats)
         results += _bench_lookup(socket_path, 2000)
         results += _bench_partial(socket_path, 1000)
+        results += _bench_router_lookup(socket_path, http_port, 2000)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(root, ignore_errors=True)
     return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def report(results: list[Result]) -> str:

@@ -106,6 +106,13 @@ def _pages(quick: bool) -> list[Goal]:
     return from_results("pages", pages.run(3200, 3 if quick else 9))
 
 
+def _ttft_llama(quick: bool) -> list[Goal]:
+    from kvdepot.bench import ttft_llama
+
+    results = ttft_llama.run([2048] if quick else [2048, 4096], 2 if quick else 3)
+    return from_lines("ttft llama.cpp", ttft_llama.goal_lines(results))
+
+
 @dataclass(frozen=True, slots=True)
 class _Bench:
     name: str
@@ -122,6 +129,7 @@ BENCHES = (
     _Bench("blend", _blend, "transformers"),
     _Bench("chaos", _chaos),
     _Bench("pages", _pages, "vllm"),
+    _Bench("ttft-llama", _ttft_llama, "llama_cpp"),
 )
 """`kvdepot bench codecs` and `bench vllm` run apart: the codecs' quality figures take
 tens of minutes, and the vLLM head-to-head needs LMCache's own environment."""

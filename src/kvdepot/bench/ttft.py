@@ -248,7 +248,16 @@ def _disk_rate(results: list[TTFTResult], *, parallel: bool) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", default="1024,2048,4096,8000", help="prompt lengths")
+    parser.add_argument(
+        "--engine", choices=("transformers", "llama.cpp"), default="transformers",
+        help="transformers (the prepared SmolLM2 folder) or llama.cpp (the GGUF; needs "
+        "llama-cpp-python: kvdepot.bench.ttft_llama)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        help="prompt lengths (default 1024,2048,4096,8000; llama.cpp 2048,4096)",
+    )
     parser.add_argument("--repeats", type=int, default=4, help="warm runs per length (median)")
     parser.add_argument("--model-dir", type=Path, default=None, help="prepared model folder")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
@@ -257,7 +266,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     from kvdepot.connectors.model import prepare_model
 
-    lengths = [int(n) for n in args.lengths.split(",")]
+    if args.engine == "llama.cpp":
+        from kvdepot.bench import ttft_llama
+
+        args.lengths = args.lengths or "2048,4096"
+        return ttft_llama.cli_main(args)
+    lengths = [int(n) for n in (args.lengths or "1024,2048,4096,8000").split(",")]
     results = run(prepare_model(args.model_dir), lengths, args.repeats)
     print(report(results))
     if args.json:

@@ -203,6 +203,7 @@ class KVDepotGenerator:
             chunk_size_tokens=chunk_size_tokens,
             hash_algorithm=hash_algorithm,
         )
+        engine.announce([str(getattr(model.config, "name_or_path", "") or "")])
         return cls(
             model, engine, store_generated=store_generated, min_reuse_fraction=min_reuse_fraction,
             request_log=RequestLog(engine.metrics, request_log),
