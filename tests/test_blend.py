@@ -20,7 +20,6 @@ from transformers import (
 
 from kvdepot import Metrics, TieredStore
 from kvdepot.blend import (
-    BlendGenerator,
     BlendUnsupported,
     Segment,
     adapter_for,
@@ -32,6 +31,7 @@ from kvdepot.blend import (
     split_text,
 )
 from kvdepot.config import BlendConfig
+from kvdepot.connectors.blend_transformers import BlendGenerator
 from kvdepot.connectors.model import default_model_dir, prepare_model
 from kvdepot.connectors.transformers import KVDepotGenerator
 from kvdepot.engine import CacheEngine
@@ -155,7 +155,7 @@ def test_query_attention_equals_the_models_own_attention() -> None:
         positions = torch.arange(len(ids)).unsqueeze(0)
         for index in (0, 2):
             got = adapter.query_attention(
-                adapter.layers[index], out.hidden_states[index][:, -7:], positions[:, -7:],
+                index, out.hidden_states[index][:, -7:], positions[:, -7:],
                 cache.layers[index].keys[0],
             )  # fmt: skip
             want = out.attentions[index][0, :, -7:].mean(dim=(0, 1))

@@ -346,7 +346,8 @@ def test_transformers_generation_through_the_daemon(daemon: Daemon) -> None:
 def test_blend_segments_through_the_daemon(daemon: Daemon) -> None:
     """A document stored by one engine's blend is reused, moved elsewhere, by another's."""
     from kvdepot import load_config
-    from kvdepot.blend import BlendGenerator, Segment, prompt_ids
+    from kvdepot.blend import Segment, prompt_ids
+    from kvdepot.connectors.blend_transformers import BlendGenerator
     from kvdepot.connectors.transformers import KVDepotGenerator
     from kvdepot.deployment import open_cache
 

@@ -1,5 +1,6 @@
 """The import graph of `kvdepot`: no cycles, and no upward imports along the layers
-cli -> connectors -> engine -> store -> tiers/codec -> keys (imports inside functions count).
+cli -> connectors -> blend -> engine -> store -> tiers/codec -> keys (imports inside
+functions count).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import kvdepot
 
 SRC = Path(kvdepot.__file__).parent
-LAYERS = [["cli"], ["connectors", "blend"], ["engine"], ["store"], ["tiers", "codec"], ["keys"]]
+LAYERS = [["cli"], ["connectors"], ["blend"], ["engine"], ["store"], ["tiers", "codec"], ["keys"]]
 """Top-level parts of the package, highest first: a part may import only parts below it."""
 
 

@@ -137,8 +137,9 @@ def run(
     """Every mode on every question (see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvdepot.blend import BlendGenerator, Segment, prompt_ids
+    from kvdepot.blend import Segment, prompt_ids
     from kvdepot.config import KVDepotConfig
+    from kvdepot.connectors.blend_transformers import BlendGenerator
     from kvdepot.connectors.transformers import (
         FirstTokenClock,
         KVDepotGenerator,

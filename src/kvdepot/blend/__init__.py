@@ -6,12 +6,14 @@ own and stored under a key of its own tokens, through the same tiers and daemon 
 chunks. A request fetches its segments' KV, moves their keys to the new positions (RoPE),
 recomputes the few tokens whose KV deviates most, and generates. Modules, in import order:
 `segments` (pure), `adapters` (the model-specific part), `blender` (the recompute pass),
-`generator` (`BlendGenerator`, the transformers entry point).
+`context` (a request's blended context). The engines' entry points live with their
+connectors: `kvdepot.connectors.blend_transformers.BlendGenerator` (transformers) and the
+vLLM connector's blend path (`kvdepot.connectors.vllm.blend`).
 """
 
 from kvdepot.blend.adapters import ADAPTERS, BlendAdapter, BlendUnsupported, adapter_for
 from kvdepot.blend.blender import BlendStats, blend, select_tokens
-from kvdepot.blend.generator import BlendGenerator, BlendResult
+from kvdepot.blend.context import BlendedKV, Blending
 from kvdepot.blend.segments import (
     DEFAULT_SEPARATOR,
     Segment,
@@ -25,10 +27,10 @@ __all__ = [
     "ADAPTERS",
     "DEFAULT_SEPARATOR",
     "BlendAdapter",
-    "BlendGenerator",
-    "BlendResult",
     "BlendStats",
     "BlendUnsupported",
+    "BlendedKV",
+    "Blending",
     "Segment",
     "adapter_for",
     "blend",

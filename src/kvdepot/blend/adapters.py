@@ -1,9 +1,12 @@
-"""Model-family adapters for blending: the only model-specific code of CacheBlend.
+"""Model-family adapters for blending: the only model- and engine-specific code of CacheBlend.
 
 Runs in the engine's process, next to the model. The blender drives the model's own decoder
-layers (their projections, norms, RoPE, attention and MLP run unchanged); an adapter only says
-where the parts are and how the family's rotary embedding moves keys to another position.
-Add a family by writing a `BlendAdapter` and listing its `model_type`s in `ADAPTERS`.
+layers (their projections, norms, RoPE and MLP run unchanged); an adapter says where the
+parts are, how one layer runs over the tokens in flight, and how the family's rotary
+embedding moves keys to another position. This module holds the `BlendAdapter` protocol and
+the transformers adapters (a transformers layer runs whole: its attention calls the pass's KV
+through the HF cache interface); vLLM's is `kvdepot.connectors.vllm.blend`. Add a
+transformers family by writing a `BlendAdapter` and listing its `model_type`s in `ADAPTERS`.
 
 Invariant: `rerotate(keys, delta)` equals the keys computed `delta` positions later, up to
 fp32 rounding: RoPE rotates each pair of dimensions by `position * inv_freq`, so rotating by
@@ -31,21 +34,32 @@ class BlendUnsupported(KVDepotError):
 
 
 class BlendAdapter(Protocol):
-    """Access to one model's decoder stack, as the blender needs it."""
+    """One model's decoder stack, as the blend pass drives it.
+
+    The pass carries an opaque per-token `state` between layers (for transformers the hidden
+    states `[1, n, hidden]`; for vLLM the (hidden, residual) pair) and never looks inside it.
+    """
 
     @property
-    def layers(self) -> list[torch.nn.Module]:
-        """The decoder layers, called as HF decoder layers are (hidden states first)."""
+    def num_layers(self) -> int:
+        """Decoder layers (each with one KV cache layer)."""
         ...
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[1, n]` token ids -> `[1, n, hidden]` input hidden states."""
+    def embed(self, input_ids: torch.Tensor) -> Any:
+        """`[n]` token ids -> the first layer's input state."""
         ...
 
-    def position_embeddings(
-        self, hidden: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (cos, sin) the layers take for `[1, n]` positions."""
+    def run_layer(
+        self, index: int, state: Any, positions: torch.Tensor, mask: torch.Tensor | None,
+        cache: KVUpdate,
+    ) -> Any:  # fmt: skip
+        """Layer `index` on the tokens in flight (`[1, n]` positions): their KV goes through
+        `cache.update`, which hands back the keys and values they attend to; `mask` is None
+        (every context token in flight: causal) or `[1, 1, n, T]` bool (True: may attend)."""
+        ...
+
+    def rows(self, state: Any, index: torch.Tensor) -> Any:
+        """The state of the tokens at `index` (positions within the tokens in flight)."""
         ...
 
     def rerotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
@@ -53,13 +67,43 @@ class BlendAdapter(Protocol):
         ...
 
     def query_attention(
-        self, layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
-        keys: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """Mean attention weight each key gets from the query rows `hidden` (`[1, n, hidden]`,
-        the layer's input, at `[1, n]` positions) in `layer`, over `keys` (`[H_kv, T, D]`,
+        self, index: int, state: Any, positions: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean attention weight each key gets from the query rows `state` (layer `index`'s
+        input, at `[1, n]` positions) in layer `index`, over `keys` (`[H_kv, T, D]`,
         post-RoPE): `[T]`; keys after a row's position get nothing from it."""
         ...
+
+
+class KVUpdate(Protocol):
+    """What attention calls in the pass (`blender.BlendKV`)."""
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def grouped_attention_weights(
+    q: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Mean attention weight per key from post-RoPE queries `q` `[H, n, D]` at positions
+    `rows` `[n]` over `keys` `[H_kv, T, D]` (grouped-query attention: the query heads of one
+    KV head share its keys); keys after a row's position get nothing from it: `[T]`."""
+    num_kv_heads, num_keys, head_dim = keys.shape
+    q = q.reshape(num_kv_heads, -1, head_dim).float()
+    scores = q @ keys.float().transpose(1, 2) * scaling  # [H_kv, g * n, T]
+    rows = rows.repeat(q.shape[1] // rows.shape[0])
+    future = torch.arange(num_keys, device=keys.device)[None] > rows[:, None]
+    scores.masked_fill_(future[None], float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=(0, 1))
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the two halves of the last dim (Llama's "neox" style), in fp32."""
+    half = x.shape[-1] // 2
+    k = x.float()
+    first, second = k[..., :half], k[..., half:]
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 @dataclass
@@ -83,8 +127,29 @@ class LlamaAdapter:
     def layers(self) -> list[torch.nn.Module]:
         return list(self.model.model.layers)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.model.layers)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.model.embed_tokens(input_ids)  # type: ignore[no-any-return]
+        return self.model.model.embed_tokens(input_ids.unsqueeze(0))  # type: ignore[no-any-return]
+
+    def run_layer(
+        self, index: int, state: Any, positions: torch.Tensor, mask: torch.Tensor | None,
+        cache: KVUpdate,
+    ) -> Any:  # fmt: skip
+        out = self.model.model.layers[index](
+            state,
+            attention_mask=mask,
+            position_ids=positions,
+            position_embeddings=self.position_embeddings(state, positions),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def rows(self, state: Any, index: torch.Tensor) -> Any:
+        return state.index_select(1, index)
 
     def position_embeddings(
         self, hidden: torch.Tensor, positions: torch.Tensor
@@ -96,33 +161,22 @@ class LlamaAdapter:
         if delta == 0:
             return keys
         cos, sin = self._rotation(delta, keys.device)
-        half = keys.shape[-1] // 2
-        k = keys.float()
-        first, second = k[..., :half], k[..., half:]
-        moved = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        keys.copy_(moved)
+        keys.copy_(rotate_halves(keys, cos, sin))
         return keys
 
     def query_attention(
-        self, layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
-        keys: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        block: Any = layer
+        self, index: int, state: Any, positions: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        block: Any = self.model.model.layers[index]
         attn = block.self_attn
-        num_kv_heads, num_keys, head_dim = keys.shape
-        projected: torch.Tensor = attn.q_proj(block.input_layernorm(hidden))
-        q = projected.view(hidden.shape[1], -1, head_dim).transpose(0, 1)  # [H, n, D]
-        cos, sin = self.position_embeddings(hidden, positions)
+        head_dim = keys.shape[-1]
+        projected: torch.Tensor = attn.q_proj(block.input_layernorm(state))
+        q = projected.view(state.shape[1], -1, head_dim).transpose(0, 1)  # [H, n, D]
+        cos, sin = self.position_embeddings(state, positions)
         half = head_dim // 2
         rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
         q = q * cos[0] + rotated * sin[0]
-        # Grouped-query attention: the query heads of one KV head share its keys.
-        q = q.reshape(num_kv_heads, -1, head_dim).float()
-        scores = q @ keys.float().transpose(1, 2) * float(attn.scaling)  # [H_kv, g * n, T]
-        rows = positions[0].repeat(q.shape[1] // positions.shape[1])
-        future = torch.arange(num_keys, device=keys.device)[None] > rows[:, None]
-        scores.masked_fill_(future[None], float("-inf"))
-        return scores.softmax(dim=-1).mean(dim=(0, 1))
+        return grouped_attention_weights(q, keys, positions[0], float(attn.scaling))
 
     def _rotation(self, delta: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._rotations.get((delta, device))

@@ -3,7 +3,8 @@
 Runs in the engine's process, on the model's device, inside `torch.inference_mode`. Input: the
 context's KV `[L, 2, H, T, D]` (each segment computed on its own, keys already moved to their
 positions), which tokens to consider, and which to always compute. The pass (CacheBlend,
-EuroSys 2025) runs the model's own decoder layers:
+EuroSys 2025) runs the model's own decoder layers, through its engine's `BlendAdapter`
+(transformers and vLLM models alike: the pass, and so the selection, is the same code):
 - layers `0..check_layer` on every context token, replacing their KV with the true KV; at the
   check layer it measures each token's KV deviation (squared L2 of K and V over heads);
 - from the next layer on, only the selected tokens (the `ratio` of candidates with the
@@ -29,18 +30,22 @@ from kvdepot.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class BlendStats:
-    """What one pass did: tokens recomputed past the check layer, and the check layer."""
+    """What one pass did: tokens computed past the check layer (`selected`, sorted context
+    positions: the recomputed candidates and the forced tokens), and the check layer."""
 
     num_selected: int
     num_candidates: int
     check_layer: int
+    selected: torch.Tensor
 
 
-class _BlendKV:
-    """Stands in for the HF cache object while the pass runs the model's layers.
+class BlendKV:
+    """The context's KV while the pass runs the model's layers (for transformers layers it
+    stands in for the HF cache object).
 
-    `update(k, v, layer)` is the one method attention calls: it writes the fresh KV of the
-    tokens in flight into the context's KV and hands back the whole context's KV.
+    `update(k, v, layer)` is the one method attention calls, with `[1, H, n, D]` keys and
+    values of the tokens in flight: it writes them into the context's KV and hands back the
+    whole context's KV, `[1, H, T, D]` each.
     """
 
     def __init__(self, kv: torch.Tensor, check_layer: int) -> None:
@@ -103,59 +108,41 @@ def blend(
         num_query: the context's last `num_query` tokens are the question (forced): weigh
             each token's deviation by the attention they pay it (0: deviation alone).
     """
-    layers = adapter.layers
+    num_layers = adapter.num_layers
     num_tokens = input_ids.shape[0]
     if not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"recompute ratio must be within 0..1, got {ratio}")
-    if not 0 <= check_layer < len(layers):
-        raise ConfigError(f"check_layer must be within 0..{len(layers) - 1}, got {check_layer}")
+    if not 0 <= check_layer < num_layers:
+        raise ConfigError(f"check_layer must be within 0..{num_layers - 1}, got {check_layer}")
     if not 0 <= num_query <= num_tokens or not bool(forced[num_tokens - num_query :].all()):
         raise ConfigError("the last num_query context tokens must exist and be forced")
-    if kv.shape[0] != len(layers) or kv.shape[3] != num_tokens:
+    if kv.shape[0] != num_layers or kv.shape[3] != num_tokens:
         raise ConfigError(f"KV {list(kv.shape)} does not cover {num_tokens} tokens of the model")
     device = kv.device
-    cache = _BlendKV(kv, check_layer)
+    cache = BlendKV(kv, check_layer)
     positions = torch.arange(num_tokens, device=device).unsqueeze(0)
-    hidden = adapter.embed(input_ids.to(device).unsqueeze(0))
+    state = adapter.embed(input_ids.to(device))
     selected = torch.arange(num_tokens, device=device)
     rows: torch.Tensor | None = None  # None: every token in flight, plain causal attention
-    for index, layer in enumerate(layers):
-        layer_input = hidden
-        hidden = _call_layer(layer, hidden, rows, positions, adapter, cache)
+    for index in range(num_layers):
+        layer_input = state
+        state = adapter.run_layer(index, state, positions, rows, cache)
         if index == check_layer:
             assert cache.deviation is not None
             score = cache.deviation
             if num_query > 0:
+                last = torch.arange(num_tokens - num_query, num_tokens, device=device)
                 score = score * adapter.query_attention(
-                    layer, layer_input[:, -num_query:], positions[:, -num_query:], kv[index, 0]
-                )
+                    index, adapter.rows(layer_input, last), positions[:, -num_query:],
+                    kv[index, 0],
+                )  # fmt: skip
             selected = select_tokens(score, candidates.to(device), forced.to(device), ratio)
             if selected.numel() == 0:
                 break
             cache.selected = selected
-            hidden = hidden.index_select(1, selected)
+            state = adapter.rows(state, selected)
             positions = positions.index_select(1, selected)
             # A selected token at position p attends to every context position <= p.
             keys = torch.arange(num_tokens, device=device)
             rows = (keys.unsqueeze(0) <= selected.unsqueeze(1))[None, None]
-    return BlendStats(int(selected.numel()), int(candidates.sum()), check_layer)
-
-
-def _call_layer(
-    layer: torch.nn.Module,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    positions: torch.Tensor,
-    adapter: BlendAdapter,
-    cache: _BlendKV,
-) -> torch.Tensor:
-    out = layer(
-        hidden,
-        attention_mask=mask,
-        position_ids=positions,
-        position_embeddings=adapter.position_embeddings(hidden, positions),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    hidden_out: torch.Tensor = out[0] if isinstance(out, tuple) else out
-    return hidden_out
+    return BlendStats(int(selected.numel()), int(candidates.sum()), check_layer, selected)

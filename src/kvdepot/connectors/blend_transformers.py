@@ -1,16 +1,9 @@
-"""BlendGenerator: generation from a segmented prompt, reusing each segment's KV anywhere.
+"""BlendGenerator: CacheBlend with Hugging Face transformers.
 
-Runs in the process that holds the model (transformers). For each request `generate`:
-1. finds the context: every segment before the trailing non-reusable ones (the question);
-   with `blend.selection: query`, the question too but its last token (forced in the pass,
-   its attention ranks the tokens to recompute);
-2. fetches each reusable segment's own KV by its segment key (`CacheEngine(segment=True)`);
-   a segment not cached yet is computed on its own (positions 0..n-1) and stored;
-3. moves each segment's keys to its position in the prompt (`BlendAdapter.rerotate`);
-4. recomputes the KV of the selected tokens (`blender.blend`: highest KV deviation at the
-   check layer, `recompute_ratio` of the reused tokens; non-reusable segments inside the
-   context always);
-5. lets `model.generate` compute the question on the blended cache and decode.
+Runs in the process that holds the model. For each request `generate` blends the context
+(`kvdepot.blend.context`: each reusable segment's own KV, fetched or computed and stored,
+moved to its position, the selected tokens recomputed), then lets `model.generate` compute
+the question on the blended cache and decode.
 
 Invariants: a segment's key holds its tokens, model fingerprint, layout and tenant salt, so
 KV of another model, layout or tenant is never blended in. Anything that stops a blend
@@ -31,8 +24,8 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from kvdepot.blend.adapters import BlendAdapter, BlendUnsupported, adapter_for
-from kvdepot.blend.blender import BlendStats, blend
-from kvdepot.blend.segments import Segment, prompt_ids, segment_offsets
+from kvdepot.blend.context import Blending
+from kvdepot.blend.segments import Segment, prompt_ids
 from kvdepot.config import BlendConfig
 from kvdepot.connectors.transformers import (
     FirstTokenClock,
@@ -40,7 +33,7 @@ from kvdepot.connectors.transformers import (
     generate_from_cache,
     layer_kv,
 )
-from kvdepot.engine import CacheEngine, LoadInfo
+from kvdepot.engine import CacheEngine
 from kvdepot.errors import ConfigError
 from kvdepot.logutil import RateLimitedLog
 from kvdepot.records import RequestRecord
@@ -98,18 +91,6 @@ class BlendedCache:
     reused_by_tier: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Context:
-    """The assembled context: its KV `[L, 2, H, T, D]` and which tokens are what."""
-
-    kv: torch.Tensor
-    candidates: torch.Tensor
-    forced: torch.Tensor
-    num_reused: int = 0
-    num_computed: int = 0
-    loaded: LoadInfo = field(default_factory=LoadInfo)
-
-
 class BlendGenerator:
     """Wraps a causal LM so that `generate(segments)` blends cached segments' KV."""
 
@@ -125,7 +106,9 @@ class BlendGenerator:
         self.plain = KVDepotGenerator(model, engine, store_generated=False)
         self._log = RateLimitedLog(logger)
         self._adapter: BlendAdapter | BlendUnsupported | None = None
-        self._scratch_kv: torch.Tensor | None = None
+        self.blending = Blending(
+            engine, self.config, self._compute_own_kv, dtype=model.dtype, device=model.device
+        )
         self._num_requests = 0
 
     @classmethod
@@ -214,15 +197,7 @@ class BlendGenerator:
     def index(self, segments: Sequence[Segment], tenant_salt: bytes = b"") -> int:
         """Compute and store every reusable segment not cached yet (e.g. a RAG corpus, ahead
         of its questions); returns the tokens computed."""
-        num_computed = 0
-        for segment in segments:
-            tokens = list(segment.token_ids)
-            if segment.reuse and self.engine.lookup(
-                tokens, tenant_salt=tenant_salt, segment=True
-            ) < len(tokens):
-                self._compute_and_store(tokens, tenant_salt)
-                num_computed += len(tokens)
-        return num_computed
+        return self.blending.index(segments, tenant_salt)
 
     def blended_cache(
         self, segments: Sequence[Segment], ratio: float, tenant_salt: bytes = b""
@@ -233,37 +208,20 @@ class BlendGenerator:
         token before the trailing non-reusable segments (query-aware selection: every prompt
         token but the last).
         """
-        ids = prompt_ids(segments)
-        num_question = sum(len(s) for s in _trailing_questions(segments))
-        # Query-aware selection runs the question (but its last token) in the pass, forced.
-        num_query = num_question - 1 if self.config.selection == "query" and ratio > 0 else 0
-        num_context = len(ids) - num_question + num_query
-        adapter = self._adapter_or_raise()
-        context = self._assemble(adapter, segments, num_context, tenant_salt)
-        stats: BlendStats | None = None
-        if ratio > 0 or bool(context.forced.any()):
-            with torch.inference_mode():
-                stats = blend(
-                    adapter,
-                    torch.as_tensor(ids[:num_context]),
-                    context.kv,
-                    candidates=context.candidates,
-                    forced=context.forced,
-                    ratio=ratio,
-                    check_layer=min(self.config.check_layer, context.kv.shape[0] - 1),
-                    num_query=num_query,
-                )
+        blended = self.blending.blend_context(
+            self._adapter_or_raise(), segments, ratio, tenant_salt
+        )
         cache = DynamicCache(
-            ddp_cache_data=[(layer[0][None], layer[1][None]) for layer in context.kv],
+            ddp_cache_data=[(layer[0][None], layer[1][None]) for layer in blended.kv],
             config=self.model.config,
         )
         return BlendedCache(
             cache,
-            num_context,
-            context.num_reused,
-            context.num_computed,
-            stats.num_selected - num_query if stats is not None else 0,  # the question: computed
-            context.loaded.by_tier(),
+            blended.num_context_tokens,
+            blended.num_reused,
+            blended.num_computed,
+            blended.num_recomputed,
+            blended.reused_by_tier,
         )
 
     def _adapter_or_raise(self) -> BlendAdapter:
@@ -275,75 +233,6 @@ class BlendGenerator:
         if isinstance(self._adapter, BlendUnsupported):
             raise self._adapter
         return self._adapter
-
-    def _assemble(
-        self,
-        adapter: BlendAdapter,
-        segments: Sequence[Segment],
-        num_context: int,
-        tenant_salt: bytes,
-    ) -> _Context:
-        """Each context segment's own KV, moved to its position, in one `[L, 2, H, T, D]`."""
-        layout = self.engine.layout
-        # Every position is written below: a moved segment's KV, or a forced token's in the pass.
-        kv = torch.empty(
-            (layout.num_layers, 2, layout.num_kv_heads, num_context, layout.head_dim),
-            dtype=self.model.dtype,
-        )
-        context = _Context(
-            kv,
-            candidates=torch.zeros(num_context, dtype=torch.bool),
-            forced=torch.zeros(num_context, dtype=torch.bool),
-        )
-        for segment, offset in zip(segments, segment_offsets(segments), strict=False):
-            if offset >= num_context:
-                break
-            span = slice(offset, min(offset + len(segment), num_context))
-            if not segment.reuse:
-                context.forced[span] = True
-                continue
-            own = self._segment_kv(segment, tenant_salt, context)  # [L, 2, n, H, D]
-            target = kv[:, :, :, span]
-            target.copy_(own.permute(0, 1, 3, 2, 4))
-            adapter.rerotate(target[:, 0], offset)
-            # At offset 0 a segment's own KV is its true KV: nothing to fix there.
-            context.candidates[span] = offset > 0
-        return context
-
-    def _segment_kv(self, segment: Segment, salt: bytes, context: _Context) -> torch.Tensor:
-        """`[L, 2, n, H, D]`: the segment's own KV, from the cache or computed (and stored)."""
-        tokens = list(segment.token_ids)
-        # retrieve answers the leading cached tokens: one read, no separate lookup.
-        loaded = LoadInfo()
-        kv = self.engine.retrieve(
-            tokens, tenant_salt=salt, out=self._scratch(len(tokens)), segment=True, info=loaded
-        )
-        if kv.shape[2] == len(tokens):
-            context.num_reused += len(tokens)
-            context.loaded.pieces += loaded.pieces
-            return kv
-        context.num_computed += len(tokens)
-        return self._compute_and_store(tokens, salt)
-
-    def _compute_and_store(self, tokens: list[int], salt: bytes) -> torch.Tensor:
-        kv = self._compute_own_kv(tokens)
-        try:
-            self.engine.store(tokens, kv, tenant_salt=salt, segment=True)
-        except Exception as exc:  # not cached this time; the request goes on
-            self._log.warning("store", "kvdepot: storing a segment failed: %s", exc)
-        return kv
-
-    def _scratch(self, num_tokens: int) -> torch.Tensor:
-        """A reused CPU tensor with room for one segment of `num_tokens` (fresh memory is slow).
-
-        Always a normal tensor, even when `blended_cache` first runs inside
-        `torch.inference_mode`: an inference tensor cannot be filled again outside it.
-        """
-        if self._scratch_kv is None or self._scratch_kv.shape[2] < num_tokens:
-            shape = self.engine.layout.chunk_shape(num_tokens)
-            with torch.inference_mode(False):
-                self._scratch_kv = torch.empty(shape, dtype=self.model.dtype)
-        return self._scratch_kv
 
     def _compute_own_kv(self, tokens: list[int]) -> torch.Tensor:
         """The segment's KV computed on its own, at positions 0..n-1: `[L, 2, n, H, D]`."""
@@ -389,13 +278,3 @@ class BlendGenerator:
             total_s=time.perf_counter() - start,
             fallback_reason=reason,
         )
-
-
-def _trailing_questions(segments: Sequence[Segment]) -> list[Segment]:
-    """The non-reusable segments at the end of the prompt (computed by `model.generate`)."""
-    out: list[Segment] = []
-    for segment in reversed(segments):
-        if segment.reuse:
-            break
-        out.append(segment)
-    return out
