@@ -1011,13 +1011,18 @@ def model_dir() -> Path:
 
 
 def run_engine(
-    scenario: str, spec: dict[str, Any], workdir: Path, env: dict[str, str] = ENGINE_ENV
+    scenario: str,
+    spec: dict[str, Any],
+    workdir: Path,
+    env: dict[str, str] = ENGINE_ENV,
+    script_name: str = "engine.py",
 ) -> dict[str, Any]:
-    """Run tests/vllm_scripts/engine.py in its own process; its JSON result."""
+    """Run tests/vllm_scripts/engine.py (or `script_name`) in its own process; its JSON
+    result."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = (workdir / n for n in ("spec.json", "out.json", "log.txt"))
     spec_path.write_text(json.dumps(spec))
-    script = REPO / "tests" / "vllm_scripts" / "engine.py"
+    script = REPO / "tests" / "vllm_scripts" / script_name
     with open(log_path, "wb") as log:
         # A session of its own: on a timeout, vLLM's engine-core and worker processes go too
         # (killing the script alone would leave them running, and the next tests starved).
@@ -1676,3 +1681,44 @@ def test_kv_events_decode_with_vllms_own_event_types() -> None:
     assert removed and all(e.medium == "CPU" for e in removed)
     assert len({h for e in removed for h in e.block_hashes} & set(hashes)) == 2  # room for 2
     assert isinstance(events[-1], AllBlocksCleared)
+
+
+# ---- CacheBlend in vLLM -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Segmented multi-document prompts (`bench blend`'s) through one vLLM engine with the
+    connector blending (tests/vllm_scripts/blend.py), against vLLM computing the plain prompt
+    and kvdepot's transformers CacheBlend (fp32 both):
+    - 100 % recompute gives vLLM's own prefill, token for token (logprobs within 1e-3);
+    - at 15 % the recomputed positions are the transformers path's, exactly; the blended KV
+      agrees to 1e-4 of its largest value (the two engines' kernels round differently, about
+      5e-6 here; a wrong position or token would be O(1)); the greedy answers are the same,
+      and the first answer token's logprob agrees within 1e-3;
+    - each blended request's context was built by kvdepot (vLLM reports it loaded: all but
+      the last token), and its segments were stored under their own keys (the only stores);
+    - a segmented request whose `cache_salt` is shared is not blended: vLLM computes it."""
+    ratio = 0.15
+    spec = {"model": str(model_dir), "socket": str(tmp_path / "kv.sock"), "ratio": ratio,
+            "num_questions": 2}  # fmt: skip
+    env = {**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    out = run_engine("blend", spec, tmp_path / "run", env, script_name="blend.py")
+    for row in out["results"]:
+        full, whole, blended = row["full"], row["blend@1.0"], row[f"blend@{ratio}"]
+        assert whole["tokens"] == full["tokens"]
+        assert whole["logprobs"] == pytest.approx(full["logprobs"], abs=1e-3)
+        assert whole["num_cached"] == blended["num_cached"] == row["num_prompt"] - 1
+        assert row["selected"]["vllm"] == row["selected"]["transformers"]
+        assert row["kv_max_diff"] <= 1e-4 * row["kv_max"]
+        assert row["transformers"]["fallback"] is None
+        assert blended["tokens"] == row["transformers"]["tokens"]
+        assert blended["logprobs"][0] == pytest.approx(
+            row["transformers"]["first_logprob"], abs=1e-3
+        )
+        assert row["shared"]["tokens"] == full["tokens"]
+        assert row["shared"]["num_cached"] == 0
+    assert out["segment_chunks"] == out["expected_segment_chunks"] > 0

@@ -147,6 +147,10 @@ class DaemonConfig:
 class BlendConfig:
     """CacheBlend: reuse of documents' KV wherever they appear in a prompt."""
 
+    enabled: bool = _doc(
+        "vLLM connector: blend the requests that carry segments (kvdepot.blend.blend_request)",
+        False,
+    )
     recompute_ratio: float = _doc("fraction of reused tokens recomputed (highest deviation)", 0.15)
     check_layer: int = _doc("layer whose KV deviation selects the tokens to recompute", 2)
     separator: str = _doc("string that splits a prompt text into segments", "<|kvdepot-segment|>")

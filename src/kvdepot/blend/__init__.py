@@ -16,7 +16,9 @@ from kvdepot.blend.blender import BlendStats, blend, select_tokens
 from kvdepot.blend.context import BlendedKV, Blending
 from kvdepot.blend.segments import (
     DEFAULT_SEPARATOR,
+    BlendRequest,
     Segment,
+    blend_request,
     from_texts,
     prompt_ids,
     segment_offsets,
@@ -27,6 +29,7 @@ __all__ = [
     "ADAPTERS",
     "DEFAULT_SEPARATOR",
     "BlendAdapter",
+    "BlendRequest",
     "BlendStats",
     "BlendUnsupported",
     "BlendedKV",
@@ -34,6 +37,7 @@ __all__ = [
     "Segment",
     "adapter_for",
     "blend",
+    "blend_request",
     "from_texts",
     "prompt_ids",
     "segment_offsets",

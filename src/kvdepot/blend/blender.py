@@ -140,6 +140,8 @@ def blend(
             if selected.numel() == 0:
                 break
             cache.selected = selected
+            if selected.numel() == num_tokens:  # every token goes on: plain causal attention
+                continue
             state = adapter.rows(state, selected)
             positions = positions.index_select(1, selected)
             # A selected token at position p attends to every context position <= p.

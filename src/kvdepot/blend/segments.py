@@ -10,8 +10,10 @@ gives the same tokens, and hence the same key, wherever it appears.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvdepot.config import BlendConfig
 from kvdepot.errors import ConfigError
@@ -83,3 +85,87 @@ def split_text(tokenize: Tokenize, text: str, separator: str = DEFAULT_SEPARATOR
         raise ConfigError("the segment separator must not be empty")
     *reusable, question = text.split(separator)
     return from_texts(tokenize, reusable, question)
+
+
+SEGMENTS_PARAM = "kvdepot.segments"
+"""`kv_transfer_params` key of a vLLM request's segments: their lengths, in prompt order."""
+REUSE_PARAM = "kvdepot.reuse"
+"""`kv_transfer_params` key: which segments are reusable (default: all but the last)."""
+RATIO_PARAM = "kvdepot.recompute_ratio"
+"""`kv_transfer_params` key: this request's recompute ratio (default: `blend.recompute_ratio`)."""
+BLEND_SALT_MARK = "#kvdepot-blend:"
+"""Splits a blended vLLM request's `cache_salt` into its tenant (before) and a nonce (after).
+
+A blended context's KV is approximate and depends on the question: vLLM's own prefix cache
+must never hand it to another request, so every blended request carries a `cache_salt` of its
+own (vLLM keys its blocks by it); kvdepot keys the segments by the tenant part alone, so they
+are shared by the tenant's requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlendRequest:
+    """The fields of a vLLM request that asks the kvdepot connector to blend its prompt.
+
+    With `LLM.generate`: `TokensPrompt(prompt_token_ids=r.prompt_token_ids,
+    cache_salt=r.cache_salt)` and `SamplingParams(extra_args={"kv_transfer_params":
+    r.kv_transfer_params})`; with the OpenAI server's completions API: `"prompt":
+    r.prompt_token_ids, "cache_salt": r.cache_salt, "kv_transfer_params":
+    r.kv_transfer_params`.
+    """
+
+    prompt_token_ids: list[int]
+    cache_salt: str
+    kv_transfer_params: dict[str, Any]
+
+
+def blend_request(
+    segments: Sequence[Segment], *, tenant: str = "", recompute_ratio: float | None = None
+) -> BlendRequest:
+    """A vLLM request for `segments` (the last one the question), blended by the connector
+    (`blend.enabled`); `tenant` keeps the segments' KV apart from other tenants' (a plain
+    request's `cache_salt`)."""
+    if not segments or segments[-1].reuse:
+        raise ConfigError("the last segment must be the question (Segment(..., reuse=False))")
+    if BLEND_SALT_MARK in tenant:
+        raise ConfigError(f"a tenant name must not contain {BLEND_SALT_MARK!r}")
+    params: dict[str, Any] = {
+        SEGMENTS_PARAM: [len(s) for s in segments],
+        REUSE_PARAM: [s.reuse for s in segments],
+    }
+    if recompute_ratio is not None:
+        if not 0.0 <= recompute_ratio <= 1.0:
+            raise ConfigError(f"recompute ratio must be within 0..1, got {recompute_ratio}")
+        params[RATIO_PARAM] = recompute_ratio
+    salt = f"{tenant}{BLEND_SALT_MARK}{secrets.token_hex(8)}"
+    return BlendRequest(prompt_ids(segments), salt, params)
+
+
+def segments_of(
+    token_ids: Sequence[int], params: dict[str, Any] | None, cache_salt: str | None
+) -> tuple[list[Segment], str, float | None] | str | None:
+    """A vLLM request's segments, tenant and recompute ratio (see `blend_request`); None
+    when it carries no segments; else why it cannot be blended (a metric label): its
+    segments do not cover its prompt, or its `cache_salt` is not one of its own."""
+    lengths = (params or {}).get(SEGMENTS_PARAM)
+    if lengths is None:
+        return None
+    reuse = (params or {}).get(REUSE_PARAM)
+    ratio = (params or {}).get(RATIO_PARAM)
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
+        return "bad-segments"
+    if reuse is None:
+        reuse = [True] * (len(lengths) - 1) + [False]
+    if not isinstance(reuse, list) or len(reuse) != len(lengths) or not lengths or reuse[-1]:
+        return "bad-segments"
+    if sum(lengths) != len(token_ids):
+        return "bad-segments"
+    if ratio is not None and (not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0):
+        return "bad-segments"
+    if not cache_salt or BLEND_SALT_MARK not in cache_salt:
+        return "shared-cache-salt"
+    segments, start = [], 0
+    for n, is_reused in zip(lengths, reuse, strict=True):
+        segments.append(Segment(tuple(token_ids[start : start + n]), bool(is_reused)))
+        start += n
+    tenant = cache_salt.split(BLEND_SALT_MARK, 1)[0]
+    return segments, tenant, None if ratio is None else float(ratio)

@@ -227,7 +227,8 @@ class KVDepotStats(KVConnectorStats):  # type: ignore[misc]  # no vLLM stubs
 class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vLLM stubs
     """kvdepot's series on `vllm serve`'s /metrics, per engine like vLLM's own:
     `vllm:kvdepot_<count>_total` for each of `COUNTS`, `..._uncached_requests_total`
-    by reason, `..._tier_loaded_tokens_total` by tier, the `vllm:kvdepot_load_seconds` /
+    by reason, `..._tier_loaded_tokens_total` by tier, `..._blend_requests_total` by outcome
+    and reason, the `vllm:kvdepot_load_seconds` /
     `..._save_seconds` histograms and `vllm:kvdepot_request_hit_ratio` (per request)."""
 
     def __init__(
@@ -252,6 +253,12 @@ class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vL
             name="vllm:kvdepot_uncached_requests",
             documentation="kvdepot: requests vLLM alone served (their KV cannot be keyed exactly)",
             labelnames=[*labelnames, "reason"],
+        )
+        self._blend = self._counter_cls(
+            name="vllm:kvdepot_blend_requests",
+            documentation="kvdepot: segmented (CacheBlend) requests: planned, blended, or "
+            "fallback (served as a normal prefill) with its reason",
+            labelnames=[*labelnames, "outcome", "reason"],
         )
         self._tiers = self._counter_cls(
             name="vllm:kvdepot_tier_loaded_tokens",
@@ -294,6 +301,9 @@ class KVDepotPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]  # no vL
             self._uncached.labels(*labels, reason).inc(n)
         for tier, n in (data.get("tiers") or {}).items():
             self._tiers.labels(*labels, tier).inc(n)
+        for outcome, n in (data.get("blend") or {}).items():
+            kind, _, reason = outcome.partition(":")
+            self._blend.labels(*labels, kind, reason).inc(n)
         for ratio in data.get("hit_ratio") or []:
             self._hit_ratio[engine_idx].observe(ratio)
         for field, histograms in self._times.items():

@@ -36,6 +36,7 @@ class RequestTransfer:
             reports this save done (`get_finished`), even if it fails.
         is_async: the load is vLLM's asynchronous kind (the request waits outside the
             batch until the worker reports it received, or failed: several KV cache groups).
+        blend: the load is a blended context (CacheBlend): how to build it.
     """
 
     req_id: str
@@ -48,6 +49,22 @@ class RequestTransfer:
     save_end: int = 0
     is_finished: bool = False
     is_async: bool = False
+    blend: BlendLoad | None = None
+
+
+@dataclass(slots=True)
+class BlendLoad:
+    """A segmented request's context, to blend (`kvdepot.connectors.vllm.blend`).
+
+    Attributes:
+        lengths: its segments' lengths, in prompt order (they cover the prompt).
+        reuse: which segments are reusable (the last, the question, is not).
+        ratio: the share of reused tokens to recompute.
+    """
+
+    lengths: list[int]
+    reuse: list[bool]
+    ratio: float
 
 
 @dataclass
@@ -69,6 +86,7 @@ class RequestState:
     block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group
     num_load_tokens: int = 0  # external tokens granted, loaded in the next step
     num_expected_tokens: int = 0  # computed tokens after the last planned step
+    blend: BlendLoad | None = None  # a blended request: its context is built, never stored
 
 
 def cacheable_prompt(request: Request) -> list[int] | None:

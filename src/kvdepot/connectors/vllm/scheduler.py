@@ -39,8 +39,11 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from kvdepot.blend.context import context_length
+from kvdepot.blend.segments import segments_of
 from kvdepot.connectors.vllm.lora import AdapterFingerprints
 from kvdepot.connectors.vllm.metadata import (
+    BlendLoad,
     KVDepotMetadata,
     RequestState,
     RequestTransfer,
@@ -143,6 +146,8 @@ class SchedulerSide:
         self.stats = StepStats()  # for vLLM's metrics (`get_kv_connector_stats`)
         self._uncached_ids: dict[str, None] = {}
         self._records: dict[str, OpenRecord] = {}
+        self._blends: dict[str, tuple[BlendLoad, bytes]] = {}  # looked up, not allocated
+        self._blend_refused: dict[str, None] = {}  # recent requests counted as not blended
         self._lookup_s: dict[str, float] = {}
         self._request_log: RequestLog | None = None
 
@@ -222,10 +227,57 @@ class SchedulerSide:
                 break
         return num_hit
 
+    def _blend_of(self, request: Request) -> tuple[BlendLoad, bytes, int] | None:
+        """A segmented request's blend (what to build, the tenant's salt, the context's
+        length); None for a request without segments or one that cannot be blended (served
+        as any other, its reason counted)."""
+        tokens = request.prompt_token_ids
+        params = getattr(request, "kv_transfer_params", None)
+        if tokens is None or not params:
+            return None
+        found = segments_of(tokens, params, request.cache_salt)
+        if found is None:
+            return None
+        config = self.settings.config.blend
+        reason = found if isinstance(found, str) else self._blend_refusal(request)
+        if reason is not None or isinstance(found, str):
+            if request.request_id not in self._blend_refused:
+                self._blend_refused[request.request_id] = None
+                if len(self._blend_refused) > 4096:
+                    del self._blend_refused[next(iter(self._blend_refused))]
+                self.stats.blend(f"fallback:{reason}")
+                self._log.warning(
+                    f"blend-{reason}", "kvdepot: a segmented request is not blended (%s)", reason
+                )
+            return None
+        segments, tenant, ratio = found
+        ratio = config.recompute_ratio if ratio is None else ratio
+        load = BlendLoad([len(s) for s in segments], [s.reuse for s in segments], ratio)
+        return load, tenant.encode(), context_length(segments, config, ratio)
+
+    def _blend_refusal(self, request: Request) -> str | None:
+        """Why this engine cannot blend a segmented request, or None."""
+        settings = self.settings
+        if not settings.config.blend.enabled:
+            return "disabled"
+        if settings.tp_size > 1:
+            return "tensor-parallel"
+        if settings.num_groups > 1 or settings.is_mla:
+            return "model-shape"
+        if request.lora_request is not None or uncacheable_reason(request) or request.mm_features:
+            return "request-kind"
+        return None
+
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        """Cached prompt tokens beyond vLLM's own hit, leaving the last token to compute."""
+        """Cached prompt tokens beyond vLLM's own hit, leaving the last token to compute;
+        for a blended request, its context (built before the forward pass)."""
+        if (blended := self._blend_of(request)) is not None:
+            load, tenant, num_context = blended
+            self._blends[request.request_id] = (load, tenant)
+            self._num_local_tokens[request.request_id] = num_computed_tokens
+            return max(num_context - num_computed_tokens, 0), False
         tokens, salt = cacheable_prompt(request), self._salt(request)
         if tokens is None or salt is None:
             return 0, False
@@ -256,6 +308,15 @@ class SchedulerSide:
         if tokens is None:
             return
         state = self._requests.get(request.request_id)
+        if (blended := self._blends.pop(request.request_id, None)) is not None:
+            if state is None:  # never stored: its KV is approximate, and the question's
+                state = RequestState(tokens, blended[1], len(tokens), is_storing=False)
+                self._requests[request.request_id] = state
+                self._open_record(request.request_id, len(tokens), num_local)
+                self.stats.blend("planned")  # the worker reports how each went
+            state.blend = blended[0]
+            state.num_load_tokens = num_external_tokens
+            return
         if state is None:
             if (salt := self._salt(request)) is None:
                 return
@@ -410,6 +471,7 @@ class SchedulerSide:
         if state.num_load_tokens:
             transfer.load_start = num_computed - state.num_load_tokens
             transfer.load_end = num_computed
+            transfer.blend = state.blend
             state.num_load_tokens = 0
         state.num_expected_tokens = num_computed + num_scheduled
         num_prompt = len(state.token_ids)
@@ -436,6 +498,7 @@ class SchedulerSide:
         self._num_hit_tokens.pop(req_id, None)
         self._num_local_tokens.pop(req_id, None)
         self._lookup_s.pop(req_id, None)
+        self._blends.pop(req_id, None)
         if (open_record := self._records.get(req_id)) is not None:
             open_record.is_finished = True
         if state is None or (transfer := self._final_save(request, state, block_ids)) is None:

@@ -8,6 +8,7 @@ metrics (`KVDepotPromMetrics` in `connector.py`) in its logging process.
 
 The payload is a plain dict (vLLM ships it between processes): `counts` (name -> int, the
 names in `COUNTS`), `uncached` (reason -> requests), `tiers` (tier -> tokens loaded from it),
+`blend` (segmented requests by outcome: `planned`, `blended`, `fallback:<reason>`),
 `load_s`, `save_s` (one observation per request and step, seconds) and `hit_ratio` (one per
 finished request: its prompt tokens loaded from kvdepot / its prompt tokens). With tensor
 parallelism every rank times its own loads and saves, but tokens are counted by rank 0 only,
@@ -37,6 +38,11 @@ COUNTS = {
     "failed_saves": "saves that failed (a future miss, nothing else)",
     "prefill_seconds_saved": "estimated prefill seconds the loaded tokens saved (loaded "
     "tokens x this engine's measured seconds per computed token)",
+    "blend_reused_tokens": "context tokens of blended requests whose KV came from kvdepot",
+    "blend_computed_tokens": "context tokens of blended requests in segments computed on "
+    "their own (not cached yet; stored for next time)",
+    "blend_recomputed_tokens": "context tokens blended requests recomputed (CacheBlend's "
+    "selection)",
 }
 
 
@@ -47,13 +53,13 @@ REQUEST_FIELDS = (
 """A request's worker entry: transfers done (loads and saves, skipped ones included), their
 seconds, tokens and bytes; and `tiers` (tier -> tokens loaded from it)."""
 MAX_FIELDS = frozenset({"ops", "load_s", "save_s"})
-_TALLIES = ("counts", "uncached", "tiers")
+_TALLIES = ("counts", "uncached", "tiers", "blend")
 _LISTS = ("load_s", "save_s", "hit_ratio")
 
 
 def empty() -> dict[str, Any]:
-    return {"counts": {}, "uncached": {}, "tiers": {}, "load_s": [], "save_s": [],
-            "hit_ratio": [], "requests": {}}  # fmt: skip
+    return {"counts": {}, "uncached": {}, "tiers": {}, "blend": {}, "load_s": [],
+            "save_s": [], "hit_ratio": [], "requests": {}}  # fmt: skip
 
 
 def merge(into: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +125,12 @@ class StepStats:
     def uncached(self, reason: str) -> None:
         with self._lock:
             self._data["uncached"][reason] = self._data["uncached"].get(reason, 0) + 1
+
+    def blend(self, outcome: str) -> None:
+        """Count a segmented request: `planned` (scheduler), `blended` (worker), or
+        `fallback:<reason>` (either side; served as a normal prefill)."""
+        with self._lock:
+            self._data["blend"][outcome] = self._data["blend"].get(outcome, 0) + 1
 
     def observe(self, field: str, value: float) -> None:
         assert field in _LISTS, field

@@ -38,6 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvdepot.blend.adapters import BlendUnsupported
+from kvdepot.blend.segments import Segment
+from kvdepot.connectors.vllm.blend import WorkerBlend
 from kvdepot.connectors.vllm.metadata import KVDepotMetadata, RequestTransfer, first_live_token
 from kvdepot.connectors.vllm.pages import (
     LAYOUTS,
@@ -51,6 +54,7 @@ from kvdepot.connectors.vllm.pages import (
     scatter_views,
     stack_layers,
 )
+from kvdepot.connectors.vllm.plugin import built_model
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.connectors.vllm.stats import StepStats
 from kvdepot.daemon.host import SharedStoreHost
@@ -91,6 +95,7 @@ class WorkerSide:
         self.prefill_cost = PrefillCost()  # seconds per computed token, for the ROI estimate
         self._step_t0 = 0.0
         self._step_load_s = 0.0
+        self._blend: WorkerBlend | BlendRefused | None = None
 
     def step_started(self) -> None:
         """vLLM bound this step's metadata: its forward pass runs before `wait_for_save`."""
@@ -175,11 +180,105 @@ class WorkerSide:
         return max(num_hit - num_hit % self.settings.block_size, start)
 
     def start_load_kv(self, meta: KVDepotMetadata) -> None:
-        """Load this step's granted tokens into their pages, before the forward pass."""
+        """Load this step's granted tokens into their pages, before the forward pass (a
+        blended request's: its context, built now)."""
         self._is_load_failed = False
         for transfer in meta.requests:
             if transfer.load_end > transfer.load_start:
-                self._load(transfer)
+                if transfer.blend is not None:
+                    self._blend_load(transfer)
+                else:
+                    self._load(transfer)
+
+    def _blender(self) -> WorkerBlend:
+        """The blend path over vLLM's model; raises `BlendRefused` when there is none."""
+        if isinstance(self._blend, BlendRefused):
+            raise self._blend
+        if self._blend is None:
+            assert self._cache is not None
+            model = built_model()
+            try:
+                if model is None:
+                    raise BlendRefused(
+                        "no-model",
+                        "vLLM built no model that kvdepot's plugin recorded (an architecture "
+                        "outside kvdepot.connectors.vllm.plugin.ARCHITECTURES, or "
+                        "KVDEPOT_VLLM_PLUGIN=0)",
+                    )
+                try:
+                    self._blend = WorkerBlend(self._cache, self.settings.config.blend, model)
+                except BlendUnsupported as exc:
+                    raise BlendRefused("unsupported-model", str(exc)) from exc
+            except BlendRefused as exc:
+                self._blend = exc
+                raise
+        return self._blend
+
+    def _blend_load(self, transfer: RequestTransfer) -> None:
+        """Build a segmented request's blended context and write it into its pages; any
+        failure reports its blocks and vLLM computes them (a normal prefill)."""
+        assert transfer.blend is not None and self._cache is not None
+        start, end, spec = transfer.load_start, transfer.load_end, transfer.blend
+        t0 = time.perf_counter()
+        blended = None
+        try:
+            segments, offset = [], 0
+            for n, reuse in zip(spec.lengths, spec.reuse, strict=True):
+                segments.append(Segment(tuple(transfer.token_ids[offset : offset + n]), reuse))
+                offset += n
+            blended = self._blender().context(segments, spec.ratio, transfer.tenant_salt)
+            if blended.num_context_tokens != end:
+                raise ConfigError(
+                    f"blended {blended.num_context_tokens} tokens, the scheduler planned {end}"
+                )
+            self._write_context(transfer, blended.kv, start, end)
+            outcome = "blended"
+        except BlendRefused as exc:
+            outcome = f"fallback:{exc.reason}"
+            self._log.warning("blend-refused", "kvdepot: not blending (%s): %s", *exc.args)
+        except Exception as exc:  # fail open: vLLM computes the request's context
+            outcome = "fallback:failed"
+            self._log.warning("blend", "kvdepot: blend failed, recomputing: %s", exc)
+        load_s = time.perf_counter() - t0
+        self._step_load_s += load_s
+        self.stats.blend(outcome)
+        self.stats.observe("load_s", load_s)
+        if blended is not None and outcome == "blended":
+            kept = blended.num_reused - blended.num_recomputed
+            self.stats.count("blend_reused_tokens", blended.num_reused)
+            self.stats.count("blend_computed_tokens", blended.num_computed)
+            self.stats.count("blend_recomputed_tokens", blended.num_recomputed)
+            self.stats.tiers(blended.reused_by_tier)
+            self.stats.request(
+                transfer.req_id, blended.reused_by_tier, ops=1, load_s=load_s,
+                loaded_tokens=max(kept, 0),
+                saved_s=self.prefill_cost.saved_s(max(kept, 0)),
+            )  # fmt: skip
+            return
+        self.stats.request(transfer.req_id, ops=1, load_s=load_s)
+        self._is_load_failed = True
+        bad = transfer.block_ids[0][
+            start // self.settings.block_size : cdiv(end, self.settings.block_size)
+        ]
+        self._invalid_block_ids.update(bad)
+
+    def _write_context(
+        self, transfer: RequestTransfer, kv: torch.Tensor, start: int, end: int
+    ) -> None:
+        """Write tokens `[start, end)` of a context's KV `[L, 2, H, T, D]` into their pages."""
+        n = self._page_size
+        first = start - start % n
+        num_tokens = cdiv(end, n) * n - first
+        layout = self.settings.layout
+        out = torch.zeros(
+            (layout.num_layers, 2, num_tokens, layout.num_kv_heads, layout.head_dim),
+            dtype=torch_dtype(layout.dtype),
+            device=self._device,
+        )
+        out[:, :, : end - first].copy_(kv[:, :, :, first:end].transpose(2, 3))
+        for group in self._groups:
+            ids = self._page_ids(transfer.block_ids[group.index], first, end)
+            scatter_pages(group.rows_of(out), group.layers, self._paged, ids, stacked=group.stacked)
 
     def _load(self, transfer: RequestTransfer) -> None:
         """Scatter the leading run of whole blocks that could be loaded; report the rest."""
@@ -422,6 +521,14 @@ class WorkerSide:
             self._host.close()  # the store too
         elif self._cache is not None:
             self._cache.backend.close()
+
+
+class BlendRefused(BlendUnsupported):
+    """This worker cannot blend: `reason` (a metric label) and why."""
+
+    def __init__(self, reason: str, why: str) -> None:
+        super().__init__(reason, why)
+        self.reason = reason
 
 
 @dataclass(slots=True)
