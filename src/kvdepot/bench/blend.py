@@ -319,12 +319,19 @@ def plot(bench: BlendBench, path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
+    add(
+        "--engine", choices=("transformers", "vllm"), default="transformers",
+        help="transformers (in this process), or vLLM serving the blend through the kvdepot "
+        "connector (needs the vllm extra; kvdepot.bench.blend_vllm)",
+    )  # fmt: skip
     add("--documents", type=int, default=6, help="documents in the pool")
     add("--docs-per-prompt", type=int, default=4, help="documents per prompt")
-    add("--questions", type=int, default=24, help="questions")
+    add("--questions", type=int, default=None, help="questions (24; vLLM: 8)")
+    add("--no-transformers", action="store_true",
+        help="vLLM: skip the transformers path's agreement (the goal's bar)")  # fmt: skip
     add("--products-per-doc", type=int, default=2, help="~300 tok each")
     add("--filler", type=int, default=14, help="filler sentences per product")
-    add("--ratios", default="0.05,0.15,0.3", help="recompute ratios")
+    add("--ratios", default=None, help="recompute ratios (0.05,0.15,0.3; vLLM: 0.15,0.3)")
     add("--goal-ratio", type=float, default=0.15, help="ratio of the goals")
     add(
         "--selections", default="query,deviation:1",
@@ -343,7 +350,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     from kvdepot.connectors.model import prepare_model
 
-    ratios = tuple(float(r) for r in args.ratios.split(","))
+    if args.engine == "vllm":
+        from kvdepot.bench import blend_vllm
+
+        args.questions = args.questions or 8
+        args.ratios = args.ratios or "0.15,0.3"
+        return blend_vllm.cli_main(args)
+    args.questions = args.questions or 24
+    ratios = tuple(float(r) for r in (args.ratios or "0.05,0.15,0.3").split(","))
     bench = run(
         prepare_model(args.model_dir), seed=args.seed, num_documents=args.documents,
         docs_per_prompt=args.docs_per_prompt, num_questions=args.questions,
