@@ -406,3 +406,41 @@ def test_a_blend_in_inference_mode_then_a_generate_outside_it(store: TieredStore
     ids = prompt_ids(shuffled)
     full, _ = generate_from_cache(model, torch.tensor([ids]), None, FirstTokenClock(), 6)
     assert result.token_ids == full[len(ids) :].tolist()
+
+
+# ---- vLLM requests (the connector's side is in tests/test_vllm.py) --------------------------
+
+
+def test_blend_requests_round_trip_and_bad_ones_say_why() -> None:
+    from kvdepot.blend import blend_request
+    from kvdepot.blend.segments import BLEND_SALT_MARK, segments_of
+
+    segments = [Segment((1, 2, 3)), Segment((4, 5)), Segment((6, 7), reuse=False)]
+    asked = blend_request(segments, tenant="acme", recompute_ratio=0.3)
+    assert asked.prompt_token_ids == [1, 2, 3, 4, 5, 6, 7]
+    assert asked.cache_salt.startswith(f"acme{BLEND_SALT_MARK}")
+    # Every blended request has a cache_salt of its own: vLLM's prefix cache never shares it.
+    assert blend_request(segments, tenant="acme").cache_salt != asked.cache_salt
+    found = segments_of(asked.prompt_token_ids, asked.kv_transfer_params, asked.cache_salt)
+    assert found == (segments, "acme", 0.3)
+    ids, params, salt = asked.prompt_token_ids, asked.kv_transfer_params, asked.cache_salt
+    assert segments_of(ids, {}, salt) is None  # no segments: a plain request
+    assert segments_of(ids, params, "acme") == "shared-cache-salt"
+    assert segments_of(ids, params, None) == "shared-cache-salt"
+    bad: list[dict[str, object]] = [
+        {**params, "kvdepot.segments": [3, 2, 1]},  # do not cover the prompt
+        {**params, "kvdepot.segments": [3, "2", 2]},
+        {**params, "kvdepot.reuse": [True, True, True]},  # the question must be computed
+        {**params, "kvdepot.reuse": [True, False]},
+        {**params, "kvdepot.recompute_ratio": 1.5},
+    ]
+    for wrong in bad:
+        assert segments_of(ids, wrong, salt) == "bad-segments", wrong
+    default = {"kvdepot.segments": [3, 2, 2]}  # reuse: all but the last
+    assert segments_of(ids, default, salt) == (segments, "acme", None)
+    with pytest.raises(ConfigError):
+        blend_request(segments[:-1])
+    with pytest.raises(ConfigError):
+        blend_request(segments, tenant=f"x{BLEND_SALT_MARK}y")
+    with pytest.raises(ConfigError):
+        blend_request(segments, recompute_ratio=-0.1)

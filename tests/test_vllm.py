@@ -195,10 +195,12 @@ def kv_cache_config(block_size: int = N) -> KVCacheConfig:
     return KVCacheConfig(B, [], [KVCacheGroupSpec(NAMES, spec)])
 
 
-def make_engine(tmp_path: Path, block_size: int = N, one_allocation: bool = True) -> Engine:
+def make_engine(
+    tmp_path: Path, block_size: int = N, one_allocation: bool = True, **extra: object
+) -> Engine:
     """Both connector halves over KV caches allocated as vLLM 0.32 does (all layers in one
     tensor, at one spacing), or one tensor per layer."""
-    config = vllm_config(tmp_path)
+    config = vllm_config(tmp_path, **extra)
     worker = KVDepotConnector(config, KVConnectorRole.WORKER, kv_cache_config(block_size))
     shape = (B, H, block_size, 2 * D)
     if one_allocation:
@@ -420,6 +422,80 @@ def test_stats_for_vllms_metrics_count_tokens_and_times_once(
     assert value("vllm:kvdepot_load_seconds_count", labels) == 1
     assert value("vllm:kvdepot_save_seconds_count", labels) == 1
     assert value("vllm:kvdepot_tier_loaded_tokens_total", {**labels, "tier": "memory"}) == 128
+
+
+def test_segmented_requests_are_planned_as_blends_and_fall_back_when_they_cannot(
+    tmp_path: Path,
+) -> None:
+    """A segmented request (`blend_request`) is reported loaded up to its last token (its
+    context, built by the worker), is never stored, and holds no blocks when it finishes.
+    Without a model to blend with (no vLLM model in this process) the worker reports its
+    blocks and vLLM computes them; a request whose `cache_salt` is shared, or with blending
+    off, is served as any other. Each outcome is counted for vLLM's metrics."""
+    from prometheus_client import CollectorRegistry
+
+    from kvdepot.blend import Segment, blend_request
+    from kvdepot.connectors.vllm.connector import KVDepotPromMetrics
+
+    engine = make_engine(tmp_path, **{"blend.enabled": True})
+    segments = [Segment(tuple(range(100, 160))), Segment(tuple(range(300, 370))),
+                Segment(tuple(range(7, 77)), reuse=False)]  # fmt: skip
+    asked = blend_request(segments, tenant="t")
+    req = request("b", asked.prompt_token_ids, asked.cache_salt, asked.kv_transfer_params)
+    try:
+        assert engine.lookup(req) == 199  # query-aware selection: all but the last token
+        blocks = list(range(7))
+        assert engine.step([(req, blocks, 199, 1)], write=False) == set(blocks)
+        assert engine.scheduler.request_finished(req, (blocks,)) == (False, None)
+        shared = request("c", asked.prompt_token_ids, "t", asked.kv_transfer_params)
+        assert engine.lookup(shared) == 0  # refused: served (and stored) as a plain prompt
+        engine.step([(shared, blocks, 0, 200)])
+        assert engine.lookup(request("d", asked.prompt_token_ids, "t")) == 199
+        worker = engine.worker.get_kv_connector_stats()
+        total = type(engine.worker).build_kv_connector_stats(worker.to_dict())
+        total = total.aggregate(engine.scheduler.get_kv_connector_stats())
+        assert total.data["blend"] == {
+            "planned": 1,
+            "fallback:no-model": 1,
+            "fallback:shared-cache-salt": 1,
+        }
+        assert total.data["counts"].get("blend_reused_tokens", 0) == 0
+        registry = CollectorRegistry()
+        types = {cls: _bound(cls, registry) for cls in _prom_classes()}
+        metrics = KVDepotPromMetrics(SimpleNamespace(kv_transfer_config=None), types,
+                                     ["model_name", "engine"], {0: ["m", "0"]})  # fmt: skip
+        metrics.observe(total.to_dict(), 0)
+        labels = {"model_name": "m", "engine": "0", "outcome": "fallback"}
+        value = registry.get_sample_value
+        assert value("vllm:kvdepot_blend_requests_total", {**labels, "reason": "no-model"}) == 1
+    finally:
+        engine.scheduler.shutdown()
+        engine.worker.shutdown()
+    off = make_engine(tmp_path / "off")
+    try:
+        assert off.lookup(request("e", asked.prompt_token_ids, asked.cache_salt,
+                                  asked.kv_transfer_params)) == 0  # fmt: skip
+        stats = off.scheduler.get_kv_connector_stats()
+        assert stats is not None and stats.data["blend"] == {"fallback:disabled": 1}
+    finally:
+        off.scheduler.shutdown()
+        off.worker.shutdown()
+
+
+def _prom_classes() -> list[type]:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return [Counter, Gauge, Histogram]
+
+
+def _bound(cls: type, registry: Any) -> type:
+    """`cls` bound to `registry`, as vLLM passes its metric classes bound to its own."""
+
+    def init(self: Any, *args: Any, **kw: Any) -> None:
+        kw.setdefault("registry", registry)
+        cls.__init__(self, *args, **kw)
+
+    return type(cls.__name__, (cls,), {"__init__": init})
 
 
 def test_preempted_request_is_planned_again_from_scratch(engine: Engine) -> None:
