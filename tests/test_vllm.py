@@ -1777,10 +1777,11 @@ def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
       and the first answer token's logprob agrees within 1e-3;
     - each blended request's context was built by kvdepot (vLLM reports it loaded: all but
       the last token), and its segments were stored under their own keys (the only stores);
-    - a segmented request whose `cache_salt` is shared is not blended: vLLM computes it."""
+    - a segmented request whose `cache_salt` is shared is not blended: vLLM computes it;
+    - blended and plain requests in one batch get what each gets alone."""
     ratio = 0.15
     spec = {"model": str(model_dir), "socket": str(tmp_path / "kv.sock"), "ratio": ratio,
-            "num_questions": 2}  # fmt: skip
+            "num_questions": 3}  # fmt: skip
     env = {**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     out = run_engine("blend", spec, tmp_path / "run", env, script_name="blend.py")
     for row in out["results"]:
@@ -1798,3 +1799,6 @@ def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
         assert row["shared"]["tokens"] == full["tokens"]
         assert row["shared"]["num_cached"] == 0
     assert out["segment_chunks"] == out["expected_segment_chunks"] > 0
+    # In one batch, blended and plain requests get what each gets alone.
+    for n, (row, tokens) in enumerate(zip(out["results"], out["batch"], strict=True)):
+        assert tokens == row[f"blend@{ratio}" if n % 2 == 0 else "full"]["tokens"], n

@@ -8,7 +8,8 @@ model vLLM built (the plugin's record). Multi-document questions (`workloads.mak
 through one SmolLM2 engine (fp32, the kvdepot connector embedded, `blend.enabled`):
 - `full`: the plain prompt, every cache bypassed (vLLM computes it all): the reference;
 - `blend@1.0` and `blend@r`: the same tokens as a segmented request;
-- `shared`: segments with a shared `cache_salt` (refused: served as a plain request).
+- `shared`: segments with a shared `cache_salt` (refused: served as a plain request);
+- one batch of every question, blended and plain ones alternating.
 Then the same prompts through kvdepot's transformers CacheBlend (`BlendGenerator`) at ratio
 r: its greedy answers and first answer token's logprob, and the context it blends next to
 the one vLLM's model blends (`WorkerBlend`): the recomputed positions and the KV. Last, the
@@ -91,8 +92,22 @@ def main() -> None:
                 request.prompt_token_ids, request.cache_salt, request.kv_transfer_params
             )
         shared = blend_request(segments, recompute_ratio=ratio).kv_transfer_params
-        row["shared"] = run(ids, "tenant-a", {**shared, "kvdepot.store": False})
+        row["shared"] = run(ids, f"tenant-{n}", {**shared, "kvdepot.store": False})
         results.append(row)
+    # One batch: a blended request beside plain ones, in the same steps.
+    batch, sampling = [], []
+    for n, segments in enumerate(prompts):
+        if n % 2 == 0:
+            request = blend_request(segments, recompute_ratio=ratio)
+            ids, salt, params = (request.prompt_token_ids, request.cache_salt,
+                                 request.kv_transfer_params)  # fmt: skip
+        else:
+            ids, salt, params = prompt_ids(segments), f"full-{n}", bypass
+        batch.append(TokensPrompt(prompt_token_ids=ids, cache_salt=salt))
+        sampling.append(SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                       extra_args={"kv_transfer_params": params}))  # fmt: skip
+    outputs = llm.generate(batch, sampling, use_tqdm=False)
+    batched = [list(out.outputs[0].token_ids) for out in outputs]
     # Only the blend path stores (each segment under its own key: its whole chunks and tail).
     from kvdepot import load_config
     from kvdepot.connectors.vllm.settings import embedded_socket_path
@@ -149,7 +164,7 @@ def main() -> None:
             logits = hf(torch.tensor([tail]), past_key_values=cache.cache).logits[0, -1]
         first = row[f"blend@{ratio}"]["tokens"][0]
         row["transformers"]["first_logprob"] = float(logits.log_softmax(-1)[first])
-    out_path.write_text(json.dumps({"results": results, "segment_chunks": held,
+    out_path.write_text(json.dumps({"results": results, "segment_chunks": held, "batch": batched,
                                     "expected_segment_chunks": expected}))  # fmt: skip
 
 
