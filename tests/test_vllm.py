@@ -460,6 +460,8 @@ def test_segmented_requests_are_planned_as_blends_and_fall_back_when_they_cannot
             "fallback:shared-cache-salt": 1,
         }
         assert total.data["counts"].get("blend_reused_tokens", 0) == 0
+        own = engine.worker._worker._cache.metrics.registry  # kvdepot's own /metrics
+        assert own.get_sample_value("kvdepot_blend_requests_total", {"outcome": "fallback"}) == 1
         registry = CollectorRegistry()
         types = {cls: _bound(cls, registry) for cls in _prom_classes()}
         metrics = KVDepotPromMetrics(SimpleNamespace(kv_transfer_config=None), types,
@@ -1775,6 +1777,8 @@ def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
       agrees to 1e-4 of its largest value (the two engines' kernels round differently, about
       5e-6 here; a wrong position or token would be O(1)); the greedy answers are the same,
       and the first answer token's logprob agrees within 1e-3;
+    - with no recompute the context is the documents only (vLLM computes the question), and
+      the answers are the transformers path's;
     - each blended request's context was built by kvdepot (vLLM reports it loaded: all but
       the last token), and its segments were stored under their own keys (the only stores);
     - a segmented request whose `cache_salt` is shared is not blended: vLLM computes it;
@@ -1796,6 +1800,9 @@ def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
         assert blended["logprobs"][0] == pytest.approx(
             row["transformers"]["first_logprob"], abs=1e-3
         )
+        # No recompute: the context ends before the question, which vLLM computes.
+        assert row["blend@0.0"]["tokens"] == row["transformers"]["naive"]
+        assert row["blend@0.0"]["num_cached"] == row["num_prompt"] - row["num_question"]
         assert row["shared"]["tokens"] == full["tokens"]
         assert row["shared"]["num_cached"] == 0
     assert out["segment_chunks"] == out["expected_segment_chunks"] > 0

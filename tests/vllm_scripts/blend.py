@@ -7,7 +7,8 @@ model vLLM built (the plugin's record). Multi-document questions (`workloads.mak
 `bench blend` prompts: a system prompt, documents in a shuffled order, the question), each
 through one SmolLM2 engine (fp32, the kvdepot connector embedded, `blend.enabled`):
 - `full`: the plain prompt, every cache bypassed (vLLM computes it all): the reference;
-- `blend@1.0` and `blend@r`: the same tokens as a segmented request;
+- `blend@1.0`, `blend@r` and `blend@0.0`: the same tokens as a segmented request (at 0 the
+  context is the documents only, moved, and vLLM computes the question);
 - `shared`: segments with a shared `cache_salt` (refused: served as a plain request);
 - one batch of every question, blended and plain ones alternating.
 Then the same prompts through kvdepot's transformers CacheBlend (`BlendGenerator`) at ratio
@@ -83,10 +84,10 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for n, segments in enumerate(prompts):
         ids = prompt_ids(segments)
-        row: dict[str, Any] = {"num_prompt": len(ids)}
+        row: dict[str, Any] = {"num_prompt": len(ids), "num_question": len(segments[-1])}
         bypass = {"kvdepot.load": False, "kvdepot.store": False}
         row["full"] = run(ids, f"full-{n}", bypass)
-        for r in (1.0, ratio):
+        for r in (1.0, ratio, 0.0):
             request = blend_request(segments, recompute_ratio=r)
             row[f"blend@{r}"] = run(
                 request.prompt_token_ids, request.cache_salt, request.kv_transfer_params
@@ -148,7 +149,9 @@ def main() -> None:
     worker = WorkerBlend(vllm_engine, config, built_model())
     for row, segments in zip(results, prompts, strict=True):
         answer = generator.generate(segments, max_new_tokens=MAX_TOKENS, recompute_ratio=ratio)
-        row["transformers"] = {"tokens": answer.token_ids, "fallback": answer.fallback_reason}
+        naive = generator.generate(segments, max_new_tokens=MAX_TOKENS, recompute_ratio=0.0)
+        row["transformers"] = {"tokens": answer.token_ids, "fallback": answer.fallback_reason,
+                               "naive": naive.token_ids}  # fmt: skip
         theirs = generator.blending.blend_context(generator._adapter_or_raise(), segments, ratio)
         ours = worker.context(segments, ratio, b"")
         assert theirs.selected is not None and ours.selected is not None

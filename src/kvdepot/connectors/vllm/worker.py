@@ -243,11 +243,14 @@ class WorkerSide:
         self._step_load_s += load_s
         self.stats.blend(outcome)
         self.stats.observe("load_s", load_s)
+        metrics = self._cache.metrics  # kvdepot's own series, as the transformers path counts
+        metrics.blend_requests.labels(outcome.partition(":")[0]).inc()
         if blended is not None and outcome == "blended":
             kept = blended.num_reused - blended.num_recomputed
-            self.stats.count("blend_reused_tokens", blended.num_reused)
-            self.stats.count("blend_computed_tokens", blended.num_computed)
-            self.stats.count("blend_recomputed_tokens", blended.num_recomputed)
+            for kind, n in (("reused", blended.num_reused), ("computed", blended.num_computed),
+                            ("recomputed", blended.num_recomputed)):  # fmt: skip
+                self.stats.count(f"blend_{kind}_tokens", n)
+                metrics.blend_tokens.labels(kind).inc(n)
             self.stats.tiers(blended.reused_by_tier)
             self.stats.request(
                 transfer.req_id, blended.reused_by_tier, ops=1, load_s=load_s,
