@@ -28,10 +28,6 @@ from typing import Any
 import torch
 
 MAX_TOKENS = 12
-SYSTEM = (
-    "<|im_start|>system\nYou answer questions about product handbooks. Answer briefly, "
-    "using only the documents.<|im_end|>\n<|im_start|>user\n"
-)
 
 
 def main() -> None:
@@ -39,7 +35,8 @@ def main() -> None:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    from kvdepot.blend import Segment, blend_request, prompt_ids
+    from kvdepot.bench.blend import qa_segments
+    from kvdepot.blend import blend_request, prompt_ids
     from kvdepot.workloads import make_multidoc_qa
 
     spec = json.loads(Path(sys.argv[2]).read_text())
@@ -63,14 +60,7 @@ def main() -> None:
         7, num_documents=4, docs_per_prompt=3, num_questions=spec["num_questions"],
         products_per_doc=3, filler_per_product=1,
     )  # fmt: skip
-    doc_segments = [Segment(tokenize(f"Document {d.title}:\n{d.text}\n\n")) for d in docs]
-    system = Segment(tokenize(SYSTEM))
-    prompts = []
-    for q in questions:
-        asked = f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n"
-        prompts.append(
-            [system, *[doc_segments[i] for i in q.order], Segment(tokenize(asked), reuse=False)]
-        )
+    _, prompts = qa_segments(tokenize, docs, questions)
 
     def run(token_ids: list[int], salt: str, params: dict[str, Any]) -> dict[str, Any]:
         sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1,

@@ -91,6 +91,25 @@ class BlendBench:
     goal_selection: str = "deviation"
 
 
+def qa_segments(
+    tokenize: Callable[[str], Any], docs: list[Any], questions: list[Any]
+) -> tuple[list[Any], list[list[Any]]]:
+    """The documents' segments and each question's prompt (system, its documents in its
+    order, the question). Tokenized once: a document's tokens (and key) are the same in every
+    prompt."""
+    from kvdepot.blend import Segment
+
+    doc_segments = [Segment(tuple(tokenize(f"Document {d.title}:\n{d.text}\n\n"))) for d in docs]
+    system = Segment(tuple(tokenize(SYSTEM)))
+    prompts = [
+        [system, *[doc_segments[i] for i in q.order],
+         Segment(tuple(tokenize(f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n")),
+                 reuse=False)]
+        for q in questions
+    ]  # fmt: skip
+    return doc_segments, prompts
+
+
 def mode_name(selection: str, ratio: float) -> str:
     """`blend@r` (deviation, CacheBlend's ranking) or `query@r` (query-aware); a selection
     that names its check layer keeps it: `query:2@r`."""
@@ -137,7 +156,7 @@ def run(
     """Every mode on every question (see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvdepot.blend import Segment, prompt_ids
+    from kvdepot.blend import prompt_ids
     from kvdepot.config import KVDepotConfig
     from kvdepot.connectors.blend_transformers import BlendGenerator
     from kvdepot.connectors.transformers import (
@@ -172,19 +191,9 @@ def run(
             sel: BlendGenerator.for_generator(plain, blend_config(sel))
             for sel in {"deviation", *selections}
         }
-        # Tokenized once: a document's tokens (and key) are the same in every prompt.
-        doc_segments = [
-            Segment(tuple(tokenize(f"Document {d.title}:\n{d.text}\n\n"))) for d in docs
-        ]
-        system = Segment(tuple(tokenize(SYSTEM)))
+        doc_segments, prompts = qa_segments(tokenize, docs, questions)
         blenders["deviation"].index(doc_segments)
-        for n, question in enumerate(questions):
-            asked = f"Question: {question.question}<|im_end|>\n<|im_start|>assistant\n"
-            segments = [
-                system,
-                *[doc_segments[i] for i in question.order],
-                Segment(tuple(tokenize(asked)), reuse=False),
-            ]
+        for n, (question, segments) in enumerate(zip(questions, prompts, strict=True)):
             ids = prompt_ids(segments)
             num_context = len(ids) - len(segments[-1])
             context_sizes.append(num_context)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvdepot.bench.blend import SYSTEM, ModeResult
+from kvdepot.bench.blend import ModeResult, qa_segments
 from kvdepot.bench.timing import format_table
 
 
@@ -96,14 +96,7 @@ def run(
     def tokenize(text: str) -> tuple[int, ...]:
         return tuple(tokenizer.encode(text, add_special_tokens=False))
 
-    doc_segments = [Segment(tokenize(f"Document {d.title}:\n{d.text}\n\n")) for d in docs]
-    system = Segment(tokenize(SYSTEM))
-    prompts = [
-        [system, *[doc_segments[i] for i in q.order],
-         Segment(tokenize(f"Question: {q.question}<|im_end|>\n<|im_start|>assistant\n"),
-                 reuse=False)]
-        for q in questions
-    ]  # fmt: skip
+    _, prompts = qa_segments(tokenize, docs, questions)
 
     def generate(ids: list[int], salt: str, params: dict[str, Any], n: int) -> tuple[Any, float]:
         sampling = SamplingParams(max_tokens=n, temperature=0.0, logprobs=-1 if n > 1 else None,
