@@ -1766,11 +1766,13 @@ def test_kv_events_decode_with_vllms_own_event_types() -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.parametrize("mode", ["embedded", "daemon"])
 def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
-    model_dir: Path, tmp_path: Path
+    model_dir: Path, tmp_path: Path, mode: str
 ) -> None:
     """Segmented multi-document prompts (`bench blend`'s) through one vLLM engine with the
-    connector blending (tests/vllm_scripts/blend.py), against vLLM computing the plain prompt
+    connector blending (tests/vllm_scripts/blend.py; embedded, and through a daemon), against
+    vLLM computing the plain prompt
     and kvdepot's transformers CacheBlend (fp32 both):
     - 100 % recompute gives vLLM's own prefill, token for token (logprobs within 1e-3);
     - at 15 % the recomputed positions are the transformers path's, exactly; the blended KV
@@ -1783,11 +1785,23 @@ def test_cacheblend_in_vllm_matches_a_full_prefill_and_the_transformers_path(
       the last token), and its segments were stored under their own keys (the only stores);
     - a segmented request whose `cache_salt` is shared is not blended: vLLM computes it;
     - blended and plain requests in one batch get what each gets alone."""
+    from tests.helpers import Daemon
+
     ratio = 0.15
     spec = {"model": str(model_dir), "socket": str(tmp_path / "kv.sock"), "ratio": ratio,
-            "num_questions": 3}  # fmt: skip
+            "num_questions": 3, "mode": mode}  # fmt: skip
     env = {**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    out = run_engine("blend", spec, tmp_path / "run", env, script_name="blend.py")
+    daemon = None
+    if mode == "daemon":
+        (tmp_path / "daemon").mkdir()
+        daemon = Daemon(tmp_path / "daemon", extra=["--memory-capacity-bytes", "512MiB"])
+        daemon.start()
+        spec["socket"] = str(daemon.socket_path)
+    try:
+        out = run_engine("blend", spec, tmp_path / "run", env, script_name="blend.py")
+    finally:
+        if daemon is not None:
+            daemon.stop()
     for row in out["results"]:
         full, whole, blended = row["full"], row["blend@1.0"], row[f"blend@{ratio}"]
         assert whole["tokens"] == full["tokens"]

@@ -5,7 +5,8 @@ Usage: python blend.py blend SPEC_JSON OUT_JSON
 vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the script reaches the
 model vLLM built (the plugin's record). Multi-document questions (`workloads.make_multidoc_qa`, the
 `bench blend` prompts: a system prompt, documents in a shuffled order, the question), each
-through one SmolLM2 engine (fp32, the kvdepot connector embedded, `blend.enabled`):
+through one SmolLM2 engine (fp32, the kvdepot connector with `blend.enabled`, embedded or
+through a daemon: `spec["mode"]`):
 - `full`: the plain prompt, every cache bypassed (vLLM computes it all): the reference;
 - `blend@1.0`, `blend@r` and `blend@0.0`: the same tokens as a segmented request (at 0 the
   context is the documents only, moved, and vLLM computes the question);
@@ -14,7 +15,7 @@ through one SmolLM2 engine (fp32, the kvdepot connector embedded, `blend.enabled
 Then the same prompts through kvdepot's transformers CacheBlend (`BlendGenerator`) at ratio
 r: its greedy answers and first answer token's logprob, and the context it blends next to
 the one vLLM's model blends (`WorkerBlend`): the recomputed positions and the KV. Last, the
-objects the engine's embedded store holds: only the blend path stores anything here (each
+objects the engine's store holds: only the blend path stores anything here (each
 segment under its own key).
 """
 
@@ -42,7 +43,7 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[2]).read_text())
     out_path = Path(sys.argv[3])
     ratio = float(spec["ratio"])
-    extra = {"mode": "embedded", "daemon.socket_path": spec["socket"], "blend.enabled": True,
+    extra = {"mode": spec["mode"], "daemon.socket_path": spec["socket"], "blend.enabled": True,
              "memory.capacity_bytes": "512MiB"}  # fmt: skip
     transfer = KVTransferConfig(
         kv_connector="KVDepotConnector", kv_connector_module_path="kvdepot.connectors.vllm",
@@ -105,7 +106,9 @@ def main() -> None:
     from kvdepot.daemon.client import DaemonClient
 
     config = load_config(env={}, overrides={"daemon.socket_path": spec["socket"]})
-    client = DaemonClient(socket_path=embedded_socket_path(config, "blend"))
+    embedded = spec["mode"] == "embedded"
+    socket = embedded_socket_path(config, "blend") if embedded else Path(spec["socket"])
+    client = DaemonClient(socket_path=socket)
     held = client.stats()["tiers"]["memory"]["num_objects"]
     client.close()
     used = {s for segments in prompts for s in segments if s.reuse}
