@@ -36,7 +36,7 @@ def main() -> None:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    from kvdepot.bench.blend import qa_segments
+    from kvdepot.bench.qa import qa_segments
     from kvdepot.blend import blend_request, prompt_ids
     from kvdepot.workloads import make_multidoc_qa
 

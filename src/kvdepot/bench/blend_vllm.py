@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvdepot.bench.blend import ModeResult, qa_segments
+from kvdepot.bench.qa import ModeResult, qa_segments
 from kvdepot.bench.timing import format_table
 
 
