@@ -475,10 +475,14 @@ def test_segmented_requests_are_planned_as_blends_and_fall_back_when_they_cannot
         engine.worker.shutdown()
     off = make_engine(tmp_path / "off")
     try:
-        assert off.lookup(request("e", asked.prompt_token_ids, asked.cache_salt,
-                                  asked.kv_transfer_params)) == 0  # fmt: skip
+        unblended = request("e", asked.prompt_token_ids, asked.cache_salt,
+                            asked.kv_transfer_params)  # fmt: skip
+        assert off.lookup(unblended) == 0
         stats = off.scheduler.get_kv_connector_stats()
         assert stats is not None and stats.data["blend"] == {"fallback:disabled": 1}
+        # Served as a plain prompt, its exact KV is keyed by its tenant, not its nonce.
+        off.step([(unblended, list(range(7)), 0, 200)])
+        assert off.lookup(request("f", asked.prompt_token_ids, "t")) == 199
     finally:
         off.scheduler.shutdown()
         off.worker.shutdown()

@@ -122,7 +122,7 @@ def main() -> None:
     from kvdepot.connectors.blend_transformers import BlendGenerator
     from kvdepot.connectors.transformers import KVDepotGenerator
     from kvdepot.connectors.vllm.blend import WorkerBlend
-    from kvdepot.connectors.vllm.plugin import built_model
+    from kvdepot.connectors.vllm.plugin import built_models
     from kvdepot.engine import CacheEngine
     from kvdepot.tiers.arena import HostBuffer
     from kvdepot.tiers.memory import MemoryTier
@@ -139,7 +139,7 @@ def main() -> None:
     )
     plain = generator.engine
     vllm_engine = CacheEngine(stores[1], plain.layout, "vllm", chunk_size_tokens=128)
-    worker = WorkerBlend(vllm_engine, config, built_model())
+    worker = WorkerBlend(vllm_engine, config, built_models()[0])
     for row, segments in zip(results, prompts, strict=True):
         answer = generator.generate(segments, max_new_tokens=MAX_TOKENS, recompute_ratio=ratio)
         naive = generator.generate(segments, max_new_tokens=MAX_TOKENS, recompute_ratio=0.0)

@@ -38,6 +38,7 @@ from kvdepot.blend.context import BlendedKV, Blending
 from kvdepot.blend.segments import Segment
 from kvdepot.config import BlendConfig
 from kvdepot.engine import CacheEngine
+from kvdepot.tensors import torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ class VLLMLlamaAdapter:
         gets copies, so the pass can still read the layer's input afterwards)."""
         hidden, residual = state
         norm = self.layers[index].input_layernorm
-        if residual is None:
-            return norm(hidden.clone()), hidden
+        if residual is None:  # the residual is the input: a copy (fused norms add in place)
+            return norm(hidden.clone()), hidden.clone()
         normed, summed = norm(hidden.clone(), residual.clone())
         return normed, summed
 
@@ -134,8 +135,9 @@ class VLLMLlamaAdapter:
         return grouped_attention_weights(q, keys, positions[0], scaling)
 
     def rerotate(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
-        """Rotate by vLLM's own table row for `delta` (the rotation it applies at that
-        position), in fp32."""
+        """Rotate by vLLM's own table row for `delta`: the rotation vLLM applies at that
+        position, in the table's dtype (the model's: bf16 for a bf16 model, as vLLM's own
+        keys are rotated), applied in fp32."""
         if delta == 0:
             return keys
         table = self._rotary.cos_sin_cache
@@ -167,6 +169,10 @@ class WorkerBlend:
     def __init__(self, engine: CacheEngine, config: BlendConfig, model: Any) -> None:
         self.adapter = VLLMLlamaAdapter(model)
         param = next(model.parameters())
+        if torch_dtype(engine.layout.dtype) != param.dtype:
+            raise BlendUnsupported(
+                f"the KV cache holds {engine.layout.dtype.name}, the model computes {param.dtype}"
+            )
         self.device = param.device
         self.blending = Blending(
             engine, config, self.own_kv, dtype=param.dtype, device=param.device

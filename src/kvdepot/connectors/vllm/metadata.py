@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from kvdepot.blend.segments import BLEND_SALT_MARK
 from kvdepot.logutil import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -127,7 +128,10 @@ def tenant_salt(request: Request, adapter: str | None = None) -> bytes:
     the placeholder tokens of two images are the same tokens. A plain request's salt is its
     `cache_salt` in UTF-8, which never holds a 0xff byte, so no `cache_salt` can spell the
     salt of a LoRA or multimodal request."""
-    salt = (request.cache_salt or "").encode()
+    # A segmented request's salt ends with a nonce (`blend_request`) that keeps vLLM's own
+    # prefix cache from sharing its blocks; served without blending, its KV is exact and is
+    # keyed by its tenant, as the tenant's other requests are.
+    salt = (request.cache_salt or "").split(BLEND_SALT_MARK, 1)[0].encode()
     parts = [] if adapter is None else [f"lora:{adapter}"]
     features = sorted(request.mm_features or (), key=lambda f: f.mm_position.offset)
     parts += [

@@ -49,9 +49,7 @@ def remember(model: Any) -> None:
     _models.append(weakref.ref(model))
 
 
-def built_model() -> Any | None:
-    """The model vLLM built in this process (the latest), or None."""
-    for ref in reversed(_models):
-        if (model := ref()) is not None:
-            return model
-    return None
+def built_models() -> list[Any]:
+    """The models vLLM built in this process and still holds, latest first (a process may
+    hold several engines; the worker picks its own by its KV caches)."""
+    return [model for ref in reversed(_models) if (model := ref()) is not None]

@@ -264,6 +264,8 @@ class SchedulerSide:
             return "tensor-parallel"
         if settings.num_groups > 1 or settings.is_mla:
             return "model-shape"
+        if settings.blend_blocker:
+            return settings.blend_blocker
         if request.lora_request is not None or uncacheable_reason(request) or request.mm_features:
             return "request-kind"
         return None

@@ -97,6 +97,7 @@ class ConnectorSettings:
     is_mla: bool = False  # one latent per token, the same on every TP rank
     kv_cache_dtype: str = ""  # a quantized KV cache's format (it enters the keys)
     served_names: tuple[str, ...] = ()  # what routers call the model (`kvdepot.namespaces`)
+    blend_blocker: str = ""  # an engine feature CacheBlend cannot run beside (a metric label)
 
     @property
     def num_groups(self) -> int:
@@ -135,7 +136,8 @@ class ConnectorSettings:
         return cls(config, layout, layer_names, block_size, cpu_isa, is_token_exact,
                    socket_path, model, fingerprint, int(parallel.tensor_parallel_size),
                    group_layers, windowed, is_mla, kv_cache_dtype,
-                   served_names(vllm_config.model_config))  # fmt: skip
+                   served_names(vllm_config.model_config),
+                   blend_blocker(vllm_config, kv_cache_dtype))  # fmt: skip
 
     @property
     def shard_names(self) -> list[str]:
@@ -348,6 +350,19 @@ def attention_kind(spec: object) -> str:
     if getattr(spec, "head_size_v", None) not in (None, getattr(spec, "head_size", None)):
         return "K and V of different head sizes"
     return "full attention"
+
+
+def blend_blocker(vllm_config: VllmConfig, kv_cache_dtype: str) -> str:
+    """Why this engine cannot blend (a metric label), or "": LoRA layers apply the previous
+    batch's adapter mapping outside a forward pass; a speculative decoder builds a second
+    model; a quantized KV cache holds another dtype than the pass computes."""
+    if getattr(vllm_config, "lora_config", None) is not None:
+        return "lora-engine"
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return "speculative"
+    if kv_cache_dtype:
+        return "quantized-kv"
+    return ""
 
 
 def embedded_socket_path(config: KVDepotConfig, engine_id: str) -> Path:

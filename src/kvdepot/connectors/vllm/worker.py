@@ -35,6 +35,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ from kvdepot.connectors.vllm.pages import (
     scatter_views,
     stack_layers,
 )
-from kvdepot.connectors.vllm.plugin import built_model
+from kvdepot.connectors.vllm.plugin import built_models
 from kvdepot.connectors.vllm.settings import ConnectorSettings, cdiv
 from kvdepot.connectors.vllm.stats import StepStats
 from kvdepot.daemon.host import SharedStoreHost
@@ -96,6 +97,7 @@ class WorkerSide:
         self._step_t0 = 0.0
         self._step_load_s = 0.0
         self._blend: WorkerBlend | BlendRefused | None = None
+        self._first_ptr = 0
 
     def step_started(self) -> None:
         """vLLM bound this step's metadata: its forward pass runs before `wait_for_save`."""
@@ -114,6 +116,7 @@ class WorkerSide:
             self.settings.cpu_isa, self.settings.is_mla,
         )  # fmt: skip
         self._layers = [self._paged.split(kv_caches[name], head_dim) for name in names]
+        self._first_ptr = kv_caches[names[0]].data_ptr()  # which model is ours (CacheBlend)
         self._stacked = stack_layers(self._layers)  # all layers in one copy, if allocated so
         rows = self.settings.group_layers or [list(range(len(names)))]
         windowed = self.settings.windowed_groups or [False] * len(rows)
@@ -196,14 +199,14 @@ class WorkerSide:
             raise self._blend
         if self._blend is None:
             assert self._cache is not None
-            model = built_model()
+            model = self._own_model()
             try:
                 if model is None:
                     raise BlendRefused(
                         "no-model",
-                        "vLLM built no model that kvdepot's plugin recorded (an architecture "
-                        "outside kvdepot.connectors.vllm.plugin.ARCHITECTURES, or "
-                        "KVDEPOT_VLLM_PLUGIN=0)",
+                        "vLLM built no model that kvdepot's plugin recorded and that holds "
+                        "this worker's KV caches (an architecture outside "
+                        "kvdepot.connectors.vllm.plugin.ARCHITECTURES, or KVDEPOT_VLLM_PLUGIN=0)",
                     )
                 try:
                     self._blend = WorkerBlend(self._cache, self.settings.config.blend, model)
@@ -213,6 +216,20 @@ class WorkerSide:
                 self._blend = exc
                 raise
         return self._blend
+
+    def _own_model(self) -> Any | None:
+        """The recorded model whose attention layers hold this worker's KV caches (another
+        engine's model in the same process, or a draft model, would blend wrong KV)."""
+        first = self.settings.layer_names[0]
+        for model in built_models():
+            for layer in getattr(getattr(model, "model", None), "layers", None) or ():
+                attn = getattr(getattr(layer, "self_attn", None), "attn", None)
+                if getattr(attn, "layer_name", None) == first:
+                    cache = getattr(attn, "kv_cache", None)
+                    if isinstance(cache, torch.Tensor) and cache.data_ptr() == self._first_ptr:
+                        return model
+                    break
+        return None
 
     def _blend_load(self, transfer: RequestTransfer) -> None:
         """Build a segmented request's blended context and write it into its pages; any
