@@ -32,7 +32,12 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from kvdepot.blend.adapters import BlendUnsupported, KVUpdate, grouped_attention_weights
+from kvdepot.blend.adapters import (
+    BlendUnsupported,
+    KVUpdate,
+    grouped_attention_weights,
+    rotate_halves,
+)
 from kvdepot.blend.blender import blend
 from kvdepot.blend.context import BlendedKV, Blending
 from kvdepot.blend.segments import Segment
@@ -144,10 +149,7 @@ class VLLMLlamaAdapter:
         if delta >= table.shape[0]:
             raise BlendUnsupported(f"position {delta} is past the model's RoPE table")
         cos, sin = table[delta].to(keys.device, torch.float32).chunk(2)
-        half = keys.shape[-1] // 2
-        k = keys.float()
-        first, second = k[..., :half], k[..., half:]
-        keys.copy_(torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1))
+        keys.copy_(rotate_halves(keys, cos, sin))
         return keys
 
 

@@ -72,6 +72,17 @@ SAVE_WAIT_S = 1.0
 """The longest a follow-up prompt's lookup waits for its predecessor's final save."""
 
 
+def _first_time(seen: dict[str, None], req_id: str) -> bool:
+    """Whether `req_id` is new to `seen` (then remembered; only the 4096 most recent are:
+    vLLM asks about a request again only while it waits)."""
+    if req_id in seen:
+        return False
+    seen[req_id] = None
+    if len(seen) > 4096:
+        del seen[next(iter(seen))]
+    return True
+
+
 class PendingSave:
     """A finished request's final save, from `request_finished` until the worker reports it."""
 
@@ -206,10 +217,7 @@ class SchedulerSide:
 
     def _count_uncached(self, request: Request, reason: str) -> None:
         """Count (once per request) and log a request that vLLM alone serves."""
-        if request.request_id not in self._uncached_ids:
-            self._uncached_ids[request.request_id] = None
-            if len(self._uncached_ids) > 4096:  # only recent ones: asked at most twice
-                del self._uncached_ids[next(iter(self._uncached_ids))]
+        if _first_time(self._uncached_ids, request.request_id):
             self.uncached_requests[reason] += 1
             self.stats.uncached(reason)
             self._log.warning(
@@ -240,11 +248,8 @@ class SchedulerSide:
             return None
         config = self.settings.config.blend
         reason = found if isinstance(found, str) else self._blend_refusal(request)
-        if reason is not None or isinstance(found, str):
-            if request.request_id not in self._blend_refused:
-                self._blend_refused[request.request_id] = None
-                if len(self._blend_refused) > 4096:
-                    del self._blend_refused[next(iter(self._blend_refused))]
+        if isinstance(found, str) or reason is not None:
+            if _first_time(self._blend_refused, request.request_id):
                 self.stats.blend(f"fallback:{reason}")
                 self._log.warning(
                     f"blend-{reason}", "kvdepot: a segmented request is not blended (%s)", reason
